@@ -1,0 +1,33 @@
+# Set-up and entry points. Each target creates .venv at the repo root if missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned here (not for users): 2.13.0 is the CPU build this machine carries.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup demo test lint typecheck bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/embedstream dev
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/ruff check stream sinks bulk tests bench
+	HF_HUB_OFFLINE=1 $(BIN)/mypy
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/stream_freshness.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

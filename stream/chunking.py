@@ -1,0 +1,321 @@
+"""Token-aware chunking of document text.
+
+(Protocol and data type are fixed; the implementation follows below them.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["Chunk", "Chunker", "TokenChunker", "content_hash"]
+
+
+def content_hash(text: str) -> str:
+    """Stable hash of a chunk's text (hex sha256)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of a document: ``text == document[start:end]``."""
+
+    index: int
+    start: int
+    end: int
+    text: str
+    n_tokens: int
+    content_hash: str
+
+
+class Chunker(Protocol):
+    @property
+    def spec(self) -> str:
+        """Everything that decides where boundaries fall (for the fingerprint)."""
+        ...
+
+    def chunk(self, text: str) -> list[Chunk]:
+        """Deterministic chunks covering ``text``'s non-blank content, in order."""
+        ...
+
+
+# --------------------------------------------------------------------------------------
+# Implementation
+# --------------------------------------------------------------------------------------
+#
+# Design (why boundaries fall where they do)
+#
+# 1. Atomic segments. Paragraphs (blank lines) that fit in ``max_tokens`` are segments;
+#    longer ones are cut into sentences (. ! ? with an optional closing quote or bracket,
+#    then whitespace; CJK full stops; every newline), those still too long into words
+#    (whitespace), then into the tokenizer's own pre-tokenized words (punctuation inside
+#    URLs, CJK ideographs), and only as a last resort into runs of sub-word tokens.
+# 2. Content-defined grouping. Consecutive segments are packed into chunks. A chunk ends
+#    after a segment when it holds >= ``min_tokens`` and the segment's own text "hits":
+#    ``blake2b64(segment) % divisor < n_tokens(segment)``. The hit chance grows with the
+#    segment's token count, so a chunk grows by about ``divisor`` tokens past ``min_tokens``
+#    whatever the segment granularity. A chunk is also cut when the next segment would push
+#    it over ``max_tokens`` ("forced" cut).
+# 3. Why: a hit depends only on the segment's text, so after an insertion or deletion both
+#    versions cut at the same hit soon after the edit and every later chunk is byte-identical;
+#    only forced cuts cascade, and they stop at the first common hit. Greedy fixed-size
+#    packing would shift every later boundary. Integer arithmetic only, so boundaries are the
+#    same on every platform; ``spec`` names every parameter.
+#
+# Token counts come from ONE batched tokenizer call over the document (paragraph-sized
+# units, tokenized in parallel in Rust) and are read off the offsets: a span holds the tokens
+# that start inside it. Neighbouring pieces are merged unless the pre-tokenizer puts a word
+# boundary between them, so no cut splits a token or a word; runs of sub-word tokens (the
+# last resort) are re-tokenised alone to check their count. For WordPiece (BERT family, the
+# default model) a pre-tokenized word tokenizes the same alone as in context, so the offset
+# count equals re-tokenising the chunk. For other families (byte-level BPE, SentencePiece) a
+# count may be off by a token at a chunk edge: not guaranteed there.
+
+_PARAGRAPH_GAP = re.compile(r"\n[^\S\n]*\n")
+_SENTENCE_GAP = re.compile(
+    r"(?:(?<=[.!?])|(?<=[.!?][\"'\u201d\u2019)\]]))\s+|\s*\n\s*|(?<=[\u3002\uff01\uff1f])"
+)
+_WORD = re.compile(r"\S+")
+# Cut points for tokenization units only; the tokenizer's cost grows faster than linearly
+# with input length, and short units also tokenize in parallel.
+_UNIT_GAP = re.compile(r"\s+|(?<=[\u3002\uff01\uff1f\u3400-\u4dbf\u4e00-\u9fff])")
+_UNIT_CHARS = 8_192
+_VERIFY_BATCH = 64
+
+# (start, end, first token, end token, n): n >= 0 marks a run of sub-word tokens, a chunk of
+# its own because its edges are inside a word; n is then its re-tokenised count.
+_Segment = tuple[int, int, int, int, int]
+
+
+def _trimmed(text: str, start: int, end: int) -> tuple[int, int]:
+    piece = text[start:end]
+    stripped = piece.lstrip()
+    start += len(piece) - len(stripped)
+    return start, start + len(stripped.rstrip())
+
+
+def _pieces(text: str, gap: re.Pattern[str], start: int, end: int) -> list[tuple[int, int]]:
+    """Non-blank, whitespace-trimmed pieces of ``text[start:end]`` between matches of ``gap``."""
+    out: list[tuple[int, int]] = []
+    pos = start
+    for match in gap.finditer(text, start, end):
+        s, e = _trimmed(text, pos, match.start())
+        if s < e:
+            out.append((s, e))
+        pos = max(pos, match.end())
+    s, e = _trimmed(text, pos, end)
+    if s < e:
+        out.append((s, e))
+    return out
+
+
+class _Tokens:
+    """Token offsets of one document (absolute character positions)."""
+
+    def __init__(self, backend: Any, text: str, paragraphs: list[tuple[int, int]]) -> None:
+        units: list[tuple[int, int]] = []
+        for s, e in paragraphs:
+            while e - s > 2 * _UNIT_CHARS:
+                cut = _UNIT_GAP.search(text, s + _UNIT_CHARS, e)
+                if cut is None:
+                    break
+                units.append((s, cut.start()))
+                s = cut.end()
+            units.append((s, e))
+        encodings = backend.encode_batch([text[s:e] for s, e in units], add_special_tokens=False)
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        # Pre-tokenizer word of each token, numbered across the whole document.
+        self.words: list[int] = []
+        word_base = 0
+        for (base, _), encoding in zip(units, encodings, strict=True):
+            offsets = encoding.offsets
+            self.starts.extend([a + base for a, _ in offsets])
+            self.ends.extend([b + base for _, b in offsets])
+            words = encoding.word_ids
+            self.words.extend([w + word_base for w in words])
+            word_base += words[-1] + 1 if words else 0
+
+    def spans(self, pieces: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+        """``pieces`` with their token index ranges. Neighbours are merged where the gap
+        between them is no word boundary for the tokenizer (a token straddles it, or the
+        tokens either side belong to one pre-tokenized word, e.g. around a control character
+        the normalizer drops), since either side would tokenize differently alone."""
+        starts, ends, words = self.starts, self.ends, self.words
+        out: list[tuple[int, int, int, int]] = []
+        for s, e in pieces:
+            if out:
+                ps, pe, pi0, pi1 = out[-1]
+                if pi1 > 0 and (
+                    ends[pi1 - 1] > pe or (pi1 < len(words) and words[pi1 - 1] == words[pi1])
+                ):
+                    out[-1] = (ps, e, pi0, bisect_left(starts, e, pi1))
+                    continue
+            i0 = bisect_left(starts, s)
+            out.append((s, e, i0, bisect_left(starts, e, i0)))
+        return out
+
+    def subwords(
+        self, text: str, start: int, end: int, first: int, stop: int
+    ) -> list[tuple[int, int, int, int]]:
+        """Split a whitespace-free span where the pre-tokenizer starts a new word (at
+        punctuation in URLs, between CJK ideographs): cuts that need no re-check."""
+        starts, words = self.starts, self.words
+        out: list[tuple[int, int, int, int]] = []
+        for k in range(first + 1, stop):
+            if words[k] != words[k - 1]:
+                s, e = _trimmed(text, start, starts[k])
+                if s < e:
+                    out.append((s, e, first, k))
+                start, first = starts[k], k
+        s, e = _trimmed(text, start, end)
+        if s < e:
+            out.append((s, e, first, stop))
+        return out
+
+
+class TokenChunker:
+    """Token-bounded, edit-stable chunker (see the design notes above).
+
+    Guaranteed: chunks are in order, non-overlapping, ``text[start:end] == chunk.text``,
+    trimmed of surrounding whitespace, together covering every non-whitespace character;
+    the output depends only on ``text``, ``spec`` and the tokenizer; no cut falls inside a
+    token; ``n_tokens <= max_tokens``, ``n_tokens`` counting the tokens of the chunk text
+    alone without special tokens (exact for WordPiece tokenizers, see above).
+    The cap needs ``max_tokens >= 8`` (the config's minimum) to be safe: below that a
+    single sub-word token of an over-long word may need more tokens alone than allowed, and
+    such a chunk is kept whole (``n_tokens`` then says so) rather than cut inside a token.
+    Not guaranteed: a chunk size above ``min_tokens`` (a document's last chunk, or one
+    before a forced cut, may be smaller), or sentence detection beyond the simple
+    punctuation rule ("e.g. " ends a sentence).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_tokens: int,
+        *,
+        min_tokens: int | None = None,
+        divisor: int | None = None,
+    ) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+        if not hasattr(backend, "encode_batch"):
+            raise TypeError("TokenChunker needs a fast (Rust-backed) Hugging Face tokenizer")
+        # A private copy: every call through the transformers wrapper changes the shared
+        # backend's truncation state (the embedder truncates to the model length), and a
+        # truncating tokenizer here would silently undercount.
+        from tokenizers import Tokenizer
+
+        self._backend = Tokenizer.from_str(backend.to_str())
+        self._backend.no_truncation()
+        self._backend.no_padding()
+        self.max_tokens = max_tokens
+        self.min_tokens = max_tokens // 4 if min_tokens is None else min_tokens
+        # Expected growth past min_tokens. With min = max/4 and divisor = 3/8 max, chunks
+        # average about max/2 on real text (the max cap and short last chunks pull it down).
+        self.divisor = max(1, max_tokens * 3 // 8) if divisor is None else divisor
+        if not 0 <= self.min_tokens <= max_tokens or self.divisor < 1:
+            raise ValueError("need 0 <= min_tokens <= max_tokens and divisor >= 1")
+
+    @property
+    def spec(self) -> str:
+        return (
+            f"cdc-v1:max_tokens={self.max_tokens}:min_tokens={self.min_tokens}"
+            f":divisor={self.divisor}:hash=blake2b64"
+        )
+
+    def chunk(self, text: str) -> list[Chunk]:
+        paragraphs = _pieces(text, _PARAGRAPH_GAP, 0, len(text))
+        if not paragraphs:
+            return []
+        tokens = _Tokens(self._backend, text, paragraphs)
+        segments: list[_Segment] = []
+        self._segment(text, tokens, tokens.spans(paragraphs), 0, segments)
+        return self._group(text, segments)
+
+    def _segment(
+        self,
+        text: str,
+        tokens: _Tokens,
+        spans: list[tuple[int, int, int, int]],
+        level: int,
+        out: list[_Segment],
+    ) -> None:
+        for s, e, i0, i1 in spans:
+            if i1 - i0 <= self.max_tokens:
+                out.append((s, e, i0, i1, -1))
+            elif level == 0:
+                sentences = _pieces(text, _SENTENCE_GAP, s, e)
+                self._segment(text, tokens, tokens.spans(sentences), 1, out)
+            elif level == 1:
+                words = [m.span() for m in _WORD.finditer(text, s, e)]
+                self._segment(text, tokens, tokens.spans(words), 2, out)
+            elif level == 2:
+                self._segment(text, tokens, tokens.subwords(text, s, e, i0, i1), 3, out)
+            else:
+                self._split_word(text, tokens, s, e, i0, i1, out)
+
+    def _split_word(
+        self, text: str, tokens: _Tokens, start: int, end: int, first: int, stop: int,
+        out: list[_Segment],
+    ) -> None:
+        """Cut an over-long word into runs of whole tokens. Each run is re-tokenised alone to
+        check its count (batched): a run starting mid-word may tokenize differently alone;
+        then that run is shortened by the excess and the rest re-planned."""
+        pos, first_len = start, self.max_tokens
+        while first < stop:
+            runs: list[tuple[int, int, int, int]] = []
+            f, p, length = first, pos, first_len
+            while f < stop and len(runs) < _VERIFY_BATCH:
+                last = min(f + length, stop)
+                cut = end if last >= stop else tokens.starts[last]
+                runs.append((*_trimmed(text, p, cut), f, last))
+                p, f, length = cut, last, self.max_tokens
+            encodings = self._backend.encode_batch(
+                [text[s:e] for s, e, _, _ in runs], add_special_tokens=False
+            )
+            first_len = self.max_tokens
+            for (s, e, f, last), encoding in zip(runs, encodings, strict=True):
+                n = len(encoding.ids)
+                if n > self.max_tokens and last - f > 1:
+                    first_len = max(1, last - f - (n - self.max_tokens))
+                    break
+                if s < e:
+                    out.append((s, e, f, last, n))
+                pos, first = (end if last >= stop else tokens.starts[last]), last
+
+    def _hit(self, text: str, start: int, end: int, n_tokens: int) -> bool:
+        digest = hashlib.blake2b(text[start:end].encode("utf-8"), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % self.divisor < n_tokens
+
+    def _group(self, text: str, segments: list[_Segment]) -> list[Chunk]:
+        chunks: list[Chunk] = []
+
+        def emit(start: int, end: int, n_tokens: int) -> None:
+            piece = text[start:end]
+            chunks.append(Chunk(len(chunks), start, end, piece, n_tokens, content_hash(piece)))
+
+        # The open chunk spans text[open_s:open_e] and tokens [open_i0, open_i1); a span's
+        # count is taken between token indices so tokens inside gaps are counted too.
+        open_s = open_e = open_i0 = open_i1 = -1
+        for s, e, i0, i1, hard_n in segments:
+            if open_s >= 0 and (hard_n >= 0 or i1 - open_i0 > self.max_tokens):
+                emit(open_s, open_e, open_i1 - open_i0)
+                open_s = -1
+            if hard_n >= 0:
+                emit(s, e, hard_n)
+                continue
+            if open_s < 0:
+                open_s, open_i0 = s, i0
+            open_e, open_i1 = e, i1
+            if i1 - open_i0 >= self.min_tokens and self._hit(text, s, e, i1 - i0):
+                emit(open_s, open_e, open_i1 - open_i0)
+                open_s = -1
+        if open_s >= 0:
+            emit(open_s, open_e, open_i1 - open_i0)
+        return chunks

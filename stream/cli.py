@@ -1,0 +1,156 @@
+"""The ``embedstream`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from .config import Settings, load_settings
+from .errors import EmbedstreamError
+
+__all__ = ["main"]
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the error, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # The model libraries are chatty at INFO.
+    for noisy in ("sentence_transformers", "transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _cmd_consume(args: argparse.Namespace) -> int:
+    from .service import run_consumer
+
+    return run_consumer(_settings(args))
+
+
+def _cmd_search(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    from .service import build_pipeline
+
+    pipeline = build_pipeline(_settings(args))
+    try:
+        [vector] = pipeline.embedder.embed([args.query])
+        hits = pipeline.sink.search(vector.tolist(), limit=args.k)
+    finally:
+        pipeline.close()
+    for hit in hits:
+        payload = hit.payload
+        if args.json:
+            out.write(json.dumps({"doc_id": payload.get("doc_id"), "score": hit.score,
+                                  "chunk_index": payload.get("chunk_index"),
+                                  "text": payload.get("text")}) + "\n")
+        else:
+            text = " ".join(str(payload.get("text", "")).split())
+            out.write(f"{hit.score:.3f}  {payload.get('doc_id')}  {text[:160]}\n")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    from sinks.factory import build_sink
+
+    sink = build_sink(_settings(args).sink)
+    count = 0
+    try:
+        sink.open(None)  # reading needs no model, so no fingerprint to check
+        for point in sink.points():
+            out.write(json.dumps({"id": point.id, "vector": point.vector,
+                                  "payload": dict(point.payload)}) + "\n")
+            count += 1
+    finally:
+        sink.close()
+    logging.getLogger("embedstream").info("exported %d points", count)
+    return 0
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from .dev import run_dev
+
+    return run_dev(revisions=args.revisions, data_dir=args.data_dir, pages=args.pages,
+                   revisions_per_page=args.revisions_per_page)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedstream",
+        description="Keep a Qdrant vector index in step with Kafka change events.",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--config", type=Path, help="YAML config file (env EMBEDSTREAM_* wins)")
+        return sub
+
+    consume = with_config(commands.add_parser("consume", help="run the streaming consumer"))
+    consume.set_defaults(run=_cmd_consume)
+
+    search = with_config(commands.add_parser("search", help="top chunks for a query"))
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5)
+    search.add_argument("--json", action="store_true", help="one JSON object per hit")
+    search.set_defaults(run=_cmd_search)
+
+    export = with_config(commands.add_parser("export", help="every point as a JSON line"))
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.set_defaults(run=_cmd_export)
+
+    dev = commands.add_parser(
+        "dev", help="demo: local broker, consumer on an embedded store, real change events"
+    )
+    dev.add_argument("--revisions", type=Path, default=None,
+                     help="revision history JSONL (default: ../shared/data/revisions, "
+                          "else a built-in sample)")
+    dev.add_argument("--data-dir", type=Path, default=None,
+                     help="store directory (default: a temporary one)")
+    dev.add_argument("--pages", type=int, default=6, help="pages to replay")
+    dev.add_argument("--revisions-per-page", type=int, default=6,
+                     help="latest revisions replayed per page")
+    dev.set_defaults(run=_cmd_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        code: int = args.run(args)
+        return code
+    except EmbedstreamError as error:
+        print(f"embedstream: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The one configuration tree: YAML file, then ``EMBEDSTREAM_`` environment.
+
+Environment variables override the file and nest with ``__``
+(``EMBEDSTREAM_KAFKA__BOOTSTRAP_SERVERS``). The tree is frozen: it is built once
+at start and passed to whatever needs it. An invalid value fails at start with
+:class:`~stream.errors.ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from .errors import ConfigError
+
+__all__ = [
+    "RESERVED_PAYLOAD_FIELDS",
+    "ChunkSettings",
+    "EmbedSettings",
+    "KafkaSettings",
+    "MetricsSettings",
+    "Settings",
+    "SinkSettings",
+    "SourceSettings",
+    "load_settings",
+]
+
+# Payload keys embedstream writes itself; a metadata field may not shadow one.
+RESERVED_PAYLOAD_FIELDS = frozenset(
+    {"doc_id", "chunk_index", "text", "start", "end", "version", "content_hash"}
+)
+
+KafkaOptionValue = str | int | float | bool
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topics: tuple[str, ...] = ("dbserver1.inventory.products",)
+    group_id: str = "embedstream"
+    # Any librdkafka setting, passed through to consumer and DLQ producer alike.
+    options: dict[str, KafkaOptionValue] = Field(
+        default_factory=lambda: dict[str, KafkaOptionValue]({"session.timeout.ms": 6000})
+    )
+    dlq_topic: str | None = None
+    # Most messages taken from the client per poll; bounds per-iteration work.
+    poll_max_messages: int = Field(default=1000, ge=1)
+
+    @field_validator("topics")
+    @classmethod
+    def _at_least_one_topic(cls, topics: tuple[str, ...]) -> tuple[str, ...]:
+        if not topics or any(not t for t in topics):
+            raise ValueError("name at least one non-empty topic")
+        return topics
+
+    def dlq_topic_for(self, topic: str) -> str:
+        return self.dlq_topic or f"{topic}.dlq"
+
+
+class SourceSettings(_Section):
+    format: Literal["debezium", "native"] = "debezium"
+    id_fields: tuple[str, ...] = ("id",)
+    text_fields: tuple[str, ...] = ("name", "description")
+    metadata_fields: tuple[str, ...] = ()
+    version: Literal["auto", "lsn", "ts_ms", "offset"] = "auto"
+
+    @field_validator("id_fields", "text_fields")
+    @classmethod
+    def _not_empty(cls, fields: tuple[str, ...]) -> tuple[str, ...]:
+        if not fields:
+            raise ValueError("name at least one field")
+        return fields
+
+    @field_validator("metadata_fields")
+    @classmethod
+    def _not_reserved(cls, fields: tuple[str, ...]) -> tuple[str, ...]:
+        clash = sorted(set(fields) & RESERVED_PAYLOAD_FIELDS)
+        if clash:
+            raise ValueError(f"{clash} are payload fields embedstream writes itself")
+        return fields
+
+
+class EmbedSettings(_Section):
+    model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+    max_batch_tokens: int = Field(default=8192, ge=16)
+    max_wait_ms: int = Field(default=50, ge=0)
+
+
+class ChunkSettings(_Section):
+    max_tokens: int = Field(default=256, ge=8)
+
+
+class SinkSettings(_Section):
+    kind: Literal["qdrant-edge", "qdrant"] = "qdrant-edge"
+    path: Path = Path("./embedstream-data")
+    url: str | None = None
+    api_key: SecretStr | None = None
+    collection: str = Field(default="documents", pattern=r"^[A-Za-z0-9_.-]+$")
+    prefer_grpc: bool = False
+    timeout_s: float = Field(default=30.0, gt=0)
+    shard_number: int | None = Field(default=None, ge=1)
+    replication_factor: int | None = Field(default=None, ge=1)
+    write_consistency_factor: int | None = Field(default=None, ge=1)
+
+
+class MetricsSettings(_Section):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EMBEDSTREAM_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    source: SourceSettings = SourceSettings()
+    embed: EmbedSettings = EmbedSettings()
+    chunk: ChunkSettings = ChunkSettings()
+    sink: SinkSettings = SinkSettings()
+    metrics: MetricsSettings = MetricsSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win: explicit arguments, then environment, then the file.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("yaml_file"):
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def _format_validation_error(error: ValidationError, origin: str) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(root)"
+        lines.append(f"  {where}: {item['msg']}")
+    return f"invalid configuration ({origin}):\n" + "\n".join(lines)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings tree, or raise :class:`ConfigError` naming the bad field."""
+    settings_cls: type[Settings] = Settings
+    origin = "environment"
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        origin = f"{path} and environment"
+        # A subclass carries the file name, so the class-level source hook sees it.
+        settings_cls = type(
+            "FileSettings",
+            (Settings,),
+            {"model_config": SettingsConfigDict(**{**Settings.model_config, "yaml_file": path})},
+        )
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, origin)) from None

@@ -1,0 +1,95 @@
+"""The dead-letter topic: where messages that cannot be applied go, with the reason.
+
+A record keeps the original key and value bytes untouched, so it can be
+replayed once the cause is fixed, and carries headers naming the error and
+where the message came from:
+
+``embedstream.error.reason``, ``embedstream.error.detail``,
+``embedstream.source.topic``, ``embedstream.source.partition``,
+``embedstream.source.offset`` (plus the original headers).
+
+:meth:`DeadLetters.flush` must succeed before the consumer commits past a
+dead-lettered message, so a record is never lost between the two topics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from .config import KafkaSettings
+
+__all__ = ["DeadLetters", "ensure_topics"]
+
+_DETAIL_LIMIT = 1000
+
+
+class DeadLetters:
+    def __init__(self, producer: Producer, settings: KafkaSettings) -> None:
+        self._producer = producer
+        self._settings = settings
+        self._failures: list[KafkaError] = []
+        self._pending = 0
+
+    def send(self, message: Message, reason: str, detail: str) -> None:
+        source_topic = message.topic() or ""
+        original = message.headers() or []
+        headers: list[tuple[str, str | bytes | None]] = list(
+            original.items() if isinstance(original, dict) else original
+        )
+        headers += [
+            ("embedstream.error.reason", reason.encode()),
+            ("embedstream.error.detail", detail[:_DETAIL_LIMIT].encode("utf-8", "replace")),
+            ("embedstream.source.topic", source_topic.encode()),
+            ("embedstream.source.partition", str(message.partition()).encode()),
+            ("embedstream.source.offset", str(message.offset()).encode()),
+        ]
+        topic = self._settings.dlq_topic_for(source_topic)
+        self._producer.produce(
+            topic,
+            key=message.key(),
+            value=message.value(),
+            headers=headers,
+            on_delivery=self._delivered,
+        )
+        self._pending += 1
+        self._producer.poll(0)
+
+    def _delivered(self, error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            self._failures.append(error)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Block until every record sent so far is acknowledged; raise if any failed."""
+        if not self._pending:
+            return
+        remaining = self._producer.flush(timeout_s)
+        failures, self._failures = self._failures, []
+        if remaining or failures:
+            raise KafkaException(
+                failures[0] if failures else KafkaError(KafkaError._TIMED_OUT)
+            )
+        self._pending = 0
+
+    def close(self) -> None:
+        """Deliver what is pending and release the producer."""
+        self._producer.flush(10.0)
+        self._producer.close()
+
+
+def ensure_topics(admin: AdminClient, topics: Iterable[str], partitions: int = 1) -> None:
+    """Create the topics that do not exist yet (an existing one is left as it is)."""
+    wanted = set(topics)
+    existing = set(admin.list_topics(timeout=10).topics)
+    missing = [NewTopic(t, num_partitions=partitions) for t in sorted(wanted - existing)]
+    if not missing:
+        return
+    for future in admin.create_topics(missing).values():
+        try:
+            future.result()
+        except KafkaException as error:
+            if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise

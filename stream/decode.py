@@ -1,0 +1,377 @@
+"""Turn one Kafka message (key and value bytes) into a change event.
+
+:func:`decode_message` is pure (no I/O, no Kafka client) and, for *any* bytes,
+raises nothing but :class:`~stream.errors.DecodeError`, with ``reason`` one of
+``not_utf8``, ``invalid_json``, ``bad_type``, ``missing_id``, ``unknown_op``,
+``missing_after``, ``missing_version``, ``unavailable_value`` or ``unexpected``
+(a bug here, never a valid input). JSON must be strict (no ``NaN``), and ids,
+text and metadata must encode as UTF-8 (no lone surrogates).
+
+Ids are stable across a key's events: one id field gives ``str(value)`` (``1004``
+and ``"1004"`` give ``"1004"``; an integral float its integer text); several are
+joined with ``/`` after escaping ``%``/``/`` as ``%25``/``%2F`` so composite keys
+never collide. Object or array ids are ``bad_type``. A null value is a tombstone:
+a delete of the key's document, kind ``tombstone``, ``version`` the offset in
+``"offset"`` mode and ``-1`` otherwise, since it carries no LSN or timestamp;
+what it may delete is the consumer's decision. An envelope with a null
+``payload`` counts as a tombstone.
+
+Debezium: the JsonConverter envelope ``{"schema", "payload"}`` and the bare
+payload decode alike. ``op`` c/r/u upsert from ``after`` (``after`` null is
+``missing_after``, e.g. a MongoDB update without full-document capture); d
+deletes. t (truncate; not replayed, a known limitation) and m (logical message)
+are skipped, as is any object without ``op``: schema changes, heartbeats,
+transaction markers, and rows flattened by ExtractNewRecordState (unsupported).
+
+* Id: ``id_fields`` from the key when it holds them all (a JSON object, an
+  envelope around one, or for one field a JSON scalar or plain text), else from
+  ``after``, else ``before``, so deletes with a null ``before`` (PostgreSQL's
+  default REPLICA IDENTITY) still find their document.
+* Text: the non-null, non-blank ``text_fields`` of ``after`` as strings, joined
+  with a blank line. None present gives an upsert with text ``""``: the row
+  exists with no text, so it keeps no chunks. The ``__debezium_unavailable_value``
+  placeholder (unchanged TOAST column) is ``unavailable_value``, never embedded.
+* Metadata: the ``metadata_fields`` present in ``after``, copied as they are.
+* Version: ``lsn`` = integer ``source.lsn``; ``ts_ms`` = ``source.ts_ms`` else
+  top-level ``ts_ms``; ``offset`` = the Kafka offset; ``auto`` = integer
+  ``source.lsn``, else ``source.ts_ms``, else the offset (a ``ts_ms`` of 0 is
+  absent). An explicit mode without its field is ``missing_version``.
+* ``source_ts_ms``: top-level ``ts_ms``, else ``source.ts_ms``, else None.
+
+MongoDB: ``after``/``before`` strings are parsed as extended JSON, unwrapping
+``$oid``, ``$numberInt``/``$numberLong`` (int), ``$numberDouble`` (float;
+non-finite stays a string), ``$numberDecimal`` (string) and ``$date`` (its
+value). The key ``{"id": "<_id as extended JSON>"}`` is unwrapped the same way
+(also a quoted JSON string), so an ObjectId gives its hex from key and ``after``
+alike. Configure ``id_fields: [_id]`` or ``[id]``: with one id field, ``id`` and
+``_id`` stand in for each other when the configured one is absent. Compound
+``_id`` documents are ``bad_type``.
+
+Native: ``{"id": str|int, "text": str, "metadata": {...}, "version": int,
+"deleted": bool, "ts_ms": int}``, all but ``id`` optional (the key supplies a
+missing id). ``version`` defaults to the offset, which ``"offset"`` mode forces;
+metadata is copied whole but may not use a reserved payload field. A native
+tombstone's key is the id as text, a JSON scalar, or ``{"id": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, NoReturn
+
+from .config import RESERVED_PAYLOAD_FIELDS, SourceSettings
+from .errors import DecodeError
+from .events import ChangeEvent, Op, Position, Skipped
+
+__all__ = ["decode_message"]
+
+_KINDS = {"c": "create", "r": "read", "u": "update", "d": "delete"}
+_SKIPPED_OPS = {"t": "truncate", "m": "message"}
+_ENVELOPE = frozenset({"schema", "payload"})
+_ID_ALIASES = {"id": "_id", "_id": "id"}
+_UNAVAILABLE = "__debezium_unavailable_value"
+_TOMBSTONE_VERSION = -1
+
+
+def decode_message(
+    key: bytes | None, value: bytes | None, position: Position, settings: SourceSettings
+) -> ChangeEvent | Skipped:
+    """Decode one message; raise :class:`DecodeError` if it cannot be (see module doc)."""
+    try:
+        if settings.format == "native":
+            return _decode_native(key, value, position, settings)
+        return _decode_debezium(key, value, position, settings)
+    except DecodeError:
+        raise
+    except RecursionError:
+        raise DecodeError("invalid_json", "nested too deeply") from None
+    except Exception as error:  # the contract: only DecodeError escapes
+        raise DecodeError("unexpected", f"{type(error).__name__}: {error}"[:300]) from error
+
+
+def _fail(reason: str, detail: str) -> NoReturn:
+    raise DecodeError(reason, detail)
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as error:
+        _fail("not_utf8", f"{what}: {error}")
+
+
+def _loads(text: str) -> Any:
+    # RecursionError (absurd nesting) is turned into invalid_json by decode_message.
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as error:
+        _fail("invalid_json", str(error)[:200])
+
+
+def _int(value: Any, minimum: int | None = None) -> int | None:
+    """``value`` if it is an int (bools are not) at least ``minimum``, else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if minimum is None or value >= minimum else None
+    return None
+
+
+def _field(doc: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any) -> Any:
+    """``doc[name]`` checked against ``kinds`` (bool only if named); null -> default."""
+    value = doc.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) is not (bool in kinds) or not isinstance(value, kinds):
+        _fail("bad_type", f"{name} must be {' or '.join(k.__name__ for k in kinds)}")
+    return value
+
+
+def _unwrap_envelope(obj: Any) -> Any:
+    if isinstance(obj, dict) and "payload" in obj and obj.keys() <= _ENVELOPE:
+        return obj["payload"]
+    return obj
+
+
+def _check_utf8(value: Any, what: str) -> None:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        _fail("not_utf8", f"{what} holds a lone surrogate")
+
+
+def _pick(obj: dict[str, Any], fields: tuple[str, ...]) -> list[Any] | None:
+    """All of ``fields`` from ``obj``, or None if any is missing or null."""
+    values = []
+    for name in fields:
+        alias = _ID_ALIASES.get(name)
+        if obj.get(name) is None and len(fields) == 1 and alias is not None:
+            name = alias  # MongoDB: the key says "id" where the document says "_id"
+        found = obj.get(name)
+        if found is None:
+            return None
+        values.append(found)
+    return values
+
+
+def _key_scalar(value: Any) -> Any:
+    # MongoDB keys hold the _id as extended-JSON text: "{\"$oid\": ...}" or "\"abc\"".
+    if isinstance(value, str) and value.lstrip()[:1] in ("{", '"'):
+        try:
+            parsed = _unwrap_ext(json.loads(value, parse_constant=_reject_constant))
+        except (ValueError, RecursionError, DecodeError):
+            return value
+        if parsed is not None and not isinstance(parsed, dict | list):
+            return parsed
+    return value
+
+
+def _ids_from_key(key: bytes | None, fields: tuple[str, ...]) -> list[Any] | None:
+    if not key:
+        return None
+    text = _utf8(key, "key")
+    try:
+        parsed = json.loads(text, parse_constant=_reject_constant)
+    except ValueError:
+        # StringConverter keys: the whole key is the id.
+        if len(fields) == 1 and text.strip() and text.isprintable():
+            return [text]
+        _fail("bad_type", "key is neither JSON nor printable text")
+    parsed = _unwrap_envelope(parsed)
+    if isinstance(parsed, dict):
+        picked = _pick(parsed, fields)
+        return None if picked is None else [_key_scalar(v) for v in picked]
+    if len(fields) == 1 and parsed is not None and not isinstance(parsed, list):
+        return [_key_scalar(parsed)]
+    return None
+
+
+def _id_part(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            _fail("bad_type", "id is not a finite number")
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int | str):
+        return str(value)
+    _fail("bad_type", f"id value is a {type(value).__name__}, not a scalar")
+
+
+def _join_id(values: list[Any]) -> str:
+    parts = [_id_part(v) for v in values]
+    doc_id = (
+        parts[0]
+        if len(parts) == 1
+        else "/".join(p.replace("%", "%25").replace("/", "%2F") for p in parts)
+    )
+    _check_utf8(doc_id, "id")
+    return doc_id
+
+
+def _tombstone(
+    key: bytes | None, position: Position, settings: SourceSettings, fields: tuple[str, ...]
+) -> ChangeEvent:
+    ids = _ids_from_key(key, fields)
+    if ids is None:
+        _fail("missing_id", f"tombstone key does not hold {list(fields)}")
+    version = position.offset if settings.version == "offset" else _TOMBSTONE_VERSION
+    return ChangeEvent(_join_id(ids), Op.DELETE, version, position, kind="tombstone")
+
+
+def _unwrap_ext(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_unwrap_ext(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        ((tag, inner),) = value.items()
+        try:
+            if tag == "$oid" and isinstance(inner, str):
+                return inner
+            if tag in ("$numberInt", "$numberLong") and isinstance(inner, str | int):
+                return int(inner)
+            if tag == "$numberDouble" and isinstance(inner, str | int | float):
+                number = float(inner)
+                return number if math.isfinite(number) else str(inner)
+            if tag == "$numberDecimal":
+                return str(inner)
+            if tag == "$date":
+                return _unwrap_ext(inner)
+        except ValueError:
+            _fail("bad_type", f"malformed extended JSON {tag}")
+    return {k: _unwrap_ext(v) for k, v in value.items()}
+
+
+def _image(payload: dict[str, Any], name: str) -> dict[str, Any] | None:
+    image = payload.get(name)
+    if isinstance(image, str):  # MongoDB: the document as extended-JSON text
+        image = _unwrap_ext(_loads(image))
+    if image is None or isinstance(image, dict):
+        return image
+    _fail("bad_type", f"{name} is a {type(image).__name__}, not an object")
+
+
+def _why_no_op(payload: dict[str, Any]) -> str:
+    if "ddl" in payload or "tableChanges" in payload:
+        return "schema_change"
+    if payload.get("status") in ("BEGIN", "END"):
+        return "transaction"
+    if payload and payload.keys() <= {"ts_ms"}:
+        return "heartbeat"
+    return "no_op"
+
+
+def _version(payload: dict[str, Any], source: dict[str, Any], position: Position, mode: str) -> int:
+    lsn = _int(source.get("lsn"))
+    source_ts = _int(source.get("ts_ms"), 1)
+    if mode == "offset":
+        return position.offset
+    if mode == "lsn":
+        if lsn is None:
+            _fail("missing_version", "no integer source.lsn")
+        return lsn
+    if mode == "ts_ms":
+        ts = source_ts or _int(payload.get("ts_ms"), 1)
+        if ts is None:
+            _fail("missing_version", "neither source.ts_ms nor ts_ms is set")
+        return ts
+    if lsn is not None:
+        return lsn
+    return source_ts if source_ts is not None else position.offset
+
+
+def _text(after: dict[str, Any], fields: tuple[str, ...]) -> str:
+    parts = []
+    for name in fields:
+        value = after.get(name)
+        if value is None:
+            continue
+        if isinstance(value, dict | list):
+            _fail("bad_type", f"text field {name!r} is not a scalar")
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if text == _UNAVAILABLE:
+            _fail("unavailable_value", f"text field {name!r} was not captured")
+        if text.strip():
+            parts.append(text)
+    joined = "\n\n".join(parts)
+    _check_utf8(joined, "text")
+    return joined
+
+
+def _metadata(after: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    metadata = {name: after[name] for name in fields if name in after}
+    if _UNAVAILABLE in metadata.values():
+        _fail("unavailable_value", "a metadata field was not captured")
+    _check_utf8(metadata, "metadata")
+    return metadata
+
+
+def _decode_debezium(
+    key: bytes | None, value: bytes | None, position: Position, settings: SourceSettings
+) -> ChangeEvent | Skipped:
+    if value is None:
+        return _tombstone(key, position, settings, settings.id_fields)
+    parsed = _loads(_utf8(value, "value"))
+    payload = _unwrap_envelope(parsed)
+    if payload is None and parsed is not None:
+        return _tombstone(key, position, settings, settings.id_fields)
+    if not isinstance(payload, dict):
+        _fail("bad_type", f"value is a JSON {type(payload).__name__}, not an object")
+    op = payload.get("op")
+    if op is None:
+        return Skipped(_why_no_op(payload), position)
+    if not isinstance(op, str) or op not in _KINDS.keys() | _SKIPPED_OPS.keys():
+        _fail("unknown_op", f"op {str(op)[:20]!r}")
+    if op in _SKIPPED_OPS:
+        return Skipped(_SKIPPED_OPS[op], position)
+    source = _field(payload, "source", (dict,), {})
+    after, before = _image(payload, "after"), _image(payload, "before")
+    ids = _ids_from_key(key, settings.id_fields)
+    for image in (after, before):
+        if ids is None and image is not None:
+            ids = _pick(image, settings.id_fields)
+    if ids is None:
+        _fail("missing_id", f"neither key, after nor before holds {list(settings.id_fields)}")
+    doc_id = _join_id(ids)
+    version = _version(payload, source, position, settings.version)
+    ts_ms = _int(payload.get("ts_ms"), 1) or _int(source.get("ts_ms"), 1)
+    if op == "d":
+        return ChangeEvent(doc_id, Op.DELETE, version, position, source_ts_ms=ts_ms, kind="delete")
+    if after is None:
+        _fail("missing_after", f"op {op!r} without an after image")
+    text, metadata = _text(after, settings.text_fields), _metadata(after, settings.metadata_fields)
+    return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms, _KINDS[op])
+
+
+def _decode_native(
+    key: bytes | None, value: bytes | None, position: Position, settings: SourceSettings
+) -> ChangeEvent:
+    if value is None:
+        return _tombstone(key, position, settings, ("id",))
+    doc = _loads(_utf8(value, "value"))
+    if not isinstance(doc, dict):
+        _fail("bad_type", f"value is a JSON {type(doc).__name__}, not an object")
+    raw_id = _field(doc, "id", (str, int), None)
+    ids = [raw_id] if raw_id is not None else _ids_from_key(key, ("id",))
+    if ids is None:
+        _fail("missing_id", "neither value nor key holds an id")
+    doc_id = _join_id(ids)
+    version = _field(doc, "version", (int,), position.offset)
+    if settings.version == "offset":
+        version = position.offset
+    ts_ms = _field(doc, "ts_ms", (int,), None)
+    if _field(doc, "deleted", (bool,), False):
+        return ChangeEvent(doc_id, Op.DELETE, version, position, source_ts_ms=ts_ms)
+    text = _field(doc, "text", (str,), "")
+    metadata = _field(doc, "metadata", (dict,), {})
+    clash = sorted(metadata.keys() & RESERVED_PAYLOAD_FIELDS)
+    if clash:
+        _fail("bad_type", f"metadata keys {clash} are reserved payload fields")
+    _check_utf8(text, "text")
+    _check_utf8(metadata, "metadata")
+    return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms)

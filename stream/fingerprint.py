@@ -1,0 +1,52 @@
+"""What makes two vectors comparable.
+
+Vectors from different models, revisions, dimensions, normalisation or chunk
+settings must never share a collection: their scores would be meaningless. The
+fingerprint is stored with the collection, and a consumer whose fingerprint
+differs refuses to start.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import FingerprintMismatch
+
+__all__ = ["Fingerprint"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    model: str
+    revision: str
+    dimension: int
+    normalized: bool
+    chunker: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str) -> Fingerprint:
+        data: dict[str, Any] = json.loads(raw)
+        return cls(**data)
+
+    def differences(self, stored: Fingerprint) -> list[str]:
+        """Human-readable list of fields that differ, ``field: stored -> ours``."""
+        ours, theirs = asdict(self), asdict(stored)
+        return [
+            f"{name}: {theirs[name]!r} (in the collection) != {ours[name]!r} (this consumer)"
+            for name in ours
+            if ours[name] != theirs[name]
+        ]
+
+    def require_compatible(self, stored: Fingerprint, collection: str) -> None:
+        diffs = self.differences(stored)
+        if diffs:
+            raise FingerprintMismatch(
+                f"collection {collection!r} holds vectors made under another fingerprint; "
+                "refusing to mix them. Rebuild into a new collection, or point "
+                "sink.collection elsewhere. Differences: " + "; ".join(diffs)
+            )

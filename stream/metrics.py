@@ -1,0 +1,105 @@
+"""Prometheus metrics, built in one place and passed to whoever records them.
+
+Every name starts with ``embedstream_`` and is in base units (seconds, bytes).
+Labels are bounded: topic, partition, op kind, outcome, reason code, sink
+operation; never a document id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_FRESHNESS_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    """All of embedstream's metrics, on a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.build_info = Info(
+            "embedstream_build", "Version and model fingerprint of this process", registry=r
+        )
+        self.events = Counter(
+            "embedstream_events_total",
+            "Messages read, by kind of change and outcome (applied, stale, skipped, dead_lettered)",
+            ["op", "outcome"],
+            registry=r,
+        )
+        self.dlq_records = Counter(
+            "embedstream_dlq_records_total",
+            "Messages written to the dead-letter topic, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.chunks = Counter(
+            "embedstream_chunks_total",
+            "Chunks written, by whether their vector was embedded or reused",
+            ["outcome"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "embedstream_tokens_total",
+            "Tokens in chunks written, by whether they were embedded or reused",
+            ["outcome"],
+            registry=r,
+        )
+        self.batch_events = Histogram(
+            "embedstream_batch_events",
+            "Messages per micro-batch",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
+            registry=r,
+        )
+        self.batch_token_fill = Histogram(
+            "embedstream_batch_token_fill_ratio",
+            "Tokens in a micro-batch over embed.max_batch_tokens",
+            buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.5),
+            registry=r,
+        )
+        self.embed_seconds = Histogram(
+            "embedstream_embed_duration_seconds",
+            "Time to embed one micro-batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sink_seconds = Histogram(
+            "embedstream_sink_operation_duration_seconds",
+            "Time of sink operations",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sink_errors = Counter(
+            "embedstream_sink_errors_total", "Failed sink operations", ["op"], registry=r
+        )
+        self.freshness = Histogram(
+            "embedstream_freshness_seconds",
+            "Source event time to the store acknowledging the write",
+            buckets=_FRESHNESS_BUCKETS,
+            registry=r,
+        )
+        self.commits = Counter(
+            "embedstream_commits_total", "Offset commits after a sink flush", registry=r
+        )
+        self.last_commit = Gauge(
+            "embedstream_last_commit_timestamp_seconds",
+            "Unix time of the last offset commit",
+            registry=r,
+        )
+        self.lag = Gauge(
+            "embedstream_consumer_lag_messages",
+            "High watermark minus the consumer position",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.paused_partitions = Gauge(
+            "embedstream_paused_partitions", "Partitions paused for backpressure", registry=r
+        )
+
+    def serve(self, host: str, port: int) -> None:
+        """Expose ``/metrics`` over HTTP (prometheus-client's own server thread)."""
+        start_http_server(port, addr=host, registry=self.registry)

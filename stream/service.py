@@ -1,0 +1,144 @@
+"""The one place where clients, the model, the store and metrics are built.
+
+Nothing in embedstream creates a client, model or metric at import time; the
+functions here build them from a :class:`~stream.config.Settings` tree and pass
+them in.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
+
+from sinks.base import Sink
+from sinks.factory import build_sink
+
+from . import __version__
+from .chunking import TokenChunker
+from .config import Settings
+from .consumer import AppliedCallback, StreamConsumer
+from .dead_letters import DeadLetters, ensure_topics
+from .embedding import SentenceTransformerEmbedder
+from .fingerprint import Fingerprint
+from .metrics import Metrics
+
+__all__ = ["Pipeline", "build_consumer", "build_pipeline", "kafka_client_config", "run_consumer"]
+
+log = logging.getLogger("embedstream")
+
+# Defaults that embedstream needs for its guarantees; `kafka.options` may not undo them.
+_CONSUMER_REQUIRED = {"enable.auto.commit": False, "enable.auto.offset.store": False}
+# Defaults a user may override through `kafka.options`.
+_CONSUMER_DEFAULTS = {
+    "auto.offset.reset": "earliest",
+    # A short broker wait keeps freshness low on quiet topics.
+    "fetch.wait.max.ms": 100,
+}
+_PRODUCER_DEFAULTS = {"acks": "all", "linger.ms": 5}
+# Consumer-only settings librdkafka would warn about on a producer.
+_CONSUMER_ONLY_PREFIXES = ("session.", "heartbeat.", "fetch.", "auto.offset", "max.poll",
+                           "group.", "partition.assignment", "isolation.", "enable.auto")
+
+
+def kafka_client_config(settings: Settings, role: str) -> dict[str, Any]:
+    """librdkafka configuration for the ``consumer``, ``producer`` or ``admin`` client."""
+    kafka = settings.kafka
+    options = dict(kafka.options)
+    base: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers}
+    if role == "consumer":
+        return {**base, **_CONSUMER_DEFAULTS, **options, "group.id": kafka.group_id,
+                **_CONSUMER_REQUIRED}
+    shared = {k: v for k, v in options.items() if not k.startswith(_CONSUMER_ONLY_PREFIXES)}
+    if role == "producer":
+        return {**base, **_PRODUCER_DEFAULTS, **shared}
+    return {**base, **shared}
+
+
+@dataclass
+class Pipeline:
+    """The model side and the store, ready to use; shared by consume, search and export."""
+
+    settings: Settings
+    embedder: SentenceTransformerEmbedder
+    chunker: TokenChunker
+    fingerprint: Fingerprint
+    sink: Sink
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def build_pipeline(settings: Settings) -> Pipeline:
+    """Load the model, build the chunker, open the store under the fingerprint."""
+    embedder = SentenceTransformerEmbedder(
+        settings.embed.model, device=settings.embed.device,
+        max_batch_tokens=settings.embed.max_batch_tokens,
+    )
+    # Leave room for the model's [CLS]/[SEP] so no chunk is silently truncated.
+    max_tokens = min(settings.chunk.max_tokens, embedder.max_seq_length - 2)
+    chunker = TokenChunker(embedder.tokenizer, max_tokens=max_tokens)
+    fingerprint = Fingerprint(
+        model=embedder.model_name, revision=embedder.revision, dimension=embedder.dimension,
+        normalized=True, chunker=chunker.spec,
+    )
+    sink = build_sink(settings.sink)
+    try:
+        sink.open(fingerprint)
+    except BaseException:
+        sink.close()
+        raise
+    return Pipeline(settings, embedder, chunker, fingerprint, sink)
+
+
+def build_consumer(
+    pipeline: Pipeline, metrics: Metrics, on_applied: AppliedCallback | None = None
+) -> StreamConsumer:
+    """The Kafka side: consumer, dead-letter producer, and the loop around them."""
+    settings = pipeline.settings
+    admin = AdminClient(kafka_client_config(settings, "admin"))
+    ensure_topics(admin, {settings.kafka.dlq_topic_for(t) for t in settings.kafka.topics})
+    dead_letters = DeadLetters(Producer(kafka_client_config(settings, "producer")), settings.kafka)
+    consumer = Consumer(kafka_client_config(settings, "consumer"))
+    metrics.build_info.info({
+        "version": __version__,
+        "model": pipeline.fingerprint.model,
+        "fingerprint": pipeline.fingerprint.to_json(),
+    })
+    return StreamConsumer(
+        settings, consumer, dead_letters, pipeline.chunker, pipeline.embedder, pipeline.sink,
+        metrics, on_applied=on_applied,
+    )
+
+
+def run_consumer(settings: Settings) -> int:
+    """The ``consume`` command: run until SIGTERM/SIGINT, then flush, commit, exit 0."""
+    metrics = Metrics()
+    pipeline = build_pipeline(settings)
+    try:
+        stream = build_consumer(pipeline, metrics)
+        if settings.metrics.enabled:
+            metrics.serve(settings.metrics.host, settings.metrics.port)
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %s: flushing, committing and stopping", signal.Signals(signum).name)
+            stream.request_stop()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        log.info("consuming %s into %s", list(settings.kafka.topics), settings.sink.collection)
+        try:
+            stream.run()
+        finally:
+            stream.close()
+    finally:
+        pipeline.close()
+    log.info("stopped cleanly")
+    sys.stdout.flush()
+    return 0
