@@ -119,22 +119,24 @@ def build_consumer(
 
 def run_consumer(settings: Settings) -> int:
     """The ``consume`` command: run until SIGTERM/SIGINT, then flush, commit, exit 0."""
+    stop_requested: list[str] = []
+
+    # Installed before the (slow) start, so a stop during model loading is clean too.
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: flushing, committing and stopping", signal.Signals(signum).name)
+        stop_requested.append(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     metrics = Metrics()
     pipeline = build_pipeline(settings)
     try:
         stream = build_consumer(pipeline, metrics)
         if settings.metrics.enabled:
             metrics.serve(settings.metrics.host, settings.metrics.port)
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            log.info("signal %s: flushing, committing and stopping", signal.Signals(signum).name)
-            stream.request_stop()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
         log.info("consuming %s into %s", list(settings.kafka.topics), settings.sink.collection)
         try:
-            stream.run()
+            stream.run(until=lambda: bool(stop_requested))
         finally:
             stream.close()
     finally:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from stream.broker import LocalBroker
+from stream.broker import LocalBroker, free_port
 from stream.config import Settings
 from stream.metrics import Metrics
 from stream.service import build_consumer, build_pipeline
@@ -101,3 +104,46 @@ def test_invalid_config_fails_at_start_naming_the_field(tmp_path: Path) -> None:
     result = cli("consume", "--config", str(bad))
     assert result.returncode == 2
     assert "sink.kind" in result.stderr
+
+
+def test_consume_serves_metrics_and_stops_cleanly_on_sigterm(store: dict[str, Any]) -> None:
+    """A second group replays the topic through the service: every event is stale
+    (the store already has it), offsets are committed, and SIGTERM exits 0."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDSTREAM_METRICS__ENABLED": "true",
+           "EMBEDSTREAM_METRICS__HOST": "127.0.0.1", "EMBEDSTREAM_METRICS__PORT": str(port),
+           "EMBEDSTREAM_KAFKA__GROUP_ID": unique("replay")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", "consume", "--config", str(store["file"])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )
+
+    def scrape() -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as reply:
+                return str(reply.read().decode())
+        except OSError:
+            return ""
+
+    def sample(text: str, line_start: str) -> float:
+        values = [float(line.split()[-1]) for line in text.splitlines()
+                  if line.startswith(line_start)]
+        return values[0] if values else 0.0
+
+    try:
+        deadline = time.monotonic() + 90
+        text = ""
+        while time.monotonic() < deadline:
+            text = scrape()
+            if sample(text, 'embedstream_events_total{op="native",outcome="stale"}') >= 3:
+                break
+            time.sleep(0.5)
+        assert sample(text, 'embedstream_events_total{op="native",outcome="stale"}') == 3
+        assert sample(text, 'embedstream_events_total{op="native",outcome="applied"}') == 0
+        assert sample(text, "embedstream_commits_total") >= 1
+        assert 'embedstream_build_info{' in text and "all-MiniLM-L6-v2" in text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0].decode()
+    assert process.returncode == 0, output[-2000:]
+    assert '"level": "info"' in output and "stopped cleanly" in output
