@@ -219,23 +219,14 @@ class QdrantEdgeSink:
                 state.flush()
 
     def stored_vectors(self, doc_ids: Collection[str]) -> dict[str, list[float]]:
-        chunks = self._open_chunks()
-        found: dict[str, list[float]] = {}
         if not doc_ids:
-            return found
+            return {}
         only = qe.Filter(must=[qe.FieldCondition("doc_id", match=qe.MatchAny(sorted(doc_ids)))])
-        offset: Any = None
-        while True:
-            request = qe.ScrollRequest(offset=offset, limit=SCROLL_PAGE, filter=only,
-                                       with_payload=["content_hash"], with_vector=True)
-            with self._errors("scroll"):
-                records, offset = chunks.scroll(request)
-            for record in records:
-                digest = (record.payload or {}).get("content_hash")
-                if isinstance(digest, str):
-                    found[digest] = dense_vector(record.vector)
-            if offset is None:
-                return found
+        return {
+            digest: dense_vector(record.vector)
+            for record in self._scroll(only, ["content_hash"])
+            if isinstance(digest := (record.payload or {}).get("content_hash"), str)
+        }
 
     def search(self, vector: Sequence[float], limit: int) -> list[Hit]:
         chunks = self._open_chunks()
@@ -248,15 +239,19 @@ class QdrantEdgeSink:
         return [Hit(str(p.id), p.score, p.payload or {}) for p in found]
 
     def points(self) -> Iterator[StoredPoint]:
+        for record in self._scroll(None, True):
+            yield StoredPoint(str(record.id), dense_vector(record.vector), record.payload or {})
+
+    def _scroll(self, only: qe.Filter | None, payload: bool | list[str]) -> Iterator[qe.Record]:
+        """Every chunk record (matching ``only``), with its vector, page by page."""
         chunks = self._open_chunks()
         offset: Any = None
         while True:
-            request = qe.ScrollRequest(offset=offset, limit=SCROLL_PAGE, with_payload=True,
-                                       with_vector=True)
+            request = qe.ScrollRequest(offset=offset, limit=SCROLL_PAGE, filter=only,
+                                       with_payload=payload, with_vector=True)
             with self._errors("scroll"):
                 records, offset = chunks.scroll(request)
-            for record in records:
-                yield StoredPoint(str(record.id), dense_vector(record.vector), record.payload or {})
+            yield from records
             if offset is None:
                 return
 

@@ -246,24 +246,15 @@ class QdrantServerSink:
                     for pid, payload in plan.states])
 
     def stored_vectors(self, doc_ids: Collection[str]) -> dict[str, list[float]]:
-        client = self._open()
-        found: dict[str, list[float]] = {}
         if not doc_ids:
-            return found
+            return {}
         only = models.Filter(must=[models.FieldCondition(
             key="doc_id", match=models.MatchAny(any=sorted(doc_ids)))])
-        offset: Any = None
-        while True:
-            with self._errors("scroll"):
-                records, offset = client.scroll(
-                    self._collection, scroll_filter=only, limit=SCROLL_PAGE, offset=offset,
-                    with_payload=["content_hash"], with_vectors=True)
-            for record in records:
-                digest = (record.payload or {}).get("content_hash")
-                if isinstance(digest, str):
-                    found[digest] = dense_vector(record.vector)
-            if offset is None:
-                return found
+        return {
+            digest: dense_vector(record.vector)
+            for record in self._scroll(only, ["content_hash"])
+            if isinstance(digest := (record.payload or {}).get("content_hash"), str)
+        }
 
     def search(self, vector: Sequence[float], limit: int) -> list[Hit]:
         client = self._open()
@@ -275,14 +266,21 @@ class QdrantServerSink:
         return [Hit(str(p.id), p.score, p.payload or {}) for p in found]
 
     def points(self) -> Iterator[StoredPoint]:
+        for record in self._scroll(None, True):
+            yield StoredPoint(str(record.id), dense_vector(record.vector), record.payload or {})
+
+    def _scroll(
+        self, only: models.Filter | None, payload: bool | list[str]
+    ) -> Iterator[models.Record]:
+        """Every chunk record (matching ``only``), with its vector, page by page."""
         client = self._open()
         offset: Any = None
         while True:
             with self._errors("scroll"):
-                records, offset = client.scroll(self._collection, limit=SCROLL_PAGE, offset=offset,
-                                                with_payload=True, with_vectors=True)
-            for record in records:
-                yield StoredPoint(str(record.id), dense_vector(record.vector), record.payload or {})
+                records, offset = client.scroll(
+                    self._collection, scroll_filter=only, limit=SCROLL_PAGE, offset=offset,
+                    with_payload=payload, with_vectors=True)
+            yield from records
             if offset is None:
                 return
 

@@ -209,6 +209,26 @@ def test_points_yields_every_point_across_pages(make_sink: MakeSink) -> None:
         assert got[pid].payload == chunk.payload
 
 
+def test_stored_vectors_are_keyed_by_the_content_hash_of_their_text(
+    make_sink: MakeSink,
+) -> None:
+    sink = opened(make_sink)
+    writes = []
+    for doc in ("a", "b", "c"):
+        w = write(doc, 3, tag=doc)
+        writes.append(DocumentWrite(w.doc_id, w.state, [
+            ChunkPoint(c.chunk_index, c.vector, {**c.payload, "content_hash": f"h-{doc}{i}"})
+            for i, c in enumerate(w.chunks)]))
+    sink.apply(writes)
+    found = sink.stored_vectors(["a", "c", "unknown"])
+    assert set(found) == {f"h-{d}{i}" for d in "ac" for i in range(3)}  # only those documents
+    for w in writes[::2]:
+        for chunk in w.chunks:
+            stored = found[str(chunk.payload["content_hash"])]
+            assert stored == pytest.approx(np.asarray(chunk.vector).tolist(), abs=1e-6)
+    assert sink.stored_vectors([]) == {}
+
+
 def test_payload_indexes_are_created(make_sink: MakeSink, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     sink = make_sink()
