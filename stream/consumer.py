@@ -115,10 +115,7 @@ class StreamConsumer:
 
     def step(self) -> None:
         """One poll of the loop: read what is there, flush when the batch is due."""
-        messages = self._consumer.consume(
-            num_messages=self._settings.kafka.poll_max_messages, timeout=self._poll_timeout()
-        )
-        for message in messages:
+        for message in self._poll():
             self._take(message)
             if self._batch.full and self._retry_at is None:
                 self._flush()
@@ -131,6 +128,21 @@ class StreamConsumer:
         if now >= self._next_lag_report:
             self._report_lag()
             self._next_lag_report = now + _LAG_REPORT_EVERY_S
+
+    def _poll(self) -> list[Message]:
+        """Wait (at most until the batch is due) for the first message, then take
+        what has already been fetched without waiting.
+
+        ``consume(n, timeout)`` alone would block until it has ``n`` messages or
+        the timeout passes, holding every quiet-topic event back for the timeout.
+        """
+        first = self._consumer.poll(self._poll_timeout())
+        if first is None:
+            return []
+        more = self._consumer.consume(
+            num_messages=self._settings.kafka.poll_max_messages - 1, timeout=0
+        ) if self._settings.kafka.poll_max_messages > 1 else []
+        return [first, *more]
 
     def _poll_timeout(self) -> float:
         now = self._clock()

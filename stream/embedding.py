@@ -1,6 +1,12 @@
 """Embedding chunk texts into L2-normalised vectors.
 
-(Protocol is fixed; the implementation follows below it.)
+:class:`SentenceTransformerEmbedder` runs a sentence-transformers model in
+process: texts are tokenised once, sorted by length and packed into
+sub-batches by padded token count (less padding than fixed-size batches), run
+through the model's own modules (so its pooling configuration applies), then
+normalised and returned in input order. Texts longer than the model's
+``max_seq_length`` are truncated, as sentence-transformers does; the chunker
+keeps chunks below that length so nothing is lost in the stream.
 """
 
 from __future__ import annotations
