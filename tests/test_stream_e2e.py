@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from confluent_kafka import Consumer, TopicPartition
 
 from sinks.qdrant_edge import QdrantEdgeSink
 from stream.broker import LocalBroker
@@ -33,7 +34,6 @@ from stream.service import build_consumer, build_pipeline
 from .streamkit import (
     REVISIONS,
     ChangeStream,
-    committed,
     create_topic,
     produce,
     read_all,
@@ -204,13 +204,20 @@ def test_sigkill_at_random_moments_reaches_the_same_store(
 ) -> None:
     group, store = unique("killed"), tmp_path / "store"
     config_file = tmp_path / "embedstream.yaml"
-    config_file.write_text(yaml.safe_dump(config(broker, topic, store, group)))
+    killed_config = config(broker, topic, store, group)
+    # Small batches commit often, so every kill lands with work still to do.
+    killed_config["embed"] = {"max_batch_tokens": 512}
+    config_file.write_text(yaml.safe_dump(killed_config))
     load_settings(config_file)  # the file is valid
     total, log = end_offsets(stream_data), tmp_path / "consumer.log"
     rng = random.Random(11)
 
+    # One long-lived reader keeps each progress check to a round trip.
+    reader = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": group})
+    partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+
     def progress() -> int:
-        return sum(committed(broker.bootstrap_servers, group, topic, PARTITIONS).values())
+        return sum(max(tp.offset, 0) for tp in reader.committed(partitions, timeout=10))
 
     kills_mid_stream = 0
     for _ in range(8):
@@ -219,11 +226,11 @@ def test_sigkill_at_random_moments_reaches_the_same_store(
         process = _consume_process(config_file, log)
         start = progress()
 
-        def advanced(start: int = start, process: subprocess.Popen[bytes] = process) -> bool:
-            return progress() > start or process.poll() is not None
-
+        deadline = time.monotonic() + 120
         # Kill at a random moment once this run has committed something new.
-        wait_for(advanced, 120, "progress")
+        while progress() <= start and process.poll() is None:
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.3))
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -239,6 +246,7 @@ def test_sigkill_at_random_moments_reaches_the_same_store(
     assert process.wait(30) == 0, log.read_text()[-3000:]
     assert time.monotonic() - stopped_at < 30
 
+    reader.close()
     killed, clean = store_snapshot(store), store_snapshot(uninterrupted)
     check_against_oracle(killed, stream_data, stock_model)
     assert killed.keys() == clean.keys(), f"after {kills_mid_stream} SIGKILLs the store differs"
