@@ -77,7 +77,6 @@ class StreamConsumer:
         self._on_applied = on_applied
         self._clock = clock
         self._batch = self._new_batch()
-        self._stopping = False
         self._subscribed = False
         self._retry_at: float | None = None
         self._backoff_s = 0.0
@@ -89,13 +88,10 @@ class StreamConsumer:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def request_stop(self) -> None:
-        """Ask the loop to flush, commit and return (safe from a signal handler)."""
-        self._stopping = True
-
     def run(self, until: Callable[[], bool] | None = None) -> None:
-        """Consume until :meth:`request_stop` (or ``until()`` is true), then flush and
-        commit. May be called again; :meth:`close` leaves the group."""
+        """Consume until ``until()`` is true (checked between polls; safe to flip
+        from a signal handler), then flush and commit. May be called again;
+        :meth:`close` leaves the group."""
         if not self._subscribed:
             self._consumer.subscribe(
                 list(self._settings.kafka.topics),
@@ -104,7 +100,7 @@ class StreamConsumer:
                 on_lost=self._on_lost,
             )
             self._subscribed = True
-        while not self._stopping and not (until and until()):
+        while not (until and until()):
             self.step()
         self._flush_for_exit()
 
@@ -139,10 +135,8 @@ class StreamConsumer:
         first = self._consumer.poll(self._poll_timeout())
         if first is None:
             return []
-        more = self._consumer.consume(
-            num_messages=self._settings.kafka.poll_max_messages - 1, timeout=0
-        ) if self._settings.kafka.poll_max_messages > 1 else []
-        return [first, *more]
+        rest = self._settings.kafka.poll_max_messages - 1
+        return [first, *(self._consumer.consume(rest, timeout=0) if rest else [])]
 
     def _poll_timeout(self) -> float:
         now = self._clock()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
 from stream.dead_letters import ensure_topics
@@ -45,16 +45,6 @@ def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, b
     assert producer.flush(30) == 0
     producer.close()
     return ends
-
-
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
-    """The group's committed offsets (a non-member consumer does not join the group)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return {tp.partition: max(tp.offset, 0) for tp in tps}
-    finally:
-        consumer.close()
 
 
 def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30) -> list[Any]:
