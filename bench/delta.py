@@ -131,7 +131,8 @@ def make_settings(bootstrap: str, store: Path, max_tokens: int | None) -> Settin
                             group_id="bench-delta", options={"session.timeout.ms": 6000}),
         source=SourceSettings(format="debezium", id_fields=("id",), text_fields=("text",)),
         chunk=ChunkSettings() if max_tokens is None else ChunkSettings(max_tokens=max_tokens),
-        sink=SinkSettings(kind="qdrant-edge", path=store, collection="delta"),
+        sink=SinkSettings(kind="qdrant-edge", path=store, collection="delta",
+                          flush_interval_ms=0),  # one revision per checkpoint
         metrics=MetricsSettings(enabled=False),
     )
 

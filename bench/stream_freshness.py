@@ -232,10 +232,11 @@ def breakdown(metrics: Metrics, phase: str) -> dict[str, float]:
     """Where the consumer's time went: embedding, sink calls, batches (from its metrics)."""
     sample = metrics.registry.get_sample_value
     sink_s = sum(sample("embedstream_sink_operation_duration_seconds_sum", {"op": op}) or 0.0
-                 for op in ("read_state", "apply"))
+                 for op in ("read_state", "read_vectors", "apply", "flush"))
     return {f"{phase}_embed_s": round(sample("embedstream_embed_duration_seconds_sum") or 0.0, 2),
             f"{phase}_sink_s": round(sink_s, 2),
-            f"{phase}_batches": sample("embedstream_commits_total") or 0.0}
+            f"{phase}_batches": sample("embedstream_batch_events_count") or 0.0,
+            f"{phase}_checkpoints": sample("embedstream_commits_total") or 0.0}
 
 
 def encode_seconds(model: Any, texts: list[str]) -> tuple[float, float | None]:

@@ -2,7 +2,11 @@
 
 A sink applies whole-document writes. What every sink guarantees:
 
-* ``apply`` is durable when it returns: a crash after it returns loses nothing.
+* ``apply`` is visible to reads when it returns, and survives a crash of this
+  process (SIGKILL included).
+* ``flush`` makes every write applied before it durable against a crash of the
+  machine as well (power loss, kernel panic). The consumer commits Kafka
+  offsets only after ``flush`` returns, so the two together lose nothing.
 * Each :class:`DocumentWrite` replaces the document's whole chunk set. Chunks
   beyond ``len(chunks)`` left by a longer earlier version are deleted; a
   deletion removes every chunk.
@@ -11,8 +15,8 @@ A sink applies whole-document writes. What every sink guarantees:
   simply applied again on replay (writes are idempotent).
 
 What is not guaranteed: atomicity across documents in one ``apply`` call. The
-consumer only commits Kafka offsets after ``apply`` returns, so a partial apply
-is always replayed.
+consumer only commits Kafka offsets after ``apply`` and ``flush`` return, so a
+partial apply is always replayed.
 """
 
 from __future__ import annotations
@@ -128,7 +132,14 @@ class Sink(Protocol):
         ...
 
     def apply(self, writes: Sequence[DocumentWrite]) -> None:
-        """Apply the writes durably (see the module docstring)."""
+        """Apply the writes: visible to reads and safe from a process crash on
+        return (see the module docstring)."""
+        ...
+
+    def flush(self) -> None:
+        """Make every applied write durable against a machine crash. Called
+        before each offset commit; a store whose writes are durable on
+        ``apply`` makes this a no-op."""
         ...
 
     def stored_vectors(self, doc_ids: Collection[str]) -> dict[str, list[float]]:

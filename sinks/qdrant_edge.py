@@ -8,14 +8,14 @@ lock file ``.<collection>.lock``.
 
 Guarantees, beyond those of :mod:`sinks.base`:
 
-* ``apply`` is durable when it returns, against a crash of this process
-  (SIGKILL included) and, by default, of the machine. Every update goes through
-  the shard's write-ahead log, which survives the process; but Edge writes that
-  log through a memory map and syncs it to disk only on ``flush``, so ``apply``
-  flushes both shards before returning. ``flush_each_apply=False`` skips that
-  (measured: 10-20 ms a call on an idle disk, up to ~0.4 s for 1,000 chunks on
-  a busy one); an OS crash or power loss may then lose updates whose Kafka
-  offsets were already committed.
+* ``apply`` survives a crash of this process (SIGKILL included) when it
+  returns: every update goes through the shard's write-ahead log, which Edge
+  writes through a memory map, so the kernel holds it once ``update`` returns.
+* ``flush`` syncs both shards to disk, making the writes survive a crash of the
+  machine too. It costs 10-20 ms on an idle disk and up to ~0.4 s for 1,000
+  chunks on a busy one, which is why ``apply`` does not do it by default: the
+  consumer calls ``flush`` once per ``sink.flush_interval_ms``, before it
+  commits offsets.
 * One process at a time: ``open`` takes an exclusive ``flock`` on the lock file
   and raises :class:`~stream.errors.SinkError` naming the holder's pid
   otherwise. The lock dies with its process, so no stale lock survives a crash.
@@ -92,14 +92,11 @@ class _ProcessLock:
 class QdrantEdgeSink:
     """Chunk points in a local Qdrant Edge shard (see the module docstring)."""
 
-    def __init__(
-        self, path: Path | str, collection: str, *, flush_each_apply: bool = True
-    ) -> None:
+    def __init__(self, path: Path | str, collection: str) -> None:
         if not collection or collection in {".", ".."} or "/" in collection:
             raise ConfigError(f"sink.collection {collection!r} is not a valid collection name")
         self._path = Path(path)
         self._collection = collection
-        self._flush_each_apply = flush_each_apply
         self._where = f"Qdrant Edge collection {collection!r} at {self._path}"
         self._lock: _ProcessLock | None = None
         self._chunks: qe.EdgeShard | None = None
@@ -214,9 +211,12 @@ class QdrantEdgeSink:
             if plan.states:
                 state.update(qe.UpdateOperation.upsert_points(
                     [qe.Point(pid, STATE_VECTOR, payload) for pid, payload in plan.states]))
-            if self._flush_each_apply:  # see the module docstring
-                chunks.flush()
-                state.flush()
+
+    def flush(self) -> None:
+        chunks, state = self._open_chunks(), self._open_state()
+        with self._errors("flush"):
+            chunks.flush()
+            state.flush()
 
     def stored_vectors(self, doc_ids: Collection[str]) -> dict[str, list[float]]:
         if not doc_ids:

@@ -159,6 +159,10 @@ class QdrantServerSink:
                 id=FINGERPRINT_POINT_ID, vector=STATE_VECTOR,
                 payload={"fingerprint": fingerprint.to_json()})])
 
+    def flush(self) -> None:
+        """Nothing to do: every write waits for the server (``wait=True``),
+        which holds it in its write-ahead log before answering."""
+
     def close(self) -> None:
         """Close the client if this sink made it. Writes are already durable
         (``wait=True``), so there is nothing to flush. Safe to call twice."""

@@ -113,6 +113,10 @@ class SinkSettings(_Section):
     shard_number: int | None = Field(default=None, ge=1)
     replication_factor: int | None = Field(default=None, ge=1)
     write_consistency_factor: int | None = Field(default=None, ge=1)
+    # How often the consumer makes applied writes durable and then commits
+    # their offsets. Writes are searchable as soon as they are applied; this
+    # bounds only how much a crash replays. 0: after every batch.
+    flush_interval_ms: int = Field(default=1000, ge=0)
 
 
 class MetricsSettings(_Section):

@@ -3,8 +3,11 @@
 One thread runs the loop; nothing here starts another. What is guaranteed:
 
 * Offsets are committed only after the sink has applied every event at or
-  before them (and dead-letter records for any undecodable ones are flushed).
-  A crash at any moment therefore replays, never skips.
+  before them and made it durable (``Sink.flush``), and dead-letter records for
+  any undecodable ones are acknowledged. A crash at any moment therefore
+  replays, never skips. Writes are searchable as soon as they are applied; the
+  flush and commit (a checkpoint) follow at most ``sink.flush_interval_ms``
+  later, so a crash replays at most that much work.
 * Replays are harmless: the version guard in :mod:`stream.plan` makes an
   already-applied event a no-op, so a restart reaches the same final state as
   an uninterrupted run.
@@ -81,6 +84,9 @@ class StreamConsumer:
         self._retry_at: float | None = None
         self._backoff_s = 0.0
         self._paused: list[TopicPartition] = []
+        # Offsets of applied batches, committed at the next checkpoint.
+        self._uncommitted: dict[tuple[str, int], int] = {}
+        self._checkpoint_at: float | None = None
         self._next_lag_report = 0.0
         self.assigned: set[tuple[str, int]] = set()
         # Next offset committed per partition by this process (for callers waiting to catch up).
@@ -102,7 +108,7 @@ class StreamConsumer:
             self._subscribed = True
         while not (until and until()):
             self.step()
-        self._flush_for_exit()
+        self._finish()
 
     def close(self) -> None:
         """Leave the group (committing nothing more) and release the DLQ producer."""
@@ -110,7 +116,8 @@ class StreamConsumer:
         self._dead_letters.close()
 
     def step(self) -> None:
-        """One poll of the loop: read what is there, flush when the batch is due."""
+        """One poll of the loop: read what is there, apply the batch when it is
+        due, checkpoint when that is due."""
         for message in self._poll():
             self._take(message)
             if self._batch.full and self._retry_at is None:
@@ -118,9 +125,11 @@ class StreamConsumer:
         now = self._clock()
         if self._retry_at is not None:
             if now >= self._retry_at:
-                self._flush()
+                _ = self._flush() and self._checkpoint()
         elif self._batch.due(now):
             self._flush()
+        if self._retry_at is None and self._checkpoint_due(now):
+            self._checkpoint()
         if now >= self._next_lag_report:
             self._report_lag()
             self._next_lag_report = now + _LAG_REPORT_EVERY_S
@@ -142,8 +151,12 @@ class StreamConsumer:
         now = self._clock()
         if self._retry_at is not None:
             return min(_IDLE_POLL_S, max(0.0, self._retry_at - now))
-        left = self._batch.time_left(now)
-        return _IDLE_POLL_S if left is None else min(left, _IDLE_POLL_S)
+        waits = [_IDLE_POLL_S]
+        if (left := self._batch.time_left(now)) is not None:
+            waits.append(left)
+        if self._checkpoint_at is not None:
+            waits.append(max(0.0, self._checkpoint_at - now))
+        return min(waits)
 
     def _new_batch(self) -> MicroBatch:
         embed = self._settings.embed
@@ -195,7 +208,8 @@ class StreamConsumer:
     # -- writing -----------------------------------------------------------------
 
     def _flush(self) -> bool:
-        """Apply and commit the batch. False when the store is unavailable (retried later)."""
+        """Apply the batch; its offsets wait for the next checkpoint. False
+        when the store is unavailable (retried later)."""
         batch = self._batch
         if batch.empty:
             return True
@@ -205,10 +219,35 @@ class StreamConsumer:
             self._back_off(error)
             return False
         self._resume()
-        self._dead_letters.flush()
-        self._commit(batch.next_offsets)
+        self._uncommitted.update(batch.next_offsets)
         self._observe(batch, applied, acknowledged_at)
         self._batch = self._new_batch()
+        now = self._clock()
+        if self._checkpoint_at is None:
+            self._checkpoint_at = now + self._settings.sink.flush_interval_ms / 1000
+        # Checked here too: one poll may bring many batches' worth of messages.
+        return self._checkpoint() if self._checkpoint_due(now) else True
+
+    def _checkpoint_due(self, now: float) -> bool:
+        return self._checkpoint_at is not None and now >= self._checkpoint_at
+
+    def _checkpoint(self) -> bool:
+        """Make the applied writes durable, then commit their offsets (and
+        acknowledge their dead letters first). False when the store is
+        unavailable (retried later; nothing is committed)."""
+        if not self._uncommitted:
+            self._checkpoint_at = None
+            return True
+        try:
+            with self._metrics.sink_seconds.labels(op="flush").time():
+                self._sink_call("flush", self._sink.flush)
+        except SinkUnavailable as error:
+            self._back_off(error)
+            return False
+        self._resume()
+        self._dead_letters.flush()
+        self._commit(self._uncommitted)
+        self._uncommitted, self._checkpoint_at = {}, None
         return True
 
     def _apply(self, events: list[PreparedEvent]) -> tuple[float, list[ChangeEvent]]:
@@ -232,9 +271,9 @@ class StreamConsumer:
                 self._sink_call("apply", self._sink.apply, writes)
         return time.time(), [item.winner.event for item in folded if item.winner]
 
-    def _sink_call(self, op: str, call: Callable[[Any], Any], arg: Any) -> Any:
+    def _sink_call(self, op: str, call: Callable[..., Any], *args: Any) -> Any:
         try:
-            return call(arg)
+            return call(*args)
         except SinkError:
             self._metrics.sink_errors.labels(op=op).inc()
             raise
@@ -280,6 +319,8 @@ class StreamConsumer:
 
     def _commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
         offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
+        if not offsets:  # librdkafka answers an empty list with _NO_OFFSET
+            return
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as error:
@@ -317,9 +358,10 @@ class StreamConsumer:
             self._paused = []
             self._metrics.paused_partitions.set(0)
 
-    def _flush_for_exit(self) -> None:
+    def _finish(self) -> None:
+        """Apply what is batched and checkpoint, retrying a while if the store is down."""
         deadline = self._clock() + 20.0
-        while not self._flush():
+        while not (self._flush() and self._checkpoint()):
             if self._clock() >= deadline:
                 log.error("store still unavailable at shutdown; uncommitted events will replay")
                 return
@@ -333,15 +375,23 @@ class StreamConsumer:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Commit what we have applied while we still own the partitions.
-        if not self._flush():
-            self._batch.drop_partitions({(tp.topic, tp.partition) for tp in partitions})
-        self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        if not (self._flush() and self._checkpoint()):
+            self._drop(revoked)
+        self.assigned -= revoked
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member may own them already: committing would be wrong; drop and replay.
         lost = {(tp.topic, tp.partition) for tp in partitions}
-        self._batch.drop_partitions(lost)
+        self._drop(lost)
         self.assigned -= lost
+
+    def _drop(self, partitions: set[tuple[str, int]]) -> None:
+        """Forget unapplied events and uncommitted offsets of partitions we no
+        longer own; their next owner replays them."""
+        self._batch.drop_partitions(partitions)
+        for key in partitions:
+            self._uncommitted.pop(key, None)
 
     def _report_lag(self) -> None:
         if not self.assigned:

@@ -135,7 +135,9 @@ def test_consume_serves_metrics_and_stops_cleanly_on_sigterm(store: dict[str, An
         text = ""
         while time.monotonic() < deadline:
             text = scrape()
-            if sample(text, 'embedstream_events_total{op="native",outcome="stale"}') >= 3:
+            # The checkpoint (flush, then commit) follows within sink.flush_interval_ms.
+            if (sample(text, 'embedstream_events_total{op="native",outcome="stale"}') >= 3
+                    and sample(text, "embedstream_commits_total") >= 1):
                 break
             time.sleep(0.5)
         assert sample(text, 'embedstream_events_total{op="native",outcome="stale"}') == 3

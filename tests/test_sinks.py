@@ -332,7 +332,7 @@ _WRITER = textwrap.dedent("""
     from sinks import ChunkPoint, DocState, DocumentWrite, QdrantEdgeSink
     from stream.fingerprint import Fingerprint
     fp = Fingerprint(**{fp})
-    sink = QdrantEdgeSink(sys.argv[1], "docs", flush_each_apply=False)  # the WAL alone
+    sink = QdrantEdgeSink(sys.argv[1], "docs")  # no flush: the WAL alone
     sink.open(fp)
     vectors = np.eye({dim}, dtype=np.float32)
     sink.apply([DocumentWrite("k", DocState(3, 42, False),

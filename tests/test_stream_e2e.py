@@ -205,8 +205,10 @@ def test_sigkill_at_random_moments_reaches_the_same_store(
     group, store = unique("killed"), tmp_path / "store"
     config_file = tmp_path / "embedstream.yaml"
     killed_config = config(broker, topic, store, group)
-    # Small batches commit often, so every kill lands with work still to do.
+    # Small batches and frequent checkpoints, so every kill lands with work
+    # still to do, often with writes applied but not yet checkpointed.
     killed_config["embed"] = {"max_batch_tokens": 512}
+    killed_config["sink"]["flush_interval_ms"] = 100
     config_file.write_text(yaml.safe_dump(killed_config))
     load_settings(config_file)  # the file is valid
     total, log = end_offsets(stream_data), tmp_path / "consumer.log"
@@ -219,34 +221,35 @@ def test_sigkill_at_random_moments_reaches_the_same_store(
     def progress() -> int:
         return sum(max(tp.offset, 0) for tp in reader.committed(partitions, timeout=10))
 
-    kills_mid_stream = 0
-    for _ in range(8):
-        if kills_mid_stream == 4:
-            break
+    try:
+        kills_mid_stream = 0
+        for _ in range(8):
+            if kills_mid_stream == 4:
+                break
+            process = _consume_process(config_file, log)
+            start = progress()
+
+            deadline = time.monotonic() + 120
+            # Kill at a random moment once this run has committed something new.
+            while progress() <= start and process.poll() is None:
+                assert time.monotonic() < deadline, "no progress"
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.3))
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            if progress() >= total:
+                break
+            kills_mid_stream += 1
+        assert kills_mid_stream >= 3, "the consumer must be killed with work still to do"
         process = _consume_process(config_file, log)
-        start = progress()
-
-        deadline = time.monotonic() + 120
-        # Kill at a random moment once this run has committed something new.
-        while progress() <= start and process.poll() is None:
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.3))
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        if progress() >= total:
-            break
-        kills_mid_stream += 1
-    assert kills_mid_stream >= 3, "the consumer must be killed with work still to do"
-    process = _consume_process(config_file, log)
-    wait_for(lambda: progress() >= total, 300, "the restarted consumer to catch up")
-    # SIGTERM: flush, commit and exit 0 within 30 s.
-    stopped_at = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(30) == 0, log.read_text()[-3000:]
-    assert time.monotonic() - stopped_at < 30
-
-    reader.close()
+        wait_for(lambda: progress() >= total, 300, "the restarted consumer to catch up")
+        # SIGTERM: flush, commit and exit 0 within 30 s.
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text()[-3000:]
+        assert time.monotonic() - stopped_at < 30
+    finally:
+        reader.close()
     killed, clean = store_snapshot(store), store_snapshot(uninterrupted)
     check_against_oracle(killed, stream_data, stock_model)
     assert killed.keys() == clean.keys(), f"after {kills_mid_stream} SIGKILLs the store differs"
