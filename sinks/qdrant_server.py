@@ -31,6 +31,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -88,6 +89,8 @@ class QdrantServerSink:
         shard_number: int | None = None,
         replication_factor: int | None = None,
         write_consistency_factor: int | None = None,
+        tls_ca_file: Path | None = None,
+        tls_verify: bool = True,
         client: QdrantClient | None = None,
     ) -> None:
         if url != ":memory:" and not url.startswith(("http://", "https://")):
@@ -98,6 +101,8 @@ class QdrantServerSink:
         self._api_key = api_key  # stays a SecretStr until the client is built
         self._prefer_grpc = prefer_grpc
         self._timeout_s = timeout_s
+        self._tls_ca_file = tls_ca_file
+        self._tls_verify = tls_verify
         # None leaves each to the server's default (the client omits it).
         self._shard_number = shard_number
         self._replication_factor = replication_factor
@@ -115,6 +120,7 @@ class QdrantServerSink:
             prefer_grpc=settings.prefer_grpc, timeout_s=settings.timeout_s,
             shard_number=settings.shard_number, replication_factor=settings.replication_factor,
             write_consistency_factor=settings.write_consistency_factor,
+            tls_ca_file=settings.tls_ca_file, tls_verify=settings.tls_verify,
         )
 
     # -- lifecycle ---------------------------------------------------------
@@ -174,8 +180,17 @@ class QdrantServerSink:
     def _connect(self) -> QdrantClient:
         if self._url == ":memory:":
             return QdrantClient(location=":memory:")
+        tls: dict[str, Any] = {}
+        if self._tls_ca_file is not None:
+            with self._errors("read sink.tls_ca_file"):
+                ca = self._tls_ca_file.read_bytes()
+            tls = {"verify": str(self._tls_ca_file),  # REST (httpx)
+                   "grpc_options": {"root_certificates": ca}}  # gRPC
+        elif not self._tls_verify:
+            tls = {"verify": False}
         with self._errors("connect"):
             return QdrantClient(
+                **tls,
                 url=self._url,
                 api_key=self._api_key.get_secret_value() if self._api_key else None,
                 prefer_grpc=self._prefer_grpc,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from confluent_kafka import Message
+
 from .events import Position
 from .plan import PreparedEvent
 
@@ -21,6 +23,8 @@ class MicroBatch:
     max_tokens: int
     max_wait_s: float
     events: list[PreparedEvent] = field(default_factory=list)
+    # The message of each event, kept to dead-letter it if it fails later (in embedding).
+    raw: dict[Position, Message] = field(default_factory=dict)
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     tokens: int = 0
     messages: int = 0
@@ -33,8 +37,10 @@ class MicroBatch:
         key = (position.topic, position.partition)
         self.next_offsets[key] = max(self.next_offsets.get(key, 0), position.offset + 1)
 
-    def add(self, prepared: PreparedEvent) -> None:
+    def add(self, prepared: PreparedEvent, message: Message | None = None) -> None:
         self.events.append(prepared)
+        if message is not None:
+            self.raw[prepared.event.position] = message
         self.tokens += prepared.n_tokens
 
     @property
@@ -63,6 +69,7 @@ class MicroBatch:
             if (p.event.position.topic, p.event.position.partition) not in lost
         ]
         self.tokens = sum(p.n_tokens for p in self.events)
+        self.raw = {k: m for k, m in self.raw.items() if (k.topic, k.partition) not in lost}
         for key in lost:
             self.next_offsets.pop(key, None)
         if not self.next_offsets:

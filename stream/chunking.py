@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -81,14 +82,24 @@ class Chunker(Protocol):
 #    nDCG@10 (bench/scifact.py, a document scores its best chunk) rose from 0.647 to 0.687
 #    (stock MiniLM on whole documents: 0.645).
 #
-# Token counts come from ONE batched tokenizer call over the document (paragraph-sized
-# units, tokenized in parallel in Rust) and are read off the offsets: a span holds the tokens
-# that start inside it. Neighbouring pieces are merged unless the pre-tokenizer puts a word
+# Token counts come from one batched tokenizer call per window (paragraph-sized units,
+# tokenized in parallel in Rust) and are read off the offsets: a span holds the tokens that
+# start inside it. Neighbouring pieces are merged unless the pre-tokenizer puts a word
 # boundary between them, so no cut splits a token or a word; runs of sub-word tokens (the
 # last resort) are re-tokenised alone to check their count. For WordPiece (BERT family, the
 # default model) a pre-tokenized word tokenizes the same alone as in context, so the offset
 # count equals re-tokenising the chunk. For other families (byte-level BPE, SentencePiece) a
 # count may be off by a token at a chunk edge: not guaranteed there.
+#
+# Windows. A document is processed in windows of whole paragraphs, about ``window_chars``
+# characters each (token indices stay document-wide, and the open chunk carries over), so the
+# token tables held at once are bounded whatever the document's size (10 MB: see
+# tests/test_huge_document.py). No token straddles a paragraph gap, so windows change
+# nothing. A paragraph over two windows long is cut after one to two windows: at a sentence
+# end, else at whitespace at least half a window past the last sentence end, else (no
+# whitespace at all) between two pre-tokenizer words. That changes nothing unless the cut
+# falls inside a sentence of at most ``max_tokens`` tokens, or inside a word: half a window
+# of characters in so few tokens, or without whitespace, is not text.
 
 _PARAGRAPH_GAP = re.compile(r"\n[^\S\n]*\n")
 _SENTENCE_GAP = re.compile(
@@ -99,6 +110,15 @@ _WORD = re.compile(r"\S+")
 # with input length, and short units also tokenize in parallel.
 _UNIT_GAP = re.compile(r"\s+|(?<=[\u3002\uff01\uff1f\u3400-\u4dbf\u4e00-\u9fff])")
 _UNIT_CHARS = 8_192
+# Characters per window (see above): bounds the token tables held at once to a few tens of MB.
+_WINDOW_CHARS = 1 << 19
+# Characters a tokenizer probe reads to find a word boundary in text without whitespace.
+_PROBE_CHARS = 1_024
+# Paragraphs per window at most: each costs a tokenizer encoding object.
+_WINDOW_BLOCKS = 4_096
+# Where a window may cut a paragraph without a sentence end: whitespace to the tokenizer too
+# (the normalizer drops the separators \x1c-\x1f that Python calls space).
+_WINDOW_SPACE = re.compile(r"[^\S\x1c-\x1f]+")
 # Default boundary parameters (see "Sizes" above).
 _MIN_TOKENS, _DIVISOR, _PARAGRAPH_DIVISOR = 16, 48, 16
 _VERIFY_BATCH = 64
@@ -115,33 +135,58 @@ def _trimmed(text: str, start: int, end: int) -> tuple[int, int]:
     return start, start + len(stripped.rstrip())
 
 
-def _pieces(text: str, gap: re.Pattern[str], start: int, end: int) -> list[tuple[int, int]]:
+def _iter_pieces(
+    text: str, gap: re.Pattern[str], start: int, end: int
+) -> Iterator[tuple[int, int]]:
     """Non-blank, whitespace-trimmed pieces of ``text[start:end]`` between matches of ``gap``."""
-    out: list[tuple[int, int]] = []
     pos = start
     for match in gap.finditer(text, start, end):
         s, e = _trimmed(text, pos, match.start())
         if s < e:
-            out.append((s, e))
+            yield s, e
         pos = max(pos, match.end())
     s, e = _trimmed(text, pos, end)
     if s < e:
-        out.append((s, e))
-    return out
+        yield s, e
+
+
+def _word_cut(backend: Any, text: str, pos: int, end: int) -> int | None:
+    """A place at or after ``pos`` (within ``_PROBE_CHARS``) between two pre-tokenizer
+    words, for text without whitespace: tokenizing either side alone changes no token. The
+    probe's first word may start mid-word, so its second boundary is taken."""
+    probe = backend.encode(text[pos : min(end, pos + _PROBE_CHARS)], add_special_tokens=False)
+    words, offsets = probe.word_ids, probe.offsets
+    cuts = [pos + offsets[k][0] for k in range(1, len(words)) if words[k] != words[k - 1]]
+    return cuts[1] if len(cuts) > 1 else None
+
+
+def _unit_cut(backend: Any, text: str, start: int, end: int) -> tuple[int, int] | None:
+    """Where the tokenization unit starting at ``start`` ends: the first ``_UNIT_GAP`` after
+    ``_UNIT_CHARS``, or, without one in the next ``_UNIT_CHARS``, a pre-tokenizer word
+    boundary (a long run without whitespace), else the first gap after all."""
+    lo, hi = start + _UNIT_CHARS, start + 2 * _UNIT_CHARS
+    gap = _UNIT_GAP.search(text, lo, hi)
+    if gap is not None:  # the whole gap, as an unbounded search finds it
+        gap = _UNIT_GAP.match(text, gap.start(), end) or gap
+    elif (word := _word_cut(backend, text, lo, end)) is not None:
+        return word, word
+    else:
+        gap = _UNIT_GAP.search(text, hi, end)
+    return None if gap is None else gap.span()
 
 
 class _Tokens:
-    """Token offsets of one document (absolute character positions)."""
+    """Token offsets of one window (absolute character positions, window token indices)."""
 
-    def __init__(self, backend: Any, text: str, paragraphs: list[tuple[int, int]]) -> None:
+    def __init__(self, backend: Any, text: str, blocks: list[tuple[int, int]]) -> None:
         units: list[tuple[int, int]] = []
-        for s, e in paragraphs:
+        for s, e in blocks:
             while e - s > 2 * _UNIT_CHARS:
-                cut = _UNIT_GAP.search(text, s + _UNIT_CHARS, e)
+                cut = _unit_cut(backend, text, s, e)
                 if cut is None:
                     break
-                units.append((s, cut.start()))
-                s = cut.end()
+                units.append((s, cut[0]))
+                s = cut[1]
             units.append((s, e))
         encodings = backend.encode_batch([text[s:e] for s, e in units], add_special_tokens=False)
         self.starts: list[int] = []
@@ -206,6 +251,8 @@ class TokenChunker:
     The cap needs ``max_tokens >= 8`` (the config's minimum) to be safe: below that a
     single sub-word token of an over-long word may need more tokens alone than allowed, and
     such a chunk is kept whole (``n_tokens`` then says so) rather than cut inside a token.
+    Memory is bounded by ``window_chars`` (for prose about 60 bytes a character of a
+    window), plus the chunks returned, whatever the document's size.
     Not guaranteed: a chunk size above ``min_tokens`` (a document's last chunk, or one
     before a forced cut, may be smaller), or sentence detection beyond the simple
     punctuation rule ("e.g. " ends a sentence).
@@ -219,6 +266,7 @@ class TokenChunker:
         min_tokens: int | None = None,
         divisor: int | None = None,
         paragraph_divisor: int | None = None,
+        window_chars: int = _WINDOW_CHARS,
     ) -> None:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -246,6 +294,10 @@ class TokenChunker:
             raise ValueError(
                 "need 0 <= min_tokens <= max_tokens, divisor >= 1 and paragraph_divisor >= 1"
             )
+        if window_chars < 2:
+            raise ValueError(f"window_chars must be >= 2, got {window_chars}")
+        # Not in ``spec``: windows bound memory and leave boundaries alone (see the notes).
+        self._window_chars = window_chars
 
     @property
     def spec(self) -> str:
@@ -256,14 +308,59 @@ class TokenChunker:
         )
 
     def chunk(self, text: str) -> list[Chunk]:
-        paragraphs = _pieces(text, _PARAGRAPH_GAP, 0, len(text))
-        if not paragraphs:
-            return []
-        tokens = _Tokens(self._backend, text, paragraphs)
-        sentences = [p for s, e in paragraphs for p in _pieces(text, _SENTENCE_GAP, s, e)]
-        segments: list[_Segment] = []
-        self._segment(text, tokens, tokens.spans(sentences), 0, segments)
-        return self._group(text, segments, {e for _, e in paragraphs})
+        chunks: list[Chunk] = []
+        group = _Grouper(self, text, chunks)
+        base = 0  # tokens in earlier windows: token indices are document-wide
+        for blocks, paragraph_ends in self._windows(text):
+            tokens = _Tokens(self._backend, text, blocks)
+            sentences = [p for s, e in blocks for p in _iter_pieces(text, _SENTENCE_GAP, s, e)]
+            segments: list[_Segment] = []
+            self._segment(text, tokens, tokens.spans(sentences), 0, segments)
+            group.add(segments, base, paragraph_ends)
+            base += len(tokens.starts)
+        group.close()
+        return chunks
+
+    def _windows(self, text: str) -> Iterator[tuple[list[tuple[int, int]], set[int]]]:
+        """Blocks of ``text`` (its paragraphs, or parts of one) in windows of at most
+        ``_WINDOW_BLOCKS`` blocks spanning about ``window_chars`` characters, with the
+        paragraph ends among them. A paragraph over twice that is cut (``_window_cut``)."""
+        size = self._window_chars
+        blocks: list[tuple[int, int]] = []
+        ends: set[int] = set()
+        for s, e in _iter_pieces(text, _PARAGRAPH_GAP, 0, len(text)):
+            if blocks and (e - blocks[0][0] > size or len(blocks) >= _WINDOW_BLOCKS):
+                yield blocks, ends
+                blocks, ends = [], set()
+            while e - s > 2 * size and (cut := self._window_cut(text, s)) is not None:
+                head = _trimmed(text, s, cut[0])
+                if head[0] < head[1]:
+                    yield [head], set()
+                s = _trimmed(text, cut[1], e)[0]
+            blocks.append((s, e))
+            ends.add(e)
+        if blocks:
+            yield blocks, ends
+
+    def _window_cut(self, text: str, start: int) -> tuple[int, int] | None:
+        """Where to cut a paragraph starting at ``start`` (longer than twice
+        ``window_chars``), in ``[start + size, start + 2 * size)``: at the first sentence end;
+        else at whitespace at least ``size // 2`` past the last sentence end, so neither
+        side holds a short sentence; else (no whitespace) between two of the pre-tokenizer's
+        words; None if there is no such place either."""
+        size = self._window_chars
+        lo, limit = start + size, start + 2 * size
+        for gap in _SENTENCE_GAP.finditer(text, lo, limit):
+            if gap.end() < limit:
+                return gap.span()
+        last = start
+        for gap in _SENTENCE_GAP.finditer(text, start, lo):
+            last = gap.end()
+        space = _WINDOW_SPACE.search(text, max(lo, last + size // 2), limit)
+        if space is not None:
+            return space.span()
+        word = _word_cut(self._backend, text, lo, limit)
+        return None if word is None else (word, word)
 
     def _segment(
         self,
@@ -318,31 +415,42 @@ class TokenChunker:
         divisor = self.paragraph_divisor if paragraph_end else self.divisor
         return int.from_bytes(digest, "big") % divisor < n_tokens
 
-    def _group(self, text: str, segments: list[_Segment], paragraph_ends: set[int]) -> list[Chunk]:
-        chunks: list[Chunk] = []
 
-        def emit(start: int, end: int, n_tokens: int) -> None:
-            piece = text[start:end]
-            chunks.append(Chunk(len(chunks), start, end, piece, n_tokens, content_hash(piece)))
+class _Grouper:
+    """Packs segments into chunks (design note 2); its open chunk carries across windows.
+    The open chunk spans text[open_s:open_e] and tokens [open_i0, open_i1); a span's count
+    is taken between token indices so tokens inside gaps are counted too."""
 
-        # The open chunk spans text[open_s:open_e] and tokens [open_i0, open_i1); a span's
-        # count is taken between token indices so tokens inside gaps are counted too.
-        open_s = open_e = open_i0 = open_i1 = -1
+    def __init__(self, chunker: TokenChunker, text: str, chunks: list[Chunk]) -> None:
+        self.chunker, self.text, self.chunks = chunker, text, chunks
+        self.open_s = self.open_e = self.open_i0 = self.open_i1 = -1
+
+    def emit(self, start: int, end: int, n_tokens: int) -> None:
+        piece = self.text[start:end]
+        self.chunks.append(
+            Chunk(len(self.chunks), start, end, piece, n_tokens, content_hash(piece))
+        )
+
+    def close(self) -> None:
+        if self.open_s >= 0:
+            self.emit(self.open_s, self.open_e, self.open_i1 - self.open_i0)
+            self.open_s = -1
+
+    def add(self, segments: list[_Segment], base: int, paragraph_ends: set[int]) -> None:
+        """Group ``segments``, whose token indices start at the window's ``base``."""
+        chunker = self.chunker
+        max_tokens, min_tokens = chunker.max_tokens, chunker.min_tokens
         for s, e, i0, i1, hard_n in segments:
-            if open_s >= 0 and (hard_n >= 0 or i1 - open_i0 > self.max_tokens):
-                emit(open_s, open_e, open_i1 - open_i0)
-                open_s = -1
+            i0, i1 = i0 + base, i1 + base
+            if self.open_s >= 0 and (hard_n >= 0 or i1 - self.open_i0 > max_tokens):
+                self.close()
             if hard_n >= 0:
-                emit(s, e, hard_n)
+                self.emit(s, e, hard_n)
                 continue
-            if open_s < 0:
-                open_s, open_i0 = s, i0
-            open_e, open_i1 = e, i1
-            if i1 - open_i0 >= self.min_tokens and self._hit(
-                text, s, e, i1 - i0, e in paragraph_ends
+            if self.open_s < 0:
+                self.open_s, self.open_i0 = s, i0
+            self.open_e, self.open_i1 = e, i1
+            if i1 - self.open_i0 >= min_tokens and chunker._hit(
+                self.text, s, e, i1 - i0, e in paragraph_ends
             ):
-                emit(open_s, open_e, open_i1 - open_i0)
-                open_s = -1
-        if open_s >= 0:
-            emit(open_s, open_e, open_i1 - open_i0)
-        return chunks
+                self.close()

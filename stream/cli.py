@@ -92,6 +92,21 @@ def _cmd_export(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     return 0
 
 
+def _cmd_dlq_list(args: argparse.Namespace) -> int:
+    from .dlq import list_dead_letters
+
+    list_dead_letters(_settings(args), sys.stdout, as_json=args.json)
+    return 0
+
+
+def _cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from .dlq import replay_dead_letters
+
+    report = replay_dead_letters(_settings(args), dry_run=args.dry_run)
+    print(report.summary(), flush=True)
+    return 0
+
+
 def _cmd_dev(args: argparse.Namespace) -> int:
     from .dev import run_dev
 
@@ -123,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     export = with_config(commands.add_parser("export", help="every point as a JSON line"))
     export.add_argument("--format", choices=["jsonl"], default="jsonl")
     export.set_defaults(run=_cmd_export)
+
+    dlq = commands.add_parser("dlq", help="inspect and replay dead-letter records")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = with_config(dlq_commands.add_parser(
+        "list", help="every dead-letter record, earliest first (commits nothing)"))
+    dlq_list.add_argument("--json", action="store_true", help="one JSON object per record")
+    dlq_list.set_defaults(run=_cmd_dlq_list)
+    dlq_replay = with_config(dlq_commands.add_parser(
+        "replay", help="resubmit the records the current config decodes to their source topic"))
+    dlq_replay.add_argument("--dry-run", action="store_true",
+                            help="report what would be resubmitted; produce and commit nothing")
+    dlq_replay.set_defaults(run=_cmd_dlq_replay)
 
     dev = commands.add_parser(
         "dev", help="demo: local broker, consumer on an embedded store, real change events"

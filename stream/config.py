@@ -25,6 +25,7 @@ __all__ = [
     "RESERVED_PAYLOAD_FIELDS",
     "ChunkSettings",
     "EmbedSettings",
+    "KafkaSecurity",
     "KafkaSettings",
     "MetricsSettings",
     "Settings",
@@ -40,9 +41,46 @@ RESERVED_PAYLOAD_FIELDS = frozenset(
 
 KafkaOptionValue = str | int | float | bool
 
+# librdkafka settings that hold secrets: kept as SecretStr when given in
+# `kafka.options`, so no repr, log line or error message shows them.
+_SECRET_OPTION_MARKERS = ("password", "secret", "sasl.jaas.config", "ssl.key.pem")
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSecurity(_Section):
+    """TLS and SASL for every Kafka client (consumer, DLQ producer, admin).
+
+    Each field maps to the librdkafka setting of the same name with dots;
+    anything not here can still go through ``kafka.options``."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    ssl_key_password: SecretStr | None = None
+    ssl_endpoint_identification_algorithm: Literal["https", "none"] | None = None
+
+    def librdkafka(self) -> dict[str, str]:
+        """The librdkafka settings, secrets revealed (for the client only)."""
+        pairs: dict[str, str | SecretStr | None] = {
+            "security.protocol": self.protocol,
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+            "ssl.key.password": self.ssl_key_password,
+            "ssl.endpoint.identification.algorithm": self.ssl_endpoint_identification_algorithm,
+        }
+        return {k: v.get_secret_value() if isinstance(v, SecretStr) else v
+                for k, v in pairs.items() if v is not None}
 
 
 class KafkaSettings(_Section):
@@ -50,12 +88,35 @@ class KafkaSettings(_Section):
     topics: tuple[str, ...] = ("dbserver1.inventory.products",)
     group_id: str = "embedstream"
     # Any librdkafka setting, passed through to consumer and DLQ producer alike.
-    options: dict[str, KafkaOptionValue] = Field(
-        default_factory=lambda: dict[str, KafkaOptionValue]({"session.timeout.ms": 6000})
+    # Values of secret settings (passwords, secrets) are held as SecretStr.
+    options: dict[str, KafkaOptionValue | SecretStr] = Field(
+        default_factory=lambda: dict[str, KafkaOptionValue | SecretStr](
+            {"session.timeout.ms": 6000})
     )
+    security: KafkaSecurity = KafkaSecurity()
     dlq_topic: str | None = None
     # Most messages taken from the client per poll; bounds per-iteration work.
     poll_max_messages: int = Field(default=1000, ge=1)
+    # A dead-letter record's value is cut to this many bytes (the header
+    # `embedstream.dlq.truncated` then holds the original size; the whole
+    # message stays in the source topic at the offset the headers name).
+    # Kafka refuses records over the broker's message.max.bytes (1 MB default).
+    dlq_max_value_bytes: int = Field(default=900_000, ge=0)
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _hide_secret_options(cls, options: Any) -> Any:
+        if not isinstance(options, dict):
+            return options
+        return {key: SecretStr(str(value))
+                if isinstance(key, str) and any(m in key for m in _SECRET_OPTION_MARKERS)
+                and not isinstance(value, SecretStr) else value
+                for key, value in options.items()}
+
+    def librdkafka_options(self) -> dict[str, KafkaOptionValue]:
+        """``options`` as librdkafka takes them, secrets revealed (for the client only)."""
+        return {k: v.get_secret_value() if isinstance(v, SecretStr) else v
+                for k, v in self.options.items()}
 
     @field_validator("topics")
     @classmethod
@@ -74,6 +135,10 @@ class SourceSettings(_Section):
     text_fields: tuple[str, ...] = ("name", "description")
     metadata_fields: tuple[str, ...] = ()
     version: Literal["auto", "lsn", "ts_ms", "offset"] = "auto"
+    # Limits: a message or document over them is dead-lettered (reasons
+    # `message_too_large`, `document_too_large`), never a crash.
+    max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    max_document_chars: int = Field(default=16 * 1024 * 1024, ge=1)
 
     @field_validator("id_fields", "text_fields")
     @classmethod
@@ -113,6 +178,9 @@ class SinkSettings(_Section):
     shard_number: int | None = Field(default=None, ge=1)
     replication_factor: int | None = Field(default=None, ge=1)
     write_consistency_factor: int | None = Field(default=None, ge=1)
+    # qdrant over https: a CA bundle to trust (REST and gRPC), or no verification.
+    tls_ca_file: Path | None = None
+    tls_verify: bool = True
     # How often the consumer makes applied writes durable and then commits
     # their offsets. Writes are searchable as soon as they are applied; this
     # bounds only how much a crash replays. 0: after every batch.
@@ -120,9 +188,14 @@ class SinkSettings(_Section):
 
 
 class MetricsSettings(_Section):
+    """The HTTP endpoint: ``/metrics``, ``/healthz`` (the loop is turning) and
+    ``/readyz`` (started and the store is answering)."""
+
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(default=9108, ge=0, le=65535)
+    # /healthz fails when the loop has not turned for this long.
+    liveness_timeout_s: float = Field(default=120.0, gt=0)
 
 
 class Settings(BaseSettings):

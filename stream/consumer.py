@@ -12,8 +12,13 @@ One thread runs the loop; nothing here starts another. What is guaranteed:
   already-applied event a no-op, so a restart reaches the same final state as
   an uninterrupted run.
 * While the store is unavailable, the consumer pauses its partitions and keeps
-  polling (so the group does not evict it), and retries the batch with
-  exponential backoff; nothing past the failed batch is committed.
+  polling (so the group does not evict it), reports not ready, and retries the
+  batch with exponential backoff; nothing past the failed batch is committed.
+* Bad records never stop the loop: an undecodable message, one over
+  ``source.max_message_bytes``, a document over ``source.max_document_chars``,
+  one the chunker fails on, or one whose text cannot be embedded even alone
+  (out of memory; a batch that runs out of memory is split in halves and
+  retried first) goes to the dead-letter topic with its reason.
 
 Not guaranteed: ordering across documents, or that every intermediate version
 of a document is ever written (a batch writes only each document's latest).
@@ -32,6 +37,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from sinks.base import DocState, Sink
 
+from .backpressure import Backpressure
 from .batch import MicroBatch
 from .chunking import Chunker
 from .config import Settings
@@ -40,8 +46,10 @@ from .decode import decode_message
 from .embedding import Embedder
 from .errors import DecodeError, SinkError, SinkUnavailable
 from .events import ChangeEvent, Op, Position, Skipped
+from .health import Health
 from .metrics import Metrics
 from .plan import Folded, PreparedEvent, build_write, fold, group_by_document
+from .vectors import ChunkVectors
 
 __all__ = ["AppliedCallback", "StreamConsumer"]
 
@@ -52,7 +60,6 @@ AppliedCallback = Callable[[Sequence[ChangeEvent], float], None]
 
 _IDLE_POLL_S = 0.5
 _LAG_REPORT_EVERY_S = 5.0
-_MAX_BACKOFF_S = 30.0
 
 
 class StreamConsumer:
@@ -68,6 +75,7 @@ class StreamConsumer:
         sink: Sink,
         metrics: Metrics,
         on_applied: AppliedCallback | None = None,
+        health: Health | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
@@ -78,12 +86,12 @@ class StreamConsumer:
         self._sink = sink
         self._metrics = metrics
         self._on_applied = on_applied
+        self._health = health or Health(settings.metrics.liveness_timeout_s)
+        self._chunk_vectors = ChunkVectors(embedder, metrics)
         self._clock = clock
         self._batch = self._new_batch()
         self._subscribed = False
-        self._retry_at: float | None = None
-        self._backoff_s = 0.0
-        self._paused: list[TopicPartition] = []
+        self._pressure = Backpressure(consumer, metrics, self._health, clock)
         # Offsets of applied batches, committed at the next checkpoint.
         self._uncommitted: dict[tuple[str, int], int] = {}
         self._checkpoint_at: float | None = None
@@ -98,6 +106,13 @@ class StreamConsumer:
         """Consume until ``until()`` is true (checked between polls; safe to flip
         from a signal handler), then flush and commit. May be called again;
         :meth:`close` leaves the group."""
+        self.start()
+        while not (until and until()):
+            self.step()
+        self._finish()
+
+    def start(self) -> None:
+        """Join the group (once); :meth:`step` then drives the loop."""
         if not self._subscribed:
             self._consumer.subscribe(
                 list(self._settings.kafka.topics),
@@ -106,29 +121,29 @@ class StreamConsumer:
                 on_lost=self._on_lost,
             )
             self._subscribed = True
-        while not (until and until()):
-            self.step()
-        self._finish()
+            self._health.started()
 
     def close(self) -> None:
-        """Leave the group (committing nothing more) and release the DLQ producer."""
+        """Leave the group and release the DLQ producer. Leaving revokes the
+        partitions, which applies and checkpoints what is batched if the store answers."""
         self._consumer.close()
         self._dead_letters.close()
 
     def step(self) -> None:
         """One poll of the loop: read what is there, apply the batch when it is
         due, checkpoint when that is due."""
+        self._health.beat()
         for message in self._poll():
             self._take(message)
-            if self._batch.full and self._retry_at is None:
+            if self._batch.full and not self._pressure.waiting:
                 self._flush()
         now = self._clock()
-        if self._retry_at is not None:
-            if now >= self._retry_at:
+        if self._pressure.waiting:
+            if self._pressure.due(now):
                 _ = self._flush() and self._checkpoint()
         elif self._batch.due(now):
             self._flush()
-        if self._retry_at is None and self._checkpoint_due(now):
+        if not self._pressure.waiting and self._checkpoint_due(now):
             self._checkpoint()
         if now >= self._next_lag_report:
             self._report_lag()
@@ -149,8 +164,8 @@ class StreamConsumer:
 
     def _poll_timeout(self) -> float:
         now = self._clock()
-        if self._retry_at is not None:
-            return min(_IDLE_POLL_S, max(0.0, self._retry_at - now))
+        if self._pressure.retry_at is not None:
+            return min(_IDLE_POLL_S, max(0.0, self._pressure.retry_at - now))
         waits = [_IDLE_POLL_S]
         if (left := self._batch.time_left(now)) is not None:
             waits.append(left)
@@ -177,15 +192,25 @@ class StreamConsumer:
         assert topic is not None and partition is not None and offset is not None
         position = Position(topic, partition, offset)
         self._batch.track(position, self._clock())
+        source = self._settings.source
+        size = len(message.value() or b"")
+        if size > source.max_message_bytes:
+            self._dead_letter(message, "message_too_large",
+                              f"{size} bytes > source.max_message_bytes "
+                              f"{source.max_message_bytes}", kind="undecodable")
+            return
         try:
-            decoded = decode_message(
-                message.key(), message.value(), position, self._settings.source
-            )
+            decoded = decode_message(message.key(), message.value(), position, source)
         except DecodeError as error:
             self._dead_letter(message, error.reason, error.detail, kind="undecodable")
             return
         if isinstance(decoded, Skipped):
             self._metrics.events.labels(op="none", outcome="skipped").inc()
+            return
+        if len(decoded.text) > source.max_document_chars:
+            self._dead_letter(message, "document_too_large",
+                              f"{len(decoded.text)} characters > source.max_document_chars "
+                              f"{source.max_document_chars}", kind=decoded.kind)
             return
         chunks = []
         if decoded.op is Op.UPSERT:
@@ -194,7 +219,7 @@ class StreamConsumer:
             except Exception as error:  # one bad document must not stop the stream
                 self._dead_letter(message, "chunk_failed", repr(error), kind=decoded.kind)
                 return
-        self._batch.add(PreparedEvent(decoded, chunks))
+        self._batch.add(PreparedEvent(decoded, chunks), message)
 
     def _dead_letter(self, message: Message, reason: str, detail: str, kind: str) -> None:
         log.warning(
@@ -214,11 +239,11 @@ class StreamConsumer:
         if batch.empty:
             return True
         try:
-            acknowledged_at, applied = self._apply(batch.events)
+            acknowledged_at, applied = self._apply(batch)
         except SinkUnavailable as error:
-            self._back_off(error)
+            self._pressure.back_off(error)
             return False
-        self._resume()
+        self._pressure.resume()
         self._uncommitted.update(batch.next_offsets)
         self._observe(batch, applied, acknowledged_at)
         self._batch = self._new_batch()
@@ -242,34 +267,41 @@ class StreamConsumer:
             with self._metrics.sink_seconds.labels(op="flush").time():
                 self._sink_call("flush", self._sink.flush)
         except SinkUnavailable as error:
-            self._back_off(error)
+            self._pressure.back_off(error)
             return False
-        self._resume()
+        self._pressure.resume()
         self._dead_letters.flush()
         self._commit(self._uncommitted)
         self._uncommitted, self._checkpoint_at = {}, None
         return True
 
-    def _apply(self, events: list[PreparedEvent]) -> tuple[float, list[ChangeEvent]]:
-        by_doc = group_by_document(events)
+    def _apply(self, batch: MicroBatch) -> tuple[float, list[ChangeEvent]]:
+        by_doc = group_by_document(batch.events)
         with self._metrics.sink_seconds.labels(op="read_state").time():
             stored = self._sink_call("read_state", self._sink.document_states, by_doc)
-        folded: list[Folded] = []
+        folded = {doc_id: fold(stored.get(doc_id), doc_events)
+                  for doc_id, doc_events in by_doc.items()}
+        winners = [item for item in folded.values() if item.winner is not None]
+        vectors, failed = self._vectors(winners, stored)
         for doc_id, doc_events in by_doc.items():
-            outcome = fold(stored.get(doc_id), doc_events)
+            winner = folded[doc_id].winner
+            if winner is not None and failed.intersection(c.content_hash for c in winner.chunks):
+                message = batch.raw[winner.event.position]
+                self._dead_letter(message, "embed_out_of_memory",
+                                  "a chunk of this document could not be embedded even alone",
+                                  kind=winner.event.kind)
+                winners.remove(folded[doc_id])
+                winner = None
             for prepared in doc_events:
-                applied = outcome.winner is not None and prepared is outcome.winner
-                self._metrics.events.labels(
-                    op=prepared.event.kind, outcome="applied" if applied else "stale"
-                ).inc()
-            if outcome.winner is not None:
-                folded.append(outcome)
-        vectors = self._vectors(folded, stored)
-        writes = [build_write(item, vectors) for item in folded]
+                if prepared is not folded[doc_id].winner:
+                    self._metrics.events.labels(op=prepared.event.kind, outcome="stale").inc()
+                elif winner is not None:
+                    self._metrics.events.labels(op=prepared.event.kind, outcome="applied").inc()
+        writes = [build_write(item, vectors) for item in winners]
         if writes:
             with self._metrics.sink_seconds.labels(op="apply").time():
                 self._sink_call("apply", self._sink.apply, writes)
-        return time.time(), [item.winner.event for item in folded if item.winner]
+        return time.time(), [item.winner.event for item in winners if item.winner]
 
     def _sink_call(self, op: str, call: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -279,43 +311,22 @@ class StreamConsumer:
             raise
 
     def _vectors(
-        self, folded: list[Folded], stored: dict[str, DocState]
-    ) -> dict[str, npt.NDArray[np.float32]]:
-        """Vectors by content hash for every chunk to write.
-
-        Only texts that are new are embedded: a chunk whose exact text the store
-        already holds for the same document reuses that vector, and identical
-        texts within the batch (boilerplate shared by documents) are embedded once.
-        """
-        chunks = [chunk for item in folded if item.winner for chunk in item.winner.chunks]
-        if not chunks:
-            return {}
+        self, winners: list[Folded], stored: dict[str, DocState]
+    ) -> tuple[dict[str, npt.NDArray[np.float32]], set[str]]:
+        """Vectors by content hash for the winners' chunks, and the hashes that failed."""
+        chunks = [chunk for item in winners if item.winner for chunk in item.winner.chunks]
         # Only documents the store holds live can have vectors worth reusing.
-        updated = [item.winner.event.doc_id for item in folded
-                   if item.winner and item.winner.chunks
-                   and (state := stored.get(item.winner.event.doc_id)) and not state.deleted]
-        vectors: dict[str, npt.NDArray[np.float32]] = {}
-        if updated:
+        reusable = [item.winner.event.doc_id for item in winners
+                    if item.winner and item.winner.chunks
+                    and (state := stored.get(item.winner.event.doc_id)) and not state.deleted]
+
+        def read_stored(doc_ids: Sequence[str]) -> dict[str, list[float]]:
             with self._metrics.sink_seconds.labels(op="read_vectors").time():
-                held = self._sink_call("read_vectors", self._sink.stored_vectors, updated)
-            wanted = {chunk.content_hash for chunk in chunks}
-            vectors = {h: np.asarray(v, np.float32) for h, v in held.items() if h in wanted}
-        new_texts: dict[str, str] = {}
-        embedded_tokens = 0
-        for chunk in chunks:
-            if chunk.content_hash not in vectors and chunk.content_hash not in new_texts:
-                new_texts[chunk.content_hash] = chunk.text
-                embedded_tokens += chunk.n_tokens
-        if new_texts:
-            with self._metrics.embed_seconds.time():
-                matrix = self._embedder.embed(list(new_texts.values()))
-            vectors.update(zip(new_texts.keys(), matrix, strict=True))
-        total_tokens = sum(chunk.n_tokens for chunk in chunks)
-        self._metrics.chunks.labels(outcome="embedded").inc(len(new_texts))
-        self._metrics.chunks.labels(outcome="reused").inc(len(chunks) - len(new_texts))
-        self._metrics.tokens.labels(outcome="embedded").inc(embedded_tokens)
-        self._metrics.tokens.labels(outcome="reused").inc(total_tokens - embedded_tokens)
-        return vectors
+                held: dict[str, list[float]] = self._sink_call(
+                    "read_vectors", self._sink.stored_vectors, doc_ids)
+            return held
+
+        return self._chunk_vectors.for_chunks(chunks, reusable, read_stored)
 
     def _commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
         offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
@@ -342,22 +353,6 @@ class StreamConsumer:
 
     # -- backpressure ------------------------------------------------------------
 
-    def _back_off(self, error: SinkUnavailable) -> None:
-        self._backoff_s = min(_MAX_BACKOFF_S, max(error.retry_after, self._backoff_s * 2 or 0.5))
-        self._retry_at = self._clock() + self._backoff_s
-        log.warning("store unavailable, retrying in %.1fs: %s", self._backoff_s, error)
-        if not self._paused:
-            self._paused = self._consumer.assignment()
-            self._consumer.pause(self._paused)
-            self._metrics.paused_partitions.set(len(self._paused))
-
-    def _resume(self) -> None:
-        self._retry_at, self._backoff_s = None, 0.0
-        if self._paused:
-            self._consumer.resume(self._paused)
-            self._paused = []
-            self._metrics.paused_partitions.set(0)
-
     def _finish(self) -> None:
         """Apply what is batched and checkpoint, retrying a while if the store is down."""
         deadline = self._clock() + 20.0
@@ -365,17 +360,21 @@ class StreamConsumer:
             if self._clock() >= deadline:
                 log.error("store still unavailable at shutdown; uncommitted events will replay")
                 return
-            time.sleep(min(self._backoff_s, 2.0))
+            time.sleep(min(self._pressure.backoff_s, 2.0))
 
     # -- rebalancing -------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
-        log.info("assigned %s", sorted(self.assigned))
+        self._metrics.rebalances.labels(event="assigned").inc(len(partitions))
+        log.info("assigned %s; now own %s",
+                 sorted((tp.topic, tp.partition) for tp in partitions), sorted(self.assigned))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Commit what we have applied while we still own the partitions.
         revoked = {(tp.topic, tp.partition) for tp in partitions}
+        self._metrics.rebalances.labels(event="revoked").inc(len(partitions))
+        log.info("revoked %s", sorted(revoked))
         if not (self._flush() and self._checkpoint()):
             self._drop(revoked)
         self.assigned -= revoked
@@ -383,6 +382,8 @@ class StreamConsumer:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member may own them already: committing would be wrong; drop and replay.
         lost = {(tp.topic, tp.partition) for tp in partitions}
+        self._metrics.rebalances.labels(event="lost").inc(len(partitions))
+        log.warning("lost %s; their uncommitted events will be replayed", sorted(lost))
         self._drop(lost)
         self.assigned -= lost
 
@@ -392,6 +393,7 @@ class StreamConsumer:
         self._batch.drop_partitions(partitions)
         for key in partitions:
             self._uncommitted.pop(key, None)
+        self._pressure.forget(partitions)
 
     def _report_lag(self) -> None:
         if not self.assigned:

@@ -8,6 +8,12 @@ where the message came from:
 ``embedstream.source.topic``, ``embedstream.source.partition``,
 ``embedstream.source.offset`` (plus the original headers).
 
+A value over ``kafka.dlq_max_value_bytes`` is cut to that size (Kafka refuses
+records over the broker's ``message.max.bytes``, and a DLQ that cannot be
+written would stop the stream); the header ``embedstream.dlq.truncated`` then
+holds the original size, and the whole message stays readable in the source
+topic at the offset the headers name, for as long as that topic retains it.
+
 :meth:`DeadLetters.flush` must succeed before the consumer commits past a
 dead-lettered message, so a record is never lost between the two topics.
 """
@@ -47,14 +53,19 @@ class DeadLetters:
             ("embedstream.source.partition", str(message.partition()).encode()),
             ("embedstream.source.offset", str(message.offset()).encode()),
         ]
+        value = message.value()
+        cap = self._settings.dlq_max_value_bytes
+        if value is not None and len(value) > cap:
+            headers.append(("embedstream.dlq.truncated", str(len(value)).encode()))
+            value = value[:cap]
         topic = self._settings.dlq_topic_for(source_topic)
-        self._producer.produce(
-            topic,
-            key=message.key(),
-            value=message.value(),
-            headers=headers,
-            on_delivery=self._delivered,
-        )
+        while True:
+            try:
+                self._producer.produce(topic, key=message.key(), value=value, headers=headers,
+                                       on_delivery=self._delivered)
+                break
+            except BufferError:  # the local queue is full: deliver some, then retry
+                self._producer.poll(0.5)
         self._pending += 1
         self._producer.poll(0)
 

@@ -4,8 +4,11 @@
 raises nothing but :class:`~stream.errors.DecodeError`, with ``reason`` one of
 ``not_utf8``, ``invalid_json``, ``bad_type``, ``missing_id``, ``unknown_op``,
 ``missing_after``, ``missing_version``, ``unavailable_value`` or ``unexpected``
-(a bug here, never a valid input). JSON must be strict (no ``NaN``), and ids,
-text and metadata must encode as UTF-8 (no lone surrogates).
+(a bug here, never a valid input): the sets ``REASONS`` and ``SKIP_REASONS``
+(tests/test_decode_fuzz.py holds every decode to this). JSON must be strict (no
+``NaN``, no number beyond a float such as ``1e400``), and ids, text and metadata
+must encode as UTF-8 (no lone surrogates). Nesting too deep for the parser (about
+1,000 levels) is ``invalid_json``.
 
 Ids are stable across a key's events: one id field gives ``str(value)`` (``1004``
 and ``"1004"`` give ``"1004"``; an integral float its integer text); several are
@@ -35,7 +38,8 @@ transaction markers, and rows flattened by ExtractNewRecordState (unsupported).
 * Version: ``lsn`` = integer ``source.lsn``; ``ts_ms`` = ``source.ts_ms`` else
   top-level ``ts_ms``; ``offset`` = the Kafka offset; ``auto`` = integer
   ``source.lsn``, else ``source.ts_ms``, else the offset (a ``ts_ms`` of 0 is
-  absent). An explicit mode without its field is ``missing_version``.
+  absent; so is an integer beyond signed 64 bits, which no store keeps). An
+  explicit mode without its field is ``missing_version``.
 * ``source_ts_ms``: top-level ``ts_ms``, else ``source.ts_ms``, else None.
 
 MongoDB: ``after``/``before`` strings are parsed as extended JSON, unwrapping
@@ -45,11 +49,15 @@ value). The key ``{"id": "<_id as extended JSON>"}`` is unwrapped the same way
 (also a quoted JSON string), so an ObjectId gives its hex from key and ``after``
 alike. Configure ``id_fields: [_id]`` or ``[id]``: with one id field, ``id`` and
 ``_id`` stand in for each other when the configured one is absent. Compound
-``_id`` documents are ``bad_type``.
+``_id`` documents are ``bad_type``. Known limits of reading keys this way, for
+any connector: a string id in a key that is itself JSON text (``"x"``, ``{...}``)
+is unwrapped, and a plain-text key that parses as JSON is read as JSON (``1.50``
+gives ``1.5``), so such ids differ from the same ids read from ``after``.
 
 Native: ``{"id": str|int, "text": str, "metadata": {...}, "version": int,
 "deleted": bool, "ts_ms": int}``, all but ``id`` optional (the key supplies a
-missing id). ``version`` defaults to the offset, which ``"offset"`` mode forces;
+missing id). ``version`` and ``ts_ms`` are signed 64-bit (``ts_ms`` of 0 or less is
+absent). ``version`` defaults to the offset, which ``"offset"`` mode forces;
 metadata is copied whole but may not use a reserved payload field. A native
 tombstone's key is the id as text, a JSON scalar, or ``{"id": ...}``.
 """
@@ -64,7 +72,27 @@ from .config import RESERVED_PAYLOAD_FIELDS, SourceSettings
 from .errors import DecodeError
 from .events import ChangeEvent, Op, Position, Skipped
 
-__all__ = ["decode_message"]
+__all__ = ["REASONS", "SKIP_REASONS", "decode_message"]
+
+# Every DecodeError reason (a DLQ header and a metric label: a fixed, bounded set).
+# "unexpected" means a bug here, never a valid input.
+REASONS = frozenset(
+    {
+        "not_utf8",
+        "invalid_json",
+        "bad_type",
+        "missing_id",
+        "unknown_op",
+        "missing_after",
+        "missing_version",
+        "unavailable_value",
+        "unexpected",
+    }
+)
+# Every Skipped reason (counted, not an error).
+SKIP_REASONS = frozenset(
+    {"schema_change", "transaction", "heartbeat", "no_op", "truncate", "message"}
+)
 
 _KINDS = {"c": "create", "r": "read", "u": "update", "d": "delete"}
 _SKIPPED_OPS = {"t": "truncate", "m": "message"}
@@ -72,6 +100,9 @@ _ENVELOPE = frozenset({"schema", "payload"})
 _ID_ALIASES = {"id": "_id", "_id": "id"}
 _UNAVAILABLE = "__debezium_unavailable_value"
 _TOMBSTONE_VERSION = -1
+# Versions and timestamps are stored and compared as signed 64-bit integers (and a
+# timestamp over it would overflow the freshness metric's float): a bigger one is none.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def decode_message(
@@ -91,11 +122,20 @@ def decode_message(
 
 
 def _fail(reason: str, detail: str) -> NoReturn:
+    assert reason in REASONS, reason
     raise DecodeError(reason, detail)
 
 
 def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 parses as inf: as unwritable (strict JSON payloads) as a NaN literal.
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return number
 
 
 def _utf8(raw: bytes, what: str) -> str:
@@ -108,15 +148,15 @@ def _utf8(raw: bytes, what: str) -> str:
 def _loads(text: str) -> Any:
     # RecursionError (absurd nesting) is turned into invalid_json by decode_message.
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except ValueError as error:
         _fail("invalid_json", str(error)[:200])
 
 
-def _int(value: Any, minimum: int | None = None) -> int | None:
-    """``value`` if it is an int (bools are not) at least ``minimum``, else None."""
+def _int(value: Any, minimum: int = _INT64_MIN) -> int | None:
+    """``value`` if it is a 64-bit int (bools are not) at least ``minimum``, else None."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return value if minimum is None or value >= minimum else None
+        return value if minimum <= value <= _INT64_MAX else None
     return None
 
 
@@ -236,7 +276,10 @@ def _unwrap_ext(value: Any) -> Any:
             if tag in ("$numberInt", "$numberLong") and isinstance(inner, str | int):
                 return int(inner)
             if tag == "$numberDouble" and isinstance(inner, str | int | float):
-                number = float(inner)
+                try:
+                    number = float(inner)
+                except OverflowError:  # an int too large for a float
+                    number = math.inf
                 return number if math.isfinite(number) else str(inner)
             if tag == "$numberDecimal":
                 return str(inner)
@@ -362,9 +405,14 @@ def _decode_native(
         _fail("missing_id", "neither value nor key holds an id")
     doc_id = _join_id(ids)
     version = _field(doc, "version", (int,), position.offset)
+    if _int(version) is None:
+        _fail("bad_type", "version is not a 64-bit integer")
     if settings.version == "offset":
         version = position.offset
     ts_ms = _field(doc, "ts_ms", (int,), None)
+    if ts_ms is not None and ts_ms > _INT64_MAX:
+        _fail("bad_type", "ts_ms is not a 64-bit integer")
+    ts_ms = _int(ts_ms, 1)  # like Debezium's: a ts_ms of 0 (or less) is absent
     if _field(doc, "deleted", (bool,), False):
         return ChangeEvent(doc_id, Op.DELETE, version, position, source_ts_ms=ts_ms)
     text = _field(doc, "text", (str,), "")

@@ -11,6 +11,7 @@ __all__ = [
     "DecodeError",
     "EmbedstreamError",
     "FingerprintMismatch",
+    "KafkaUnavailable",
     "SinkError",
     "SinkUnavailable",
 ]
@@ -42,6 +43,10 @@ class FingerprintMismatch(EmbedstreamError):
 
     Mixing them would make scores meaningless, so the consumer refuses to start.
     """
+
+
+class KafkaUnavailable(EmbedstreamError):
+    """Kafka could not be reached, or refused us (authentication, authorisation)."""
 
 
 class SinkError(EmbedstreamError):

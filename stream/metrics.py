@@ -7,7 +7,7 @@ operation; never a document id.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 __all__ = ["Metrics"]
 
@@ -99,7 +99,18 @@ class Metrics:
         self.paused_partitions = Gauge(
             "embedstream_paused_partitions", "Partitions paused for backpressure", registry=r
         )
-
-    def serve(self, host: str, port: int) -> None:
-        """Expose ``/metrics`` over HTTP (prometheus-client's own server thread)."""
-        start_http_server(port, addr=host, registry=self.registry)
+        self.ready = Gauge(
+            "embedstream_ready", "1 when started and the store is answering (as /readyz)",
+            registry=r,
+        )
+        self.rebalances = Counter(
+            "embedstream_rebalance_partitions_total",
+            "Partitions assigned, revoked (committed first) or lost (dropped) in rebalances",
+            ["event"],
+            registry=r,
+        )
+        self.embed_splits = Counter(
+            "embedstream_embed_splits_total",
+            "Embedding calls that ran out of memory and were retried as two halves",
+            registry=r,
+        )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from sinks.base import Sink
@@ -26,12 +26,15 @@ from .config import Settings
 from .consumer import AppliedCallback, StreamConsumer
 from .dead_letters import DeadLetters, ensure_topics
 from .embedding import SentenceTransformerEmbedder
+from .errors import KafkaUnavailable
 from .fingerprint import Fingerprint
+from .health import Health, serve_http
 from .metrics import Metrics
 
 __all__ = ["Pipeline", "build_consumer", "build_pipeline", "kafka_client_config", "run_consumer"]
 
 log = logging.getLogger("embedstream")
+_librdkafka_log = logging.getLogger("embedstream.librdkafka")
 
 # Defaults that embedstream needs for its guarantees; `kafka.options` may not undo them.
 _CONSUMER_REQUIRED = {"enable.auto.commit": False, "enable.auto.offset.store": False}
@@ -40,6 +43,8 @@ _CONSUMER_DEFAULTS = {
     "auto.offset.reset": "earliest",
     # A short broker wait keeps freshness low on quiet topics.
     "fetch.wait.max.ms": 100,
+    # Incremental rebalancing: members keep the partitions that do not move.
+    "partition.assignment.strategy": "cooperative-sticky",
 }
 _PRODUCER_DEFAULTS = {"acks": "all", "linger.ms": 5}
 # Consumer-only settings librdkafka would warn about on a producer.
@@ -50,8 +55,9 @@ _CONSUMER_ONLY_PREFIXES = ("session.", "heartbeat.", "fetch.", "auto.offset", "m
 def kafka_client_config(settings: Settings, role: str) -> dict[str, Any]:
     """librdkafka configuration for the ``consumer``, ``producer`` or ``admin`` client."""
     kafka = settings.kafka
-    options = dict(kafka.options)
-    base: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers}
+    options = kafka.librdkafka_options()
+    base: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers,
+                            **kafka.security.librdkafka()}
     if role == "consumer":
         return {**base, **_CONSUMER_DEFAULTS, **options, "group.id": kafka.group_id,
                 **_CONSUMER_REQUIRED}
@@ -75,8 +81,11 @@ class Pipeline:
         self.sink.close()
 
 
-def build_pipeline(settings: Settings) -> Pipeline:
-    """Load the model, build the chunker, open the store under the fingerprint."""
+def build_pipeline(settings: Settings, sink: Sink | None = None) -> Pipeline:
+    """Load the model, build the chunker, open the store under the fingerprint.
+
+    ``sink`` replaces the one ``settings.sink`` describes (not yet opened; e.g.
+    several consumers of one process sharing an in-memory store)."""
     embedder = SentenceTransformerEmbedder(
         settings.embed.model, device=settings.embed.device,
         max_batch_tokens=settings.embed.max_batch_tokens,
@@ -88,7 +97,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
         model=embedder.model_name, revision=embedder.revision, dimension=embedder.dimension,
         normalized=True, chunker=chunker.spec,
     )
-    sink = build_sink(settings.sink)
+    sink = sink or build_sink(settings.sink)
     try:
         sink.open(fingerprint)
     except BaseException:
@@ -98,14 +107,27 @@ def build_pipeline(settings: Settings) -> Pipeline:
 
 
 def build_consumer(
-    pipeline: Pipeline, metrics: Metrics, on_applied: AppliedCallback | None = None
+    pipeline: Pipeline, metrics: Metrics, on_applied: AppliedCallback | None = None,
+    health: Health | None = None,
 ) -> StreamConsumer:
     """The Kafka side: consumer, dead-letter producer, and the loop around them."""
     settings = pipeline.settings
+
+    def config(role: str) -> dict[str, Any]:
+        # librdkafka's log lines go through logging (as JSON), served by poll().
+        return {**kafka_client_config(settings, role), "logger": _librdkafka_log}
+
+    # The admin client is never polled: its log lines (e.g. why a connection
+    # failed) stay on stderr, where they are seen if the start fails.
     admin = AdminClient(kafka_client_config(settings, "admin"))
-    ensure_topics(admin, {settings.kafka.dlq_topic_for(t) for t in settings.kafka.topics})
-    dead_letters = DeadLetters(Producer(kafka_client_config(settings, "producer")), settings.kafka)
-    consumer = Consumer(kafka_client_config(settings, "consumer"))
+    try:
+        ensure_topics(admin, {settings.kafka.dlq_topic_for(t) for t in settings.kafka.topics})
+    except KafkaException as error:
+        raise KafkaUnavailable(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers} (kafka.bootstrap_servers,"
+            f" kafka.security): {error.args[0].str() if error.args else error}") from None
+    dead_letters = DeadLetters(Producer(config("producer")), settings.kafka)
+    consumer = Consumer(config("consumer"))
     metrics.build_info.info({
         "version": __version__,
         "model": pipeline.fingerprint.model,
@@ -113,7 +135,7 @@ def build_consumer(
     })
     return StreamConsumer(
         settings, consumer, dead_letters, pipeline.chunker, pipeline.embedder, pipeline.sink,
-        metrics, on_applied=on_applied,
+        metrics, on_applied=on_applied, health=health,
     )
 
 
@@ -129,11 +151,12 @@ def run_consumer(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     metrics = Metrics()
+    health = Health(settings.metrics.liveness_timeout_s, ready_gauge=metrics.ready)
+    if settings.metrics.enabled:  # up before the model loads: probes see "starting"
+        serve_http(metrics, health, settings.metrics.host, settings.metrics.port)
     pipeline = build_pipeline(settings)
     try:
-        stream = build_consumer(pipeline, metrics)
-        if settings.metrics.enabled:
-            metrics.serve(settings.metrics.host, settings.metrics.port)
+        stream = build_consumer(pipeline, metrics, health=health)
         log.info("consuming %s into %s", list(settings.kafka.topics), settings.sink.collection)
         try:
             stream.run(until=lambda: bool(stop_requested))
