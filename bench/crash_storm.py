@@ -105,6 +105,8 @@ from confluent_kafka.admin import AdminClient
 # The repository root first, so `python bench/crash_storm.py` imports this checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _load import OtherLoad  # bench/_load.py (this script's folder is on sys.path)
+
 from sinks._layout import SCROLL_PAGE, STATE_SUFFIX
 from sinks.base import chunk_point_id
 from sinks.qdrant_edge import QdrantEdgeSink
@@ -122,30 +124,6 @@ PARTITIONS = 4
 FIRST_LSN = 10_000_000
 MIN_COSINE = 0.99
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-class OtherLoad:
-    """Mean CPU cores used by other processes (not this one or its waited-for children)."""
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float | None, float, float]:
-        try:
-            with open("/proc/stat") as stat:
-                v = [int(x) for x in stat.readline().split()[1:9]]
-            busy: float | None = sum(v[i] for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            busy = None
-        t = os.times()
-        return busy, t.user + t.system + t.children_user + t.children_system, time.monotonic()
-
-    def cores(self) -> float | None:
-        (busy0, own0, t0), (busy, own, t) = self._start, self._sample()
-        if busy is None or busy0 is None:
-            return None
-        return round(max(0.0, busy - busy0 - (own - own0)) / (t - t0), 2)
 
 
 def log(message: str) -> None:

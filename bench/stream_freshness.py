@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 import time
@@ -48,6 +47,8 @@ from confluent_kafka.admin import AdminClient
 
 # The repository root first, so `python bench/stream_freshness.py` imports this checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _load import OtherLoad  # bench/_load.py (this script's folder is on sys.path)
 
 from stream.broker import LocalBroker
 from stream.config import KafkaSettings, MetricsSettings, Settings, SinkSettings, SourceSettings
@@ -67,29 +68,6 @@ WARMUP_EVENTS = 20
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-class OtherLoad:
-    """Mean CPU cores used by other processes since creation (/proc/stat less our own)."""
-
-    def __init__(self) -> None:
-        self._start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float | None, float, float]:
-        try:
-            with open("/proc/stat") as stat:
-                v = [int(x) for x in stat.readline().split()[1:9]]
-            busy: float | None = sum(v[i] for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            busy = None
-        return busy, time.process_time(), time.monotonic()
-
-    def cores(self) -> float | None:
-        (busy0, own0, t0), (busy, own, t) = self._start, self._sample()
-        if busy is None or busy0 is None:
-            return None
-        return round(max(0.0, busy - busy0 - (own - own0)) / (t - t0), 2)
 
 
 def load_passages(path: Path) -> list[str]:
