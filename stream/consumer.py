@@ -228,6 +228,8 @@ class StreamConsumer:
         )
         self._dead_letters.send(message, reason, detail)
         self._metrics.dlq_records.labels(reason=reason).inc()
+        if len(message.value() or b"") > self._settings.kafka.dlq_max_value_bytes:
+            self._metrics.dlq_truncated.inc()
         self._metrics.events.labels(op=kind, outcome="dead_lettered").inc()
 
     # -- writing -----------------------------------------------------------------

@@ -36,6 +36,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.dlq_truncated = Counter(
+            "embedstream_dlq_truncated_records_total",
+            "Dead-letter records whose value was cut to kafka.dlq_max_value_bytes",
+            registry=r,
+        )
         self.chunks = Counter(
             "embedstream_chunks_total",
             "Chunks written, by whether their vector was embedded or reused",

@@ -57,6 +57,7 @@ def test_oversized_messages_and_documents_are_dead_lettered_and_the_stream_goes_
     assert dead[b"huge"].value() == huge_message[1][:1000]
     assert huge["embedstream.source.offset"] == b"1"
     assert "embedstream.dlq.truncated" in long_  # 2.2 kB is over the 1 kB cap too
+    assert metrics.registry.get_sample_value("embedstream_dlq_truncated_records_total") == 2
     for reason in ("message_too_large", "document_too_large"):
         assert metrics.registry.get_sample_value(
             "embedstream_dlq_records_total", {"reason": reason}) == 1
