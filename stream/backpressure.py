@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from .errors import SinkUnavailable
 from .health import Health
@@ -62,9 +62,20 @@ class Backpressure:
             self._health.set_ready(None)
         self.retry_at, self.backoff_s = None, 0.0
         if self._paused:
-            self._consumer.resume(self._paused)
+            # Everything assigned now: partitions revoked and given back during
+            # the backoff keep the pause librdkafka holds for them.
+            self._consumer.resume(list({(tp.topic, tp.partition): tp for tp in
+                                        [*self._paused, *self._consumer.assignment()]}.values()))
             self._paused = []
             self._metrics.paused_partitions.set(0)
+
+    def clear_pause(self, partitions: list[TopicPartition]) -> None:
+        try:
+            self._consumer.resume(partitions)
+        except KafkaException as error:
+            log.debug("resume of newly assigned partitions: %s", error)
+        if self.waiting:
+            self._paused += partitions
 
     def forget(self, partitions: Collection[tuple[str, int]]) -> None:
         """Partitions no longer ours are not resumed."""

@@ -138,7 +138,9 @@ class SourceSettings(_Section):
     # Limits: a message or document over them is dead-lettered (reasons
     # `message_too_large`, `document_too_large`), never a crash.
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
-    max_document_chars: int = Field(default=16 * 1024 * 1024, ge=1)
+    # About 250k tokens: embedding more on a CPU takes longer than
+    # max.poll.interval.ms (300 s); raise it with a GPU.
+    max_document_chars: int = Field(default=1_000_000, ge=1)
 
     @field_validator("id_fields", "text_fields")
     @classmethod

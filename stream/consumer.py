@@ -92,6 +92,7 @@ class StreamConsumer:
         self._batch = self._new_batch()
         self._subscribed = False
         self._pressure = Backpressure(consumer, metrics, self._health, clock)
+        self._failed = False
         # Offsets of applied batches, committed at the next checkpoint.
         self._uncommitted: dict[tuple[str, int], int] = {}
         self._checkpoint_at: float | None = None
@@ -107,8 +108,14 @@ class StreamConsumer:
         from a signal handler), then flush and commit. May be called again;
         :meth:`close` leaves the group."""
         self.start()
-        while not (until and until()):
-            self.step()
+        try:
+            while not (until and until()):
+                self.step()
+        except BaseException:
+            # The batch may hold messages neither applied nor dead-lettered:
+            # leaving the group (close) must not commit past them.
+            self._failed = True
+            raise
         self._finish()
 
     def start(self) -> None:
@@ -138,9 +145,10 @@ class StreamConsumer:
             if self._batch.full and not self._pressure.waiting:
                 self._flush()
         now = self._clock()
+        self._dead_letters.poll()
         if self._pressure.waiting:
-            if self._pressure.due(now):
-                _ = self._flush() and self._checkpoint()
+            if self._pressure.due(now) and self._flush() and self._checkpoint():
+                self._pressure.resume()  # also when there was nothing left to write
         elif self._batch.due(now):
             self._flush()
         if not self._pressure.waiting and self._checkpoint_due(now):
@@ -190,6 +198,8 @@ class StreamConsumer:
             return
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         assert topic is not None and partition is not None and offset is not None
+        if (topic, partition) not in self.assigned:
+            return  # fetched before a revoke that ran since: its new owner reads it
         position = Position(topic, partition, offset)
         self._batch.track(position, self._clock())
         source = self._settings.source
@@ -288,10 +298,11 @@ class StreamConsumer:
         for doc_id, doc_events in by_doc.items():
             winner = folded[doc_id].winner
             if winner is not None and failed.intersection(c.content_hash for c in winner.chunks):
-                message = batch.raw[winner.event.position]
-                self._dead_letter(message, "embed_out_of_memory",
-                                  "a chunk of this document could not be embedded even alone",
-                                  kind=winner.event.kind)
+                if winner.event.position not in batch.dead_lettered:  # not again on a retry
+                    batch.dead_lettered.add(winner.event.position)
+                    self._dead_letter(batch.raw[winner.event.position], "embed_out_of_memory",
+                                      "a chunk of this document could not be embedded even alone",
+                                      kind=winner.event.kind)
                 winners.remove(folded[doc_id])
                 winner = None
             for prepared in doc_events:
@@ -369,6 +380,9 @@ class StreamConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
         self._metrics.rebalances.labels(event="assigned").inc(len(partitions))
+        # A pause we set before these were revoked outlives the revocation in
+        # librdkafka; clear it (a backoff in progress pauses them again).
+        self._pressure.clear_pause(partitions)
         log.info("assigned %s; now own %s",
                  sorted((tp.topic, tp.partition) for tp in partitions), sorted(self.assigned))
 
@@ -377,7 +391,7 @@ class StreamConsumer:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self._metrics.rebalances.labels(event="revoked").inc(len(partitions))
         log.info("revoked %s", sorted(revoked))
-        if not (self._flush() and self._checkpoint()):
+        if self._failed or not (self._flush() and self._checkpoint()):
             self._drop(revoked)
         self.assigned -= revoked
 

@@ -66,6 +66,14 @@ class DeadLetters:
                 break
             except BufferError:  # the local queue is full: deliver some, then retry
                 self._producer.poll(0.5)
+            except KafkaException as error:
+                # Key and headers count against message.max.bytes too: keep them, drop the value.
+                if error.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE or value is None:
+                    raise
+                size = str(len(message.value() or b"")).encode()
+                headers = [h for h in headers if h[0] != "embedstream.dlq.truncated"]
+                headers.append(("embedstream.dlq.truncated", size))
+                value = None
         self._pending += 1
         self._producer.poll(0)
 
@@ -78,12 +86,17 @@ class DeadLetters:
         if not self._pending:
             return
         remaining = self._producer.flush(timeout_s)
-        failures, self._failures = self._failures, []
-        if remaining or failures:
+        if remaining or self._failures:
+            # Sticky: a record that failed stays failed, so no later flush (e.g.
+            # the one a revoke runs while the process stops) lets a commit pass it.
             raise KafkaException(
-                failures[0] if failures else KafkaError(KafkaError._TIMED_OUT)
+                self._failures[0] if self._failures else KafkaError(KafkaError._TIMED_OUT)
             )
         self._pending = 0
+
+    def poll(self) -> None:
+        """Serve delivery reports and the producer's log lines (once per loop turn)."""
+        self._producer.poll(0)
 
     def close(self) -> None:
         """Deliver what is pending and release the producer."""

@@ -76,11 +76,13 @@ class ChunkVectors:
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
-            if len(texts) == 1:
-                return [None]
-            self._metrics.embed_splits.inc()
-            middle = len(texts) // 2
-            return self._embed_halving(texts[:middle]) + self._embed_halving(texts[middle:])
+        # Retried outside the except block: the exception's frames hold the
+        # failed attempt's tensors, which must be freed before trying again.
+        if len(texts) == 1:
+            return [None]
+        self._metrics.embed_splits.inc()
+        middle = len(texts) // 2
+        return self._embed_halving(texts[:middle]) + self._embed_halving(texts[middle:])
 
     def _count(self, chunks: Sequence[Chunk], embedded: Collection[str],
                failed: Collection[str]) -> None:
