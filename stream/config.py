@@ -46,6 +46,10 @@ KafkaOptionValue = str | int | float | bool
 _SECRET_OPTION_MARKERS = ("password", "secret", "sasl.jaas.config", "ssl.key.pem")
 
 
+def _reveal(value: KafkaOptionValue | SecretStr) -> Any:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -79,8 +83,7 @@ class KafkaSecurity(_Section):
             "ssl.key.password": self.ssl_key_password,
             "ssl.endpoint.identification.algorithm": self.ssl_endpoint_identification_algorithm,
         }
-        return {k: v.get_secret_value() if isinstance(v, SecretStr) else v
-                for k, v in pairs.items() if v is not None}
+        return {k: _reveal(v) for k, v in pairs.items() if v is not None}
 
 
 class KafkaSettings(_Section):
@@ -115,8 +118,7 @@ class KafkaSettings(_Section):
 
     def librdkafka_options(self) -> dict[str, KafkaOptionValue]:
         """``options`` as librdkafka takes them, secrets revealed (for the client only)."""
-        return {k: v.get_secret_value() if isinstance(v, SecretStr) else v
-                for k, v in self.options.items()}
+        return {k: _reveal(v) for k, v in self.options.items()}
 
     @field_validator("topics")
     @classmethod

@@ -48,6 +48,7 @@ from .errors import DecodeError, SinkError, SinkUnavailable
 from .events import ChangeEvent, Op, Position, Skipped
 from .health import Health
 from .metrics import Metrics
+from .offsets import commit_offsets, report_lag
 from .plan import Folded, PreparedEvent, build_write, fold, group_by_document
 from .vectors import ChunkVectors
 
@@ -154,7 +155,7 @@ class StreamConsumer:
         if not self._pressure.waiting and self._checkpoint_due(now):
             self._checkpoint()
         if now >= self._next_lag_report:
-            self._report_lag()
+            report_lag(self._consumer, self.assigned, self._metrics)
             self._next_lag_report = now + _LAG_REPORT_EVERY_S
 
     def _poll(self) -> list[Message]:
@@ -283,7 +284,8 @@ class StreamConsumer:
             return False
         self._pressure.resume()
         self._dead_letters.flush()
-        self._commit(self._uncommitted)
+        if commit_offsets(self._consumer, self._uncommitted, self._metrics):
+            self.committed.update(self._uncommitted)
         self._uncommitted, self._checkpoint_at = {}, None
         return True
 
@@ -341,20 +343,6 @@ class StreamConsumer:
 
         return self._chunk_vectors.for_chunks(chunks, reusable, read_stored)
 
-    def _commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
-        offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
-        if not offsets:  # librdkafka answers an empty list with _NO_OFFSET
-            return
-        try:
-            self._consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as error:
-            # The writes are applied; a failed commit only means a harmless replay.
-            log.warning("offset commit failed (events will be replayed): %s", error)
-            return
-        self.committed.update(next_offsets)
-        self._metrics.commits.inc()
-        self._metrics.last_commit.set(time.time())
-
     def _observe(self, batch: MicroBatch, applied: list[ChangeEvent], acked_at: float) -> None:
         self._metrics.batch_events.observe(batch.messages)
         self._metrics.batch_token_fill.observe(batch.tokens / batch.max_tokens)
@@ -410,19 +398,3 @@ class StreamConsumer:
         for key in partitions:
             self._uncommitted.pop(key, None)
         self._pressure.forget(partitions)
-
-    def _report_lag(self) -> None:
-        if not self.assigned:
-            return
-        partitions = [TopicPartition(t, p) for t, p in sorted(self.assigned)]
-        for tp in self._consumer.position(partitions):
-            try:
-                low, high = self._consumer.get_watermark_offsets(tp, cached=True)
-            except KafkaException:
-                continue
-            if high < 0:
-                continue
-            position = tp.offset if tp.offset >= 0 else low
-            self._metrics.lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
-                max(0, high - max(position, 0))
-            )

@@ -28,7 +28,24 @@ from confluent_kafka.cimpl import NewTopic
 
 from .config import KafkaSettings
 
-__all__ = ["DeadLetters", "ensure_topics"]
+__all__ = [
+    "DETAIL_HEADER",
+    "REASON_HEADER",
+    "SOURCE_OFFSET_HEADER",
+    "SOURCE_PARTITION_HEADER",
+    "SOURCE_TOPIC_HEADER",
+    "TRUNCATED_HEADER",
+    "DeadLetters",
+    "ensure_topics",
+]
+
+# The headers a dead-letter record carries (read back by stream.dlq_read).
+REASON_HEADER = "embedstream.error.reason"
+DETAIL_HEADER = "embedstream.error.detail"
+SOURCE_TOPIC_HEADER = "embedstream.source.topic"
+SOURCE_PARTITION_HEADER = "embedstream.source.partition"
+SOURCE_OFFSET_HEADER = "embedstream.source.offset"
+TRUNCATED_HEADER = "embedstream.dlq.truncated"
 
 _DETAIL_LIMIT = 1000
 
@@ -47,16 +64,16 @@ class DeadLetters:
             original.items() if isinstance(original, dict) else original
         )
         headers += [
-            ("embedstream.error.reason", reason.encode()),
-            ("embedstream.error.detail", detail[:_DETAIL_LIMIT].encode("utf-8", "replace")),
-            ("embedstream.source.topic", source_topic.encode()),
-            ("embedstream.source.partition", str(message.partition()).encode()),
-            ("embedstream.source.offset", str(message.offset()).encode()),
+            (REASON_HEADER, reason.encode()),
+            (DETAIL_HEADER, detail[:_DETAIL_LIMIT].encode("utf-8", "replace")),
+            (SOURCE_TOPIC_HEADER, source_topic.encode()),
+            (SOURCE_PARTITION_HEADER, str(message.partition()).encode()),
+            (SOURCE_OFFSET_HEADER, str(message.offset()).encode()),
         ]
         value = message.value()
         cap = self._settings.dlq_max_value_bytes
         if value is not None and len(value) > cap:
-            headers.append(("embedstream.dlq.truncated", str(len(value)).encode()))
+            headers.append((TRUNCATED_HEADER, str(len(value)).encode()))
             value = value[:cap]
         topic = self._settings.dlq_topic_for(source_topic)
         while True:
@@ -71,8 +88,8 @@ class DeadLetters:
                 if error.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE or value is None:
                     raise
                 size = str(len(message.value() or b"")).encode()
-                headers = [h for h in headers if h[0] != "embedstream.dlq.truncated"]
-                headers.append(("embedstream.dlq.truncated", size))
+                headers = [h for h in headers if h[0] != TRUNCATED_HEADER]
+                headers.append((TRUNCATED_HEADER, size))
                 value = None
         self._pending += 1
         self._producer.poll(0)

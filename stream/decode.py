@@ -66,29 +66,26 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, NoReturn
+from typing import Any
 
+from ._json_input import (
+    INT64_MAX,
+    REASONS,
+    check_utf8,
+    fail,
+    int64,
+    loads,
+    reject_constant,
+    typed_field,
+    unwrap_ext,
+    utf8,
+)
 from .config import RESERVED_PAYLOAD_FIELDS, SourceSettings
 from .errors import DecodeError
 from .events import ChangeEvent, Op, Position, Skipped
 
 __all__ = ["REASONS", "SKIP_REASONS", "decode_message"]
 
-# Every DecodeError reason (a DLQ header and a metric label: a fixed, bounded set).
-# "unexpected" means a bug here, never a valid input.
-REASONS = frozenset(
-    {
-        "not_utf8",
-        "invalid_json",
-        "bad_type",
-        "missing_id",
-        "unknown_op",
-        "missing_after",
-        "missing_version",
-        "unavailable_value",
-        "unexpected",
-    }
-)
 # Every Skipped reason (counted, not an error).
 SKIP_REASONS = frozenset(
     {"schema_change", "transaction", "heartbeat", "no_op", "truncate", "message"}
@@ -100,9 +97,6 @@ _ENVELOPE = frozenset({"schema", "payload"})
 _ID_ALIASES = {"id": "_id", "_id": "id"}
 _UNAVAILABLE = "__debezium_unavailable_value"
 _TOMBSTONE_VERSION = -1
-# Versions and timestamps are stored and compared as signed 64-bit integers (and a
-# timestamp over it would overflow the freshness metric's float): a bigger one is none.
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def decode_message(
@@ -121,67 +115,10 @@ def decode_message(
         raise DecodeError("unexpected", f"{type(error).__name__}: {error}"[:300]) from error
 
 
-def _fail(reason: str, detail: str) -> NoReturn:
-    assert reason in REASONS, reason
-    raise DecodeError(reason, detail)
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    # 1e400 parses as inf: as unwritable (strict JSON payloads) as a NaN literal.
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return number
-
-
-def _utf8(raw: bytes, what: str) -> str:
-    try:
-        return bytes(raw).decode("utf-8")
-    except UnicodeDecodeError as error:
-        _fail("not_utf8", f"{what}: {error}")
-
-
-def _loads(text: str) -> Any:
-    # RecursionError (absurd nesting) is turned into invalid_json by decode_message.
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except ValueError as error:
-        _fail("invalid_json", str(error)[:200])
-
-
-def _int(value: Any, minimum: int = _INT64_MIN) -> int | None:
-    """``value`` if it is a 64-bit int (bools are not) at least ``minimum``, else None."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value if minimum <= value <= _INT64_MAX else None
-    return None
-
-
-def _field(doc: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any) -> Any:
-    """``doc[name]`` checked against ``kinds`` (bool only if named); null -> default."""
-    value = doc.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) is not (bool in kinds) or not isinstance(value, kinds):
-        _fail("bad_type", f"{name} must be {' or '.join(k.__name__ for k in kinds)}")
-    return value
-
-
 def _unwrap_envelope(obj: Any) -> Any:
     if isinstance(obj, dict) and "payload" in obj and obj.keys() <= _ENVELOPE:
         return obj["payload"]
     return obj
-
-
-def _check_utf8(value: Any, what: str) -> None:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        _fail("not_utf8", f"{what} holds a lone surrogate")
 
 
 def _pick(obj: dict[str, Any], fields: tuple[str, ...]) -> list[Any] | None:
@@ -202,7 +139,7 @@ def _key_scalar(value: Any) -> Any:
     # MongoDB keys hold the _id as extended-JSON text: "{\"$oid\": ...}" or "\"abc\"".
     if isinstance(value, str) and value.lstrip()[:1] in ("{", '"'):
         try:
-            parsed = _unwrap_ext(json.loads(value, parse_constant=_reject_constant))
+            parsed = unwrap_ext(json.loads(value, parse_constant=reject_constant))
         except (ValueError, RecursionError, DecodeError):
             return value
         if parsed is not None and not isinstance(parsed, dict | list):
@@ -213,14 +150,14 @@ def _key_scalar(value: Any) -> Any:
 def _ids_from_key(key: bytes | None, fields: tuple[str, ...]) -> list[Any] | None:
     if not key:
         return None
-    text = _utf8(key, "key")
+    text = utf8(key, "key")
     try:
-        parsed = json.loads(text, parse_constant=_reject_constant)
+        parsed = json.loads(text, parse_constant=reject_constant)
     except ValueError:
         # StringConverter keys: the whole key is the id.
         if len(fields) == 1 and text.strip() and text.isprintable():
             return [text]
-        _fail("bad_type", "key is neither JSON nor printable text")
+        fail("bad_type", "key is neither JSON nor printable text")
     parsed = _unwrap_envelope(parsed)
     if isinstance(parsed, dict):
         picked = _pick(parsed, fields)
@@ -235,11 +172,11 @@ def _id_part(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         if not math.isfinite(value):
-            _fail("bad_type", "id is not a finite number")
+            fail("bad_type", "id is not a finite number")
         return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, int | str):
         return str(value)
-    _fail("bad_type", f"id value is a {type(value).__name__}, not a scalar")
+    fail("bad_type", f"id value is a {type(value).__name__}, not a scalar")
 
 
 def _join_id(values: list[Any]) -> str:
@@ -249,7 +186,7 @@ def _join_id(values: list[Any]) -> str:
         if len(parts) == 1
         else "/".join(p.replace("%", "%25").replace("/", "%2F") for p in parts)
     )
-    _check_utf8(doc_id, "id")
+    check_utf8(doc_id, "id")
     return doc_id
 
 
@@ -258,45 +195,18 @@ def _tombstone(
 ) -> ChangeEvent:
     ids = _ids_from_key(key, fields)
     if ids is None:
-        _fail("missing_id", f"tombstone key does not hold {list(fields)}")
+        fail("missing_id", f"tombstone key does not hold {list(fields)}")
     version = position.offset if settings.version == "offset" else _TOMBSTONE_VERSION
     return ChangeEvent(_join_id(ids), Op.DELETE, version, position, kind="tombstone")
-
-
-def _unwrap_ext(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_unwrap_ext(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if len(value) == 1:
-        ((tag, inner),) = value.items()
-        try:
-            if tag == "$oid" and isinstance(inner, str):
-                return inner
-            if tag in ("$numberInt", "$numberLong") and isinstance(inner, str | int):
-                return int(inner)
-            if tag == "$numberDouble" and isinstance(inner, str | int | float):
-                try:
-                    number = float(inner)
-                except OverflowError:  # an int too large for a float
-                    number = math.inf
-                return number if math.isfinite(number) else str(inner)
-            if tag == "$numberDecimal":
-                return str(inner)
-            if tag == "$date":
-                return _unwrap_ext(inner)
-        except ValueError:
-            _fail("bad_type", f"malformed extended JSON {tag}")
-    return {k: _unwrap_ext(v) for k, v in value.items()}
 
 
 def _image(payload: dict[str, Any], name: str) -> dict[str, Any] | None:
     image = payload.get(name)
     if isinstance(image, str):  # MongoDB: the document as extended-JSON text
-        image = _unwrap_ext(_loads(image))
+        image = unwrap_ext(loads(image))
     if image is None or isinstance(image, dict):
         return image
-    _fail("bad_type", f"{name} is a {type(image).__name__}, not an object")
+    fail("bad_type", f"{name} is a {type(image).__name__}, not an object")
 
 
 def _why_no_op(payload: dict[str, Any]) -> str:
@@ -310,18 +220,18 @@ def _why_no_op(payload: dict[str, Any]) -> str:
 
 
 def _version(payload: dict[str, Any], source: dict[str, Any], position: Position, mode: str) -> int:
-    lsn = _int(source.get("lsn"))
-    source_ts = _int(source.get("ts_ms"), 1)
+    lsn = int64(source.get("lsn"))
+    source_ts = int64(source.get("ts_ms"), 1)
     if mode == "offset":
         return position.offset
     if mode == "lsn":
         if lsn is None:
-            _fail("missing_version", "no integer source.lsn")
+            fail("missing_version", "no integer source.lsn")
         return lsn
     if mode == "ts_ms":
-        ts = source_ts or _int(payload.get("ts_ms"), 1)
+        ts = source_ts or int64(payload.get("ts_ms"), 1)
         if ts is None:
-            _fail("missing_version", "neither source.ts_ms nor ts_ms is set")
+            fail("missing_version", "neither source.ts_ms nor ts_ms is set")
         return ts
     if lsn is not None:
         return lsn
@@ -335,22 +245,22 @@ def _text(after: dict[str, Any], fields: tuple[str, ...]) -> str:
         if value is None:
             continue
         if isinstance(value, dict | list):
-            _fail("bad_type", f"text field {name!r} is not a scalar")
+            fail("bad_type", f"text field {name!r} is not a scalar")
         text = ("true" if value else "false") if isinstance(value, bool) else str(value)
         if text == _UNAVAILABLE:
-            _fail("unavailable_value", f"text field {name!r} was not captured")
+            fail("unavailable_value", f"text field {name!r} was not captured")
         if text.strip():
             parts.append(text)
     joined = "\n\n".join(parts)
-    _check_utf8(joined, "text")
+    check_utf8(joined, "text")
     return joined
 
 
 def _metadata(after: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
     metadata = {name: after[name] for name in fields if name in after}
     if _UNAVAILABLE in metadata.values():
-        _fail("unavailable_value", "a metadata field was not captured")
-    _check_utf8(metadata, "metadata")
+        fail("unavailable_value", "a metadata field was not captured")
+    check_utf8(metadata, "metadata")
     return metadata
 
 
@@ -359,34 +269,34 @@ def _decode_debezium(
 ) -> ChangeEvent | Skipped:
     if value is None:
         return _tombstone(key, position, settings, settings.id_fields)
-    parsed = _loads(_utf8(value, "value"))
+    parsed = loads(utf8(value, "value"))
     payload = _unwrap_envelope(parsed)
     if payload is None and parsed is not None:
         return _tombstone(key, position, settings, settings.id_fields)
     if not isinstance(payload, dict):
-        _fail("bad_type", f"value is a JSON {type(payload).__name__}, not an object")
+        fail("bad_type", f"value is a JSON {type(payload).__name__}, not an object")
     op = payload.get("op")
     if op is None:
         return Skipped(_why_no_op(payload), position)
     if not isinstance(op, str) or op not in _KINDS.keys() | _SKIPPED_OPS.keys():
-        _fail("unknown_op", f"op {str(op)[:20]!r}")
+        fail("unknown_op", f"op {str(op)[:20]!r}")
     if op in _SKIPPED_OPS:
         return Skipped(_SKIPPED_OPS[op], position)
-    source = _field(payload, "source", (dict,), {})
+    source = typed_field(payload, "source", (dict,), {})
     after, before = _image(payload, "after"), _image(payload, "before")
     ids = _ids_from_key(key, settings.id_fields)
     for image in (after, before):
         if ids is None and image is not None:
             ids = _pick(image, settings.id_fields)
     if ids is None:
-        _fail("missing_id", f"neither key, after nor before holds {list(settings.id_fields)}")
+        fail("missing_id", f"neither key, after nor before holds {list(settings.id_fields)}")
     doc_id = _join_id(ids)
     version = _version(payload, source, position, settings.version)
-    ts_ms = _int(payload.get("ts_ms"), 1) or _int(source.get("ts_ms"), 1)
+    ts_ms = int64(payload.get("ts_ms"), 1) or int64(source.get("ts_ms"), 1)
     if op == "d":
         return ChangeEvent(doc_id, Op.DELETE, version, position, source_ts_ms=ts_ms, kind="delete")
     if after is None:
-        _fail("missing_after", f"op {op!r} without an after image")
+        fail("missing_after", f"op {op!r} without an after image")
     text, metadata = _text(after, settings.text_fields), _metadata(after, settings.metadata_fields)
     return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms, _KINDS[op])
 
@@ -396,30 +306,30 @@ def _decode_native(
 ) -> ChangeEvent:
     if value is None:
         return _tombstone(key, position, settings, ("id",))
-    doc = _loads(_utf8(value, "value"))
+    doc = loads(utf8(value, "value"))
     if not isinstance(doc, dict):
-        _fail("bad_type", f"value is a JSON {type(doc).__name__}, not an object")
-    raw_id = _field(doc, "id", (str, int), None)
+        fail("bad_type", f"value is a JSON {type(doc).__name__}, not an object")
+    raw_id = typed_field(doc, "id", (str, int), None)
     ids = [raw_id] if raw_id is not None else _ids_from_key(key, ("id",))
     if ids is None:
-        _fail("missing_id", "neither value nor key holds an id")
+        fail("missing_id", "neither value nor key holds an id")
     doc_id = _join_id(ids)
-    version = _field(doc, "version", (int,), position.offset)
-    if _int(version) is None:
-        _fail("bad_type", "version is not a 64-bit integer")
+    version = typed_field(doc, "version", (int,), position.offset)
+    if int64(version) is None:
+        fail("bad_type", "version is not a 64-bit integer")
     if settings.version == "offset":
         version = position.offset
-    ts_ms = _field(doc, "ts_ms", (int,), None)
-    if ts_ms is not None and ts_ms > _INT64_MAX:
-        _fail("bad_type", "ts_ms is not a 64-bit integer")
-    ts_ms = _int(ts_ms, 1)  # like Debezium's: a ts_ms of 0 (or less) is absent
-    if _field(doc, "deleted", (bool,), False):
+    ts_ms = typed_field(doc, "ts_ms", (int,), None)
+    if ts_ms is not None and ts_ms > INT64_MAX:
+        fail("bad_type", "ts_ms is not a 64-bit integer")
+    ts_ms = int64(ts_ms, 1)  # like Debezium's: a ts_ms of 0 (or less) is absent
+    if typed_field(doc, "deleted", (bool,), False):
         return ChangeEvent(doc_id, Op.DELETE, version, position, source_ts_ms=ts_ms)
-    text = _field(doc, "text", (str,), "")
-    metadata = _field(doc, "metadata", (dict,), {})
+    text = typed_field(doc, "text", (str,), "")
+    metadata = typed_field(doc, "metadata", (dict,), {})
     clash = sorted(metadata.keys() & RESERVED_PAYLOAD_FIELDS)
     if clash:
-        _fail("bad_type", f"metadata keys {clash} are reserved payload fields")
-    _check_utf8(text, "text")
-    _check_utf8(metadata, "metadata")
+        fail("bad_type", f"metadata keys {clash} are reserved payload fields")
+    check_utf8(text, "text")
+    check_utf8(metadata, "metadata")
     return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms)

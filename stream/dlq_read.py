@@ -34,6 +34,14 @@ from typing import Any, TextIO
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from .config import Settings
+from .dead_letters import (
+    DETAIL_HEADER,
+    REASON_HEADER,
+    SOURCE_OFFSET_HEADER,
+    SOURCE_PARTITION_HEADER,
+    SOURCE_TOPIC_HEADER,
+    TRUNCATED_HEADER,
+)
 from .errors import KafkaUnavailable
 from .events import Position
 
@@ -47,12 +55,6 @@ __all__ = [
 log = logging.getLogger("embedstream.dlq")
 
 _PREFIX = "embedstream."
-_REASON = "embedstream.error.reason"
-_DETAIL = "embedstream.error.detail"
-_SOURCE_TOPIC = "embedstream.source.topic"
-_SOURCE_PARTITION = "embedstream.source.partition"
-_SOURCE_OFFSET = "embedstream.source.offset"
-_TRUNCATED = "embedstream.dlq.truncated"
 
 # Seconds to wait for metadata, watermarks, commits and for reading progress
 # (replay in stream.dlq uses it too, through _timeout).
@@ -118,9 +120,9 @@ class DeadLetter:
                 ours[name] = value  # the last one wins
             else:
                 own.append((name, value))
-        source_topic = _text(ours.get(_SOURCE_TOPIC))
-        source_partition = _int(ours.get(_SOURCE_PARTITION))
-        source_offset = _int(ours.get(_SOURCE_OFFSET))
+        source_topic = _text(ours.get(SOURCE_TOPIC_HEADER))
+        source_partition = _int(ours.get(SOURCE_PARTITION_HEADER))
+        source_offset = _int(ours.get(SOURCE_OFFSET_HEADER))
         source = (Position(source_topic, source_partition, source_offset)
                   if source_topic and source_partition is not None and source_offset is not None
                   else None)
@@ -130,8 +132,9 @@ class DeadLetter:
         return cls(
             topic=topic, partition=partition, offset=offset,
             key=message.key(), value=message.value(),
-            reason=_text(ours.get(_REASON)) or "unknown", detail=_text(ours.get(_DETAIL)),
-            source=source, headers=tuple(own), truncated=_TRUNCATED in ours,
+            reason=_text(ours.get(REASON_HEADER)) or "unknown",
+            detail=_text(ours.get(DETAIL_HEADER)),
+            source=source, headers=tuple(own), truncated=TRUNCATED_HEADER in ours,
             timestamp_ms=stamp if stamp and stamp > 0 else None,
         )
 
