@@ -109,9 +109,10 @@ from _load import OtherLoad  # bench/_load.py (this script's folder is on sys.pa
 
 from sinks._layout import SCROLL_PAGE, STATE_SUFFIX
 from sinks.base import chunk_point_id
+from sinks.factory import build_admin
 from sinks.qdrant_edge import QdrantEdgeSink
 from stream.broker import LocalBroker
-from stream.config import load_settings
+from stream.config import SinkSettings, load_settings
 from stream.dead_letters import ensure_topics
 from stream.devdata import debezium_value
 
@@ -120,6 +121,15 @@ MSMARCO = ROOT.parent / "shared" / "data" / "msmarco-sample"
 TOPIC = "crashstorm.pages"
 GROUP = "crash-storm"
 COLLECTION = "pages"
+
+
+def physical_collection(store: Path) -> str:
+    """The collection behind the alias (the configured name is an alias)."""
+    admin = build_admin(SinkSettings(kind="qdrant-edge", path=store, collection=COLLECTION))
+    try:
+        return admin.resolve(COLLECTION) or COLLECTION
+    finally:
+        admin.close()
 PARTITIONS = 4
 FIRST_LSN = 10_000_000
 MIN_COSINE = 0.99
@@ -608,7 +618,7 @@ def storm(args: argparse.Namespace, stream: Stream, bootstrap: str, workdir: Pat
             committed = sum(committed_parts)
             # The state collection as the crash left it, read after the run (a copy:
             # the next consumer must find the store exactly as the crash left it).
-            state_dir = store / f"{COLLECTION}{STATE_SUFFIX}"
+            state_dir = store / f"{physical_collection(store)}{STATE_SUFFIX}"
             snapshot = workdir / "state-at-kill" / f"{len(kills) + 1:02d}"
             if state_dir.is_dir():
                 shutil.copytree(state_dir, snapshot)

@@ -1,6 +1,7 @@
 """Vector stores that embedstream writes to.
 
-:func:`build_sink` makes the configured one. ``QdrantServerSink`` is imported
+:func:`build_sink` makes the configured one; :func:`build_admin` the admin of
+its store (collections and aliases). ``QdrantServerSink`` is imported
 on first use only: ``qdrant_client`` takes about a second to import, which
 commands using the Edge sink should not pay.
 """
@@ -11,16 +12,19 @@ from typing import TYPE_CHECKING, Any
 
 from sinks.base import (
     ChunkPoint,
+    CollectionInfo,
     DocState,
     DocumentWrite,
+    Handover,
     Hit,
     Sink,
+    SinkAdmin,
     StoredPoint,
     Vector,
     chunk_point_id,
     doc_state_point_id,
 )
-from sinks.factory import build_sink
+from sinks.factory import build_admin, build_sink
 from sinks.qdrant_edge import QdrantEdgeSink
 
 if TYPE_CHECKING:
@@ -28,14 +32,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ChunkPoint",
+    "CollectionInfo",
     "DocState",
     "DocumentWrite",
+    "Handover",
     "Hit",
     "QdrantEdgeSink",
     "QdrantServerSink",
     "Sink",
+    "SinkAdmin",
     "StoredPoint",
     "Vector",
+    "build_admin",
     "build_sink",
     "chunk_point_id",
     "doc_state_point_id",

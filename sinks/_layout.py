@@ -4,14 +4,21 @@ Both sinks keep two collections: the chunk collection ``<collection>`` (one
 point per chunk, id :func:`~sinks.base.chunk_point_id`) and the state
 collection ``<collection>_state`` (one point per document, id
 :func:`~sinks.base.doc_state_point_id`, payload ``doc_id``, ``version``,
-``offset``, ``deleted``; plus the fingerprint point). The helpers here are
-that shared layout, independent of the client library.
+``offset``, ``deleted``; plus the fingerprint point and, once a rebuild has
+written one, the handover point). The helpers here are that shared layout,
+independent of the client library.
+
+Names: the configured ``sink.collection`` is an alias; the physical collections
+behind it are ``<alias>_<UTC timestamp>`` (:func:`new_physical_name`). A store
+made before aliases holds a physical collection named like the alias itself.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +32,45 @@ STATE_SUFFIX = "_state"
 # Fixed id of the fingerprint point in the state collection (uuid5 of
 # "embedstream:fingerprint"); state points use uuid5 ids of another namespace.
 FINGERPRINT_POINT_ID = "c1c86a3b-311e-5a2e-9268-cdbaef47be79"
+# Fixed id of the handover point (uuid5(NAMESPACE_URL, "embedstream:handover")).
+# Neither special point has a ``doc_id``, so no state read takes one for a document.
+HANDOVER_POINT_ID = "87458333-df8c-5469-a4ac-fe359ead1600"
 STATE_VECTOR = [1.0]  # state points need some vector; they are never searched
 SCROLL_PAGE = 256
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+# The shape of a new_physical_name: <alias>_<timestamp>, optionally _<n>.
+_PHYSICAL = re.compile(r".+_\d{8}T\d{6}Z(?:_\d+)?")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` can name a collection or alias in either store (it is
+    also a directory name for Qdrant Edge, so no path separators, no dot names)."""
+    return bool(_NAME.fullmatch(name)) and name not in {".", ".."}
+
+
+def new_physical_name(alias: str, taken: Callable[[str], bool],
+                      now: float | None = None) -> str:
+    """``<alias>_<UTC timestamp>``, or with ``_2``, ``_3``... appended when
+    ``taken`` says that name (or its state companion) is in use already."""
+    base = f"{alias}_{time.strftime(TIMESTAMP_FORMAT, time.gmtime(now))}"
+    name, n = base, 1
+    while taken(name) or taken(f"{name}{STATE_SUFFIX}"):
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def looks_physical(name: str) -> bool:
+    """Whether ``name`` has the shape :func:`new_physical_name` gives."""
+    return bool(_PHYSICAL.fullmatch(name))
+
+
+def listed_names(names: Collection[str]) -> list[str]:
+    """The collection names to list: every name but the ``<x>_state`` of an
+    ``<x>`` that is there too (it belongs to that collection)."""
+    return sorted(n for n in names
+                  if not (n.endswith(STATE_SUFFIX) and n[:-len(STATE_SUFFIX)] in names))
 
 
 def not_ours_message(collection: str, detail: str) -> str:
@@ -91,6 +135,9 @@ def state_payload(doc_id: str, state: DocState) -> dict[str, Any]:
 
 
 def state_from_payload(payload: Mapping[str, Any] | None) -> tuple[str, DocState] | None:
+    """A state point's document and state; ``None`` for the fingerprint and
+    handover points (no ``doc_id``), so a scroll of the state collection that
+    reads points through this never takes one of them for a document."""
     if not payload or "doc_id" not in payload:
         return None
     state = DocState(int(payload["version"]), int(payload["offset"]), bool(payload["deleted"]))
@@ -115,3 +162,4 @@ def dense_vector(vector: object) -> list[float]:
     if isinstance(vector, list) and all(isinstance(x, int | float) for x in vector):
         return [float(x) for x in vector]
     raise SinkError(f"expected a single dense vector, got {type(vector).__name__}")
+

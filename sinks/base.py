@@ -17,6 +17,14 @@ A sink applies whole-document writes. What every sink guarantees:
 What is not guaranteed: atomicity across documents in one ``apply`` call. The
 consumer only commits Kafka offsets after ``apply`` and ``flush`` return, so a
 partial apply is always replayed.
+
+Names: a sink is built with the configured ``sink.collection``, which is an
+*alias*. ``open`` resolves it once to a physical collection
+(``<alias>_<UTC timestamp>``, or, in a store made before aliases, the
+collection named like the alias) and keeps using that one, even when the
+alias is switched later: a caller notices a switch with
+:meth:`SinkAdmin.resolve` and reopens. :class:`SinkAdmin` lists, switches and
+drops collections.
 """
 
 from __future__ import annotations
@@ -33,10 +41,13 @@ from stream.fingerprint import Fingerprint
 
 __all__ = [
     "ChunkPoint",
+    "CollectionInfo",
     "DocState",
     "DocumentWrite",
+    "Handover",
     "Hit",
     "Sink",
+    "SinkAdmin",
     "StoredPoint",
     "Vector",
     "chunk_point_id",
@@ -114,8 +125,45 @@ class StoredPoint:
     payload: Mapping[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """Where the stream takes over from a bulk rebuild.
+
+    ``offsets``: per ``(topic, partition)``, the first offset the rebuilt
+    collection does not reflect. ``acknowledged``: per consumer group id, the
+    partitions that group has already moved to its handover offset. The sink
+    stores the record; what it means is the rebuild's and consumer's business.
+    """
+
+    offsets: Mapping[tuple[str, int], int]
+    acknowledged: Mapping[str, frozenset[tuple[str, int]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionInfo:
+    """One physical collection as :meth:`SinkAdmin.collections` lists it.
+
+    ``points`` is the chunk count; ``fingerprint`` is ``None`` for a collection
+    embedstream did not make (or whose fingerprint this version cannot read).
+    ``in_use`` (Qdrant Edge only): a sink has it open, so it cannot be read:
+    ``points`` is ``None``, and so is ``fingerprint`` unless that sink is in
+    this process. A Qdrant server cannot tell, so there it is always false."""
+
+    name: str
+    points: int | None
+    aliases: tuple[str, ...]
+    fingerprint: Fingerprint | None
+    in_use: bool = False
+
+
 class Sink(Protocol):
     """A vector store holding one collection of chunk points."""
+
+    @property
+    def collection(self) -> str:
+        """The physical collection this sink uses once open. Before ``open``:
+        the forced physical name if one was given, else the configured alias."""
+        ...
 
     def open(self, fingerprint: Fingerprint | None) -> None:
         """Create the collection (dimension and cosine distance from the
@@ -159,6 +207,61 @@ class Sink(Protocol):
         """Every chunk point with its vector and payload (for export)."""
         ...
 
+    def write_handover(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        """Store a handover record with these offsets and no acknowledgements in
+        this collection, replacing any earlier one. Durable against a machine
+        crash when it returns."""
+        ...
+
+    def read_handover(self) -> Handover | None:
+        """The stored handover record, or ``None`` when there is none."""
+        ...
+
+    def acknowledge_handover(self, group_id: str,
+                             partitions: Collection[tuple[str, int]]) -> None:
+        """Add ``partitions`` to ``group_id``'s acknowledgements (durable on
+        return, like :meth:`write_handover`). A read-modify-write: two processes
+        acknowledging at the same instant may lose one's change, so each
+        partition must be acknowledged by one process at a time (its owner).
+        Raises :class:`~stream.errors.SinkError` when there is no record."""
+        ...
+
     def close(self) -> None:
         """Flush and release the store."""
+        ...
+
+
+class SinkAdmin(Protocol):
+    """Collections and aliases of one store (built by
+    :func:`sinks.factory.build_admin`). Names are physical collection names
+    unless a parameter says ``alias``. Errors are
+    :class:`~stream.errors.SinkError` with a message meant for the user."""
+
+    def resolve(self, alias: str) -> str | None:
+        """The collection ``alias`` points at now, or ``None`` when there is no
+        such alias (a collection of that name made before aliases is not an
+        alias). Reads the store afresh on every call; cheap enough to call
+        about once a second."""
+        ...
+
+    def switch(self, alias: str, target: str) -> str | None:
+        """Point ``alias`` at the physical collection ``target`` in one atomic
+        step (readers see the old target or the new one, never no alias) and
+        return the previous target. Refuses a target that does not exist or
+        holds no embedstream fingerprint. The previous target is kept."""
+        ...
+
+    def collections(self) -> list[CollectionInfo]:
+        """Every physical collection in the store, by name, without the
+        ``_state`` companions (they belong to their collection)."""
+        ...
+
+    def drop(self, name: str, force: bool = False) -> None:
+        """Delete the physical collection ``name`` and its ``_state`` companion.
+        Refuses a name that is not an embedstream collection, and one an alias
+        points at unless ``force`` (which removes those aliases too)."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection. Safe to call twice."""
         ...

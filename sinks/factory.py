@@ -1,4 +1,4 @@
-"""Building a sink from settings.
+"""Building a sink, or the admin of its store, from settings.
 
 The sink modules are imported only when a sink of their kind is built, so
 that using the Edge sink never pays for importing ``qdrant_client`` (about a
@@ -9,29 +9,54 @@ from __future__ import annotations
 
 from typing import assert_never
 
-from sinks.base import Sink
+from sinks.base import Sink, SinkAdmin
 from stream.config import SinkSettings
 from stream.errors import ConfigError
 
-__all__ = ["build_sink"]
+__all__ = ["build_admin", "build_sink"]
 
-def build_sink(settings: SinkSettings) -> Sink:
+
+def build_sink(settings: SinkSettings, physical: str | None = None) -> Sink:
     """The sink ``settings.kind`` names, not yet opened.
 
-    Raises :class:`~stream.errors.ConfigError` naming the field when the
-    settings cannot describe a working sink. Nothing is connected or created
-    until ``open``."""
+    It opens ``settings.collection`` through the alias of that name, or, given
+    ``physical``, exactly that physical collection, never touching the alias
+    (see :mod:`sinks.base`). Raises :class:`~stream.errors.ConfigError` naming
+    the field when the settings cannot describe a working sink. Nothing is
+    connected or created until ``open``."""
     if settings.kind == "qdrant-edge":
         from sinks.qdrant_edge import QdrantEdgeSink
 
-        return QdrantEdgeSink(settings.path, settings.collection)
+        return QdrantEdgeSink(settings.path, settings.collection, physical=physical)
     if settings.kind == "qdrant":
-        if not settings.url:
-            raise ConfigError(
-                "sink.url is required when sink.kind is 'qdrant' "
-                "(http://host:6333, https://..., or ':memory:' for an in-process store)"
-            )
+        _require_url(settings)
         from sinks.qdrant_server import QdrantServerSink
 
-        return QdrantServerSink.from_settings(settings)
+        return QdrantServerSink.from_settings(settings, physical=physical)
     assert_never(settings.kind)
+
+
+def build_admin(settings: SinkSettings) -> SinkAdmin:
+    """The admin (collections and aliases) of the store ``settings`` describe.
+
+    Raises :class:`~stream.errors.ConfigError` like :func:`build_sink`. Close
+    it when done. Nothing is created; a server client is made but not yet
+    contacted."""
+    if settings.kind == "qdrant-edge":
+        from sinks._edge_admin import QdrantEdgeAdmin
+
+        return QdrantEdgeAdmin(settings.path)
+    if settings.kind == "qdrant":
+        _require_url(settings)
+        from sinks._server_admin import QdrantServerAdmin
+
+        return QdrantServerAdmin(settings)
+    assert_never(settings.kind)
+
+
+def _require_url(settings: SinkSettings) -> None:
+    if not settings.url:
+        raise ConfigError(
+            "sink.url is required when sink.kind is 'qdrant' "
+            "(http://host:6333, https://..., or ':memory:' for an in-process store)"
+        )

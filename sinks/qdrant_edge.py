@@ -1,10 +1,19 @@
 """Qdrant Edge sink: an embedded Qdrant shard in this process, on local disk.
 
-Layout under ``path``: the chunk collection ``<collection>/`` (one point per
-chunk, the default dense vector, cosine), the state collection
-``<collection>_state/`` (one point per document holding its
-:class:`~sinks.base.DocState`, plus one point holding the fingerprint) and the
-lock file ``.<collection>.lock``.
+Layout under ``path``, for each physical collection: the chunk collection
+``<collection>/`` (one point per chunk, the default dense vector, cosine), the
+state collection ``<collection>_state/`` (one point per document holding its
+:class:`~sinks.base.DocState`, plus the fingerprint point and maybe the
+handover point) and the lock file ``.<collection>.lock``; for the store, the
+aliases (``aliases.json``, see :mod:`sinks._edge_files`).
+
+``open`` takes the alias's target (see :mod:`sinks.base`); else a collection
+named like the alias (made before aliases); else, given a fingerprint, creates
+``<alias>_<UTC timestamp>`` and then the alias, under the aliases lock (two
+processes creating a store at once end up on one collection, the second
+refused its lock). The alias is written last: an interrupted creation leaves
+an unaliased collection (``collections list`` shows it), never an alias to
+nothing.
 
 Guarantees, beyond those of :mod:`sinks.base`:
 
@@ -16,9 +25,10 @@ Guarantees, beyond those of :mod:`sinks.base`:
   chunks on a busy one, which is why ``apply`` does not do it by default: the
   consumer calls ``flush`` once per ``sink.flush_interval_ms``, before it
   commits offsets.
-* One process at a time: ``open`` takes an exclusive ``flock`` on the lock file
-  and raises :class:`~stream.errors.SinkError` naming the holder's pid
-  otherwise. The lock dies with its process, so no stale lock survives a crash.
+* One process at a time per physical collection: ``open`` takes an exclusive
+  ``flock`` on its lock file and raises :class:`~stream.errors.SinkError`
+  naming the holder's pid otherwise. The lock dies with its process, so no
+  stale lock survives a crash.
 
 Not guaranteed: consistency of ``points()`` with writes made while iterating;
 use from several threads at once.
@@ -27,80 +37,85 @@ use from several threads at once.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import qdrant_edge as qe
 
+from sinks._edge_files import AliasRegistry, ProcessLock, lock_path
+from sinks._handover import HandoverMethods
 from sinks._layout import (
     FINGERPRINT_POINT_ID,
+    HANDOVER_POINT_ID,
     SCROLL_PAGE,
     STATE_SUFFIX,
     STATE_VECTOR,
     as_floats,
     dense_vector,
+    new_physical_name,
     not_ours_message,
     parse_fingerprint,
     plan_writes,
     state_from_payload,
+    valid_name,
 )
 from sinks.base import DocState, DocumentWrite, Hit, StoredPoint, doc_state_point_id
 from stream.errors import ConfigError, FingerprintMismatch, SinkError
 from stream.fingerprint import Fingerprint
 
-__all__ = ["QdrantEdgeSink"]
+__all__ = ["QdrantEdgeSink", "open_fingerprint"]
 
 _CHUNK_INDEXES = (
     ("doc_id", qe.PayloadSchemaType.Keyword),
     ("version", qe.PayloadSchemaType.Integer),
     ("chunk_index", qe.PayloadSchemaType.Integer),
 )
+# How often open resolves the alias again when it moved while opening.
+_RESOLVE_ATTEMPTS = 5
+# Lock file (real path) -> fingerprint of each collection open in this process:
+# another process's shard cannot be read, and neither can our own from a second
+# handle, so the admin asks here.
+_OPEN: dict[str, Fingerprint] = {}
 
 
-class _ProcessLock:
-    """An exclusive ``flock`` on a file holding the owner's pid.
-
-    ``flock`` locks belong to the open file, so a second open in the same
-    process is refused too, and the kernel drops the lock when its owner dies.
-    """
-
-    def __init__(self, file: Path, what: str) -> None:
-        self._fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
-            who = ("this process" if holder == str(os.getpid()) else "another process")
-            raise SinkError(
-                f"{what} is in use by {who} (pid {holder}); a Qdrant Edge store can be "
-                "opened by one process at a time. Stop that process (e.g. the running "
-                "consumer) and try again."
-            ) from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-
-    def release(self) -> None:
-        # Closing the descriptor drops the lock; the file stays, as deleting it
-        # would race with a process that has just opened it.
-        os.close(self._fd)
+def open_fingerprint(lock_file: Path) -> Fingerprint | None:
+    """The fingerprint of the collection of ``lock_file`` if a sink of this
+    process has it open; ``None`` otherwise."""
+    return _OPEN.get(os.path.realpath(lock_file))
 
 
-class QdrantEdgeSink:
+class QdrantEdgeSink(HandoverMethods):
     """Chunk points in a local Qdrant Edge shard (see the module docstring)."""
 
-    def __init__(self, path: Path | str, collection: str) -> None:
-        if not collection or collection in {".", ".."} or "/" in collection:
-            raise ConfigError(f"sink.collection {collection!r} is not a valid collection name")
+    def __init__(self, path: Path | str, collection: str, *,
+                 physical: str | None = None) -> None:
+        """``collection`` is the configured name (an alias). ``physical``, when
+        given, is the physical collection ``open`` uses or creates instead,
+        without reading or touching any alias (a rebuild fills a new collection
+        this way while the live consumer keeps using the alias)."""
+        for name, what in ((collection, "sink.collection"), (physical, "physical collection")):
+            if name is not None and not valid_name(name):
+                raise ConfigError(f"{what} {name!r} is not a valid collection name")
         self._path = Path(path)
-        self._collection = collection
-        self._where = f"Qdrant Edge collection {collection!r} at {self._path}"
-        self._lock: _ProcessLock | None = None
+        self._alias = collection
+        self._forced = physical
+        self._collection = physical or collection
+        self._aliases = AliasRegistry(self._path)
+        self._lock: ProcessLock | None = None
+        self._lock_file: str | None = None
         self._chunks: qe.EdgeShard | None = None
         self._state: qe.EdgeShard | None = None
+
+    @property
+    def collection(self) -> str:
+        return self._collection
+
+    @property
+    def _where(self) -> str:
+        alias = f" (alias {self._alias!r})" if self._collection != self._alias else ""
+        return f"Qdrant Edge collection {self._collection!r}{alias} at {self._path}"
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -109,16 +124,78 @@ class QdrantEdgeSink:
             raise SinkError(f"{self._where} is already open")
         with self._errors("open"):
             self._path.mkdir(parents=True, exist_ok=True)
-        lock = _ProcessLock(self._path / f".{self._collection}.lock", self._where)
+        if self._forced is not None:
+            if self._forced in self._aliases.read():
+                raise SinkError(f"{self._forced!r} at {self._path} is an alias, not a "
+                                "physical collection")
+            self._open_physical(self._forced, fingerprint, via_alias=False)
+            return
+        for _ in range(_RESOLVE_ATTEMPTS):
+            target = self._aliases.read().get(self._alias)
+            if target is not None:
+                if self._open_physical(target, fingerprint, via_alias=True):
+                    return
+                continue  # switched while we were opening: resolve again
+            if self._exists(self._alias):  # a store made before aliases
+                self._open_physical(self._alias, fingerprint, via_alias=False)
+                return
+            if fingerprint is None:
+                raise SinkError(f"{self._where} does not exist (or was not made by embedstream)")
+            if self._create_behind_alias(fingerprint):
+                return
+        raise SinkError(f"alias {self._alias!r} at {self._path} kept changing while opening; "
+                        "try again")
+
+    def _create_behind_alias(self, fingerprint: Fingerprint) -> bool:
+        """Create ``<alias>_<timestamp>`` and then the alias; False when another
+        process created the alias first (the caller resolves it again)."""
         try:
-            self._open_shards(fingerprint)
+            with self._aliases.changing() as aliases:
+                if self._alias in aliases:
+                    return False
+                name = new_physical_name(
+                    self._alias, lambda n: n in aliases or (self._path / n).exists())
+                self._open_physical(name, fingerprint, via_alias=False)
+                self.flush()  # on disk before the alias can lead anyone to it
+                aliases[self._alias] = name  # written on leaving the block
+        except BaseException:
+            self.close()
+            raise
+        return True
+
+    def _open_physical(self, name: str, fingerprint: Fingerprint | None,
+                       via_alias: bool) -> bool:
+        """Lock and open (or create) the physical collection ``name``. With
+        ``via_alias``, False when the alias no longer points at ``name`` once
+        the lock is held (nothing stays open then)."""
+        self._collection = name
+        file = lock_path(self._path, name)
+        lock = ProcessLock.take(file, self._where)
+        try:
+            if via_alias:
+                if self._aliases.read().get(self._alias) != name:
+                    lock.release()
+                    return False
+                if not self._exists(name):
+                    raise SinkError(
+                        f"alias {self._alias!r} at {self._path} points at {name!r}, which does "
+                        f"not exist; point it at another collection or remove it from "
+                        f"{self._path / 'aliases.json'}")
+            stored = self._open_shards(fingerprint)
         except BaseException:
             self._close_shards()
             lock.release()
             raise
         self._lock = lock
+        self._lock_file = os.path.realpath(file)
+        _OPEN[self._lock_file] = stored
+        return True
 
-    def _open_shards(self, fingerprint: Fingerprint | None) -> None:
+    def _exists(self, name: str) -> bool:
+        return _has_files(self._path / name) or _has_files(self._path / f"{name}{STATE_SUFFIX}")
+
+    def _open_shards(self, fingerprint: Fingerprint | None) -> Fingerprint:
+        """Open (or create) both shards; the fingerprint the collection holds."""
         chunk_dir = self._path / self._collection
         state_dir = self._path / f"{self._collection}{STATE_SUFFIX}"
         stored: Fingerprint | None = None
@@ -134,7 +211,7 @@ class QdrantEdgeSink:
                 raise SinkError(f"{self._where}: {chunk_dir} is missing although its state "
                                 "collection exists; delete both to rebuild")
             self._chunks = self._load(chunk_dir)
-            return
+            return stored
         # No fingerprint: a new store, or a creation interrupted before its last
         # step (writing the fingerprint). An empty leftover is adopted; one with
         # points was not made by embedstream and is refused.
@@ -162,6 +239,7 @@ class QdrantEdgeSink:
             # every update it is in the WAL once update() returns.
             self._state.update(qe.UpdateOperation.upsert_points([qe.Point(
                 FINGERPRINT_POINT_ID, STATE_VECTOR, {"fingerprint": fingerprint.to_json()})]))
+        return fingerprint
 
     def close(self) -> None:
         """Flush and close both shards and release the lock. Safe to call twice."""
@@ -172,6 +250,9 @@ class QdrantEdgeSink:
                         shard.flush()
         finally:
             self._close_shards()
+            if self._lock_file is not None:
+                _OPEN.pop(self._lock_file, None)
+                self._lock_file = None
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -241,6 +322,21 @@ class QdrantEdgeSink:
     def points(self) -> Iterator[StoredPoint]:
         for record in self._scroll(None, True):
             yield StoredPoint(str(record.id), dense_vector(record.vector), record.payload or {})
+
+    # -- handover (the record's logic is in HandoverMethods) ----------------
+
+    def _handover_payload(self) -> Mapping[str, Any] | None:
+        state = self._open_state()
+        with self._errors("read the handover record"):
+            found = state.retrieve([HANDOVER_POINT_ID], with_payload=True, with_vector=False)
+        return found[0].payload if found else None
+
+    def _replace_handover_payload(self, payload: dict[str, Any]) -> None:
+        state = self._open_state()
+        with self._errors("write the handover record"):
+            state.update(qe.UpdateOperation.upsert_points(
+                [qe.Point(HANDOVER_POINT_ID, STATE_VECTOR, payload)]))
+            state.flush()  # a rare control record: durable at once, not at the next flush
 
     def _scroll(self, only: qe.Filter | None, payload: bool | list[str]) -> Iterator[qe.Record]:
         """Every chunk record (matching ``only``), with its vector, page by page."""

@@ -1,7 +1,12 @@
 """Qdrant server sink: chunk points in a Qdrant server (or cluster) over HTTP/gRPC.
 
 Layout: the chunk collection ``<collection>`` and the state collection
-``<collection>_state`` (see :mod:`sinks.factory`).
+``<collection>_state`` (see :mod:`sinks._layout`), where ``<collection>`` is
+a physical collection; the configured name is a Qdrant alias pointing at one
+(see :mod:`sinks.base`). ``open`` takes its target; else a collection named
+like the alias (made before aliases); else, given a fingerprint, creates
+``<alias>_<UTC timestamp>`` and then the alias, last, so an interrupted
+creation leaves an unaliased collection, never an alias to nothing.
 
 Guarantees, beyond those of :mod:`sinks.base`:
 
@@ -19,7 +24,10 @@ Guarantees, beyond those of :mod:`sinks.base`:
 
 Not guaranteed: detection of two consumers with different fingerprints
 creating the same collection at the same instant; consistency of ``points()``
-with writes made while iterating.
+with writes made while iterating. Two processes creating a new store at once
+each create a collection; one that then finds the alias taken joins its target
+(deleting its own), but Qdrant has no compare-and-set for aliases: two that
+create the alias within milliseconds of each other can end up apart.
 
 ``url=":memory:"`` runs an in-process store with the server's semantics (for
 tests and trials; it keeps nothing, and ignores payload indexes).
@@ -30,31 +38,32 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 from pydantic import SecretStr
 from qdrant_client import QdrantClient, models
-from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
-from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from sinks._handover import HandoverMethods
 from sinks._layout import (
     FINGERPRINT_POINT_ID,
+    HANDOVER_POINT_ID,
     SCROLL_PAGE,
     STATE_SUFFIX,
     STATE_VECTOR,
     as_floats,
     dense_vector,
+    new_physical_name,
     not_ours_message,
-    parse_fingerprint,
     plan_writes,
     state_from_payload,
 )
+from sinks._server_admin import aliases_of, create_alias, physical_names, read_fingerprint
+from sinks._server_errors import is_conflict, translate
 from sinks.base import DocState, DocumentWrite, Hit, StoredPoint, doc_state_point_id
 from stream.config import SinkSettings
-from stream.errors import ConfigError, FingerprintMismatch, SinkError, SinkUnavailable
+from stream.errors import ConfigError, FingerprintMismatch, SinkError
 from stream.fingerprint import Fingerprint
 
 __all__ = ["QdrantServerSink"]
@@ -67,15 +76,17 @@ _CHUNK_INDEXES = (
 # Vector floats per request: JSON costs up to ~20 bytes a float, and Qdrant
 # refuses requests over 32 MB by default. 1,000 chunks of dimension 384 fit.
 _MAX_FLOATS_PER_REQUEST = 500_000
-# grpc.StatusCode names; grpc ships no type stubs, so codes are matched by name.
-_TRANSIENT_GRPC = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL"}
 
 
-class QdrantServerSink:
+class QdrantServerSink(HandoverMethods):
     """Chunk points in a Qdrant server collection (see the module docstring).
 
-    ``client`` lets a caller share an existing client (tests use it to reopen an
-    in-memory store); a shared client is not closed by :meth:`close`.
+    ``collection`` is the configured name (an alias). ``physical``, when given,
+    is the physical collection ``open`` uses or creates instead, without
+    reading or touching any alias (a rebuild fills a new collection this way
+    while the live consumer keeps using the alias). ``client`` lets a caller
+    share an existing client (tests use it to reopen an in-memory store); a
+    shared client is not closed by :meth:`close`.
     """
 
     def __init__(
@@ -92,12 +103,15 @@ class QdrantServerSink:
         tls_ca_file: Path | None = None,
         tls_verify: bool = True,
         client: QdrantClient | None = None,
+        physical: str | None = None,
     ) -> None:
         if url != ":memory:" and not url.startswith(("http://", "https://")):
             raise ConfigError(f"sink.url {url!r} must be http(s)://host:port or ':memory:'")
         self._url = url
-        self._collection = collection
-        self._state_collection = f"{collection}{STATE_SUFFIX}"
+        self._alias = collection
+        self._forced = physical
+        self._collection = physical or collection
+        self._state_collection = f"{self._collection}{STATE_SUFFIX}"
         self._api_key = api_key  # stays a SecretStr until the client is built
         self._prefer_grpc = prefer_grpc
         self._timeout_s = timeout_s
@@ -109,10 +123,19 @@ class QdrantServerSink:
         self._write_consistency_factor = write_consistency_factor
         self._client = client
         self._owns_client = client is None
-        self._where = f"Qdrant collection {collection!r} at {url}"
+
+    @property
+    def collection(self) -> str:
+        return self._collection
+
+    @property
+    def _where(self) -> str:
+        alias = f" (alias {self._alias!r})" if self._collection != self._alias else ""
+        return f"Qdrant collection {self._collection!r}{alias} at {self._url}"
 
     @classmethod
-    def from_settings(cls, settings: SinkSettings) -> QdrantServerSink:
+    def from_settings(cls, settings: SinkSettings,
+                      physical: str | None = None) -> QdrantServerSink:
         if not settings.url:
             raise ConfigError("sink.url is required when sink.kind is 'qdrant'")
         return cls(
@@ -120,7 +143,7 @@ class QdrantServerSink:
             prefer_grpc=settings.prefer_grpc, timeout_s=settings.timeout_s,
             shard_number=settings.shard_number, replication_factor=settings.replication_factor,
             write_consistency_factor=settings.write_consistency_factor,
-            tls_ca_file=settings.tls_ca_file, tls_verify=settings.tls_verify,
+            tls_ca_file=settings.tls_ca_file, tls_verify=settings.tls_verify, physical=physical,
         )
 
     # -- lifecycle ---------------------------------------------------------
@@ -130,7 +153,49 @@ class QdrantServerSink:
             self._client = self._connect()
         client = self._client
         with self._errors("open"):
-            stored = (self._read_fingerprint(client)
+            aliases = aliases_of(client)
+            if self._forced is not None and self._forced in aliases:
+                raise SinkError(f"{self._forced!r} at {self._url} is an alias, not a "
+                                "physical collection")
+            target = self._forced or aliases.get(self._alias)
+            legacy = (self._alias, f"{self._alias}{STATE_SUFFIX}")  # a store made before aliases
+            if target is None and any(client.collection_exists(n) for n in legacy):
+                target = self._alias
+        if target is not None:
+            self._open_physical(client, target, fingerprint)
+        elif fingerprint is None:
+            raise SinkError(f"{self._where} does not exist (or was not made by embedstream)")
+        else:
+            self._create_behind_alias(client, fingerprint)
+
+    def _create_behind_alias(self, client: QdrantClient, fingerprint: Fingerprint) -> None:
+        with self._errors("create"):
+            taken = physical_names(client) | set(aliases_of(client))
+        name = new_physical_name(self._alias, taken.__contains__)
+        self._open_physical(client, name, fingerprint)
+        with self._errors("create the alias"):
+            winner = aliases_of(client).get(self._alias)
+            if winner is None:
+                create_alias(client, self._alias, name)
+                winner = aliases_of(client).get(self._alias)
+        if winner == name:
+            return
+        # Another process made the alias meanwhile: join its collection, and
+        # delete ours (empty, and nothing leads to it) so no orphan is left.
+        for leftover in (name, f"{name}{STATE_SUFFIX}"):
+            with contextlib.suppress(Exception):
+                client.delete_collection(leftover)
+        if winner is None:
+            raise SinkError(f"alias {self._alias!r} at {self._url} vanished while it was "
+                            "being created; try again")
+        self._open_physical(client, winner, fingerprint)
+
+    def _open_physical(self, client: QdrantClient, name: str,
+                       fingerprint: Fingerprint | None) -> None:
+        """Open (or, given a fingerprint, create) the physical collection ``name``."""
+        self._collection, self._state_collection = name, f"{name}{STATE_SUFFIX}"
+        with self._errors("open"):
+            stored = (read_fingerprint(client, name)
                       if client.collection_exists(self._state_collection) else None)
             chunks_exist = client.collection_exists(self._collection)
         if stored is not None:
@@ -157,8 +222,8 @@ class QdrantServerSink:
             with warnings.catch_warnings():
                 # The in-memory store warns that it ignores payload indexes.
                 warnings.filterwarnings("ignore", "Payload indexes have no effect")
-                for name, schema in _CHUNK_INDEXES:
-                    client.create_payload_index(self._collection, name, schema, wait=True)
+                for field, schema in _CHUNK_INDEXES:
+                    client.create_payload_index(self._collection, field, schema, wait=True)
                 client.create_payload_index(self._state_collection, "doc_id",
                                             models.PayloadSchemaType.KEYWORD, wait=True)
             client.upsert(self._state_collection, wait=True, points=[models.PointStruct(
@@ -209,8 +274,7 @@ class QdrantServerSink:
                 write_consistency_factor=self._write_consistency_factor)
         except Exception as exc:
             # Another consumer created it just now: carry on with its collection.
-            conflict = isinstance(exc, UnexpectedResponse) and exc.status_code == 409
-            if not (conflict or _grpc_code(exc) == "ALREADY_EXISTS"):
+            if not is_conflict(exc):
                 raise
 
     def _check_leftover(self, client: QdrantClient, name: str, size: int) -> None:
@@ -221,11 +285,6 @@ class QdrantServerSink:
         held = client.count(name, exact=True).count
         if held:
             raise FingerprintMismatch(not_ours_message(name, f"{held} points"))
-
-    def _read_fingerprint(self, client: QdrantClient) -> Fingerprint | None:
-        found = client.retrieve(self._state_collection, [FINGERPRINT_POINT_ID], with_payload=True)
-        raw = (found[0].payload or {}).get("fingerprint") if found else None
-        return parse_fingerprint(raw, self._collection)
 
     # -- reads and writes --------------------------------------------------
 
@@ -288,6 +347,21 @@ class QdrantServerSink:
         for record in self._scroll(None, True):
             yield StoredPoint(str(record.id), dense_vector(record.vector), record.payload or {})
 
+    # -- handover (the record's logic is in HandoverMethods) ----------------
+
+    def _handover_payload(self) -> Mapping[str, Any] | None:
+        client = self._open()
+        with self._errors("read the handover record"):
+            found = client.retrieve(self._state_collection, [HANDOVER_POINT_ID],
+                                    with_payload=True)
+        return found[0].payload if found else None
+
+    def _replace_handover_payload(self, payload: dict[str, Any]) -> None:
+        client = self._open()
+        with self._errors("write the handover record"):
+            client.upsert(self._state_collection, wait=True, points=[models.PointStruct(
+                id=HANDOVER_POINT_ID, vector=STATE_VECTOR, payload=payload)])
+
     def _scroll(
         self, only: models.Filter | None, payload: bool | list[str]
     ) -> Iterator[models.Record]:
@@ -320,36 +394,7 @@ class QdrantServerSink:
             raise self._translate(what, exc) from None  # the cause may quote the request
 
     def _translate(self, what: str, exc: Exception) -> SinkError:
-        """SinkUnavailable for what waiting may cure, SinkError for the rest."""
-        retry_after: float | None = None
-        if isinstance(exc, ResourceExhaustedResponse):
-            detail, retry_after = f"rate limited: {exc}", float(exc.retry_after_s)
-        elif isinstance(exc, UnexpectedResponse):
-            content = exc.content[:300].decode(errors="replace")
-            detail = f"HTTP {exc.status_code} {exc.reason_phrase}: {content}"
-            if exc.status_code in (408, 429) or (exc.status_code or 0) >= 500:
-                retry_after = _retry_after_header(exc.headers) or (1.0 if exc.status_code == 429
-                                                                   else 2.0)
-        elif isinstance(exc, ResponseHandlingException):
-            source = exc.source
-            detail = f"{type(source).__name__}: {source}"
-            if isinstance(source, httpx.TransportError):  # refused, reset, timed out
-                retry_after = 5.0
-        elif code := _grpc_code(exc):
-            details = getattr(exc, "details", None)
-            detail = f"gRPC {code}: {details() if callable(details) else exc}"
-            if code in _TRANSIENT_GRPC:
-                retry_after = 5.0
-        else:
-            detail = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, httpx.TransportError | ConnectionError | TimeoutError):
-                retry_after = 5.0
-        message = f"{self._where}: {what} failed: {detail}"
-        if self._api_key is not None and self._api_key.get_secret_value():
-            message = message.replace(self._api_key.get_secret_value(), "**********")
-        if retry_after is not None:
-            return SinkUnavailable(message, retry_after=retry_after)
-        return SinkError(message)
+        return translate(exc, f"{self._where}: {what} failed", self._api_key)
 
 
 def _trim_filter(doc_ids: list[str], keep: int) -> models.Filter:
@@ -358,18 +403,3 @@ def _trim_filter(doc_ids: list[str], keep: int) -> models.Filter:
     if keep > 0:
         must.append(models.FieldCondition(key="chunk_index", range=models.Range(gte=keep)))
     return models.Filter(must=must)
-
-
-def _grpc_code(exc: Exception) -> str | None:
-    """The status code name of a gRPC error (grpc ships no type stubs)."""
-    code_of = getattr(exc, "code", None)
-    if type(exc).__module__.startswith("grpc") and callable(code_of):
-        return str(getattr(code_of(), "name", "UNKNOWN"))
-    return None
-
-
-def _retry_after_header(headers: httpx.Headers) -> float | None:
-    try:
-        return max(float(headers.get("Retry-After", "")), 0.0)
-    except ValueError:
-        return None

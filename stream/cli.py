@@ -28,6 +28,9 @@ class JsonLogFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        progress = getattr(record, "progress", None)  # figures of a rebuild's progress line
+        if isinstance(progress, dict):
+            entry["progress"] = progress
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -107,6 +110,45 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_collections_list(args: argparse.Namespace) -> int:
+    from .collections_cmd import list_collections
+
+    list_collections(_settings(args), sys.stdout, as_json=args.json)
+    return 0
+
+
+def _cmd_collections_drop(args: argparse.Namespace) -> int:
+    from .collections_cmd import drop_collection
+
+    drop_collection(_settings(args), args.name, sys.stdout, force=args.force)
+    return 0
+
+
+def _cmd_collections_switch(args: argparse.Namespace) -> int:
+    from .collections_cmd import switch_collection
+
+    switch_collection(_settings(args), args.name, sys.stdout)
+    return 0
+
+
+def _cmd_rebuild(args: argparse.Namespace) -> int:
+    from bulk.rebuild import RebuildOptions, rebuild
+
+    options = RebuildOptions(
+        source=args.source, collection=args.collection, output=args.output,
+        engine=args.engine, restart=args.restart, swap=not args.no_swap,
+        handover=not args.no_handover)
+    report = rebuild(_settings(args), options)
+    print(report.to_json())
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from bulk.sizing import run_plan
+
+    return run_plan(_settings(args), args, sys.stdout)
+
+
 def _cmd_dev(args: argparse.Namespace) -> int:
     from .dev import run_dev
 
@@ -150,6 +192,62 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_replay.add_argument("--dry-run", action="store_true",
                             help="report what would be resubmitted; produce and commit nothing")
     dlq_replay.set_defaults(run=_cmd_dlq_replay)
+
+    collections = commands.add_parser(
+        "collections", help="list and drop the physical collections behind sink.collection")
+    collections_commands = collections.add_subparsers(dest="collections_command", required=True)
+    collections_list = with_config(collections_commands.add_parser(
+        "list", help="every collection: points, aliases, model (* = the one in use)"))
+    collections_list.add_argument("--json", action="store_true",
+                                  help="one JSON object per collection")
+    collections_list.set_defaults(run=_cmd_collections_list)
+    collections_drop = with_config(collections_commands.add_parser(
+        "drop", help="delete a collection and its state (refused while an alias points at it)"))
+    collections_drop.add_argument("name", help="physical collection name (see `list`)")
+    collections_drop.add_argument("--force", action="store_true",
+                                  help="drop it even if an alias points at it (removes the alias)")
+    collections_drop.set_defaults(run=_cmd_collections_drop)
+    collections_switch = with_config(collections_commands.add_parser(
+        "switch", help="point sink.collection (the alias) at another collection"))
+    collections_switch.add_argument("name", help="physical collection name (see `list`)")
+    collections_switch.set_defaults(run=_cmd_collections_switch)
+
+    rebuild = with_config(commands.add_parser(
+        "rebuild", help="re-embed a whole corpus into a new collection, then swap the alias"))
+    rebuild.add_argument("--source", required=True,
+                         help="'kafka' (the configured topics up to their current ends) or a "
+                              "path or glob of .jsonl/.tsv/.parquet files (.gz, .zst)")
+    rebuild.add_argument("--collection", default=None,
+                         help="the alias to rebuild (default: sink.collection)")
+    rebuild.add_argument("--output", type=Path, default=None,
+                         help="write vectors to FILE.parquet or FILE.npy (+ FILE.ids.jsonl) "
+                              "instead of a store")
+    rebuild.add_argument("--engine", choices=["local", "ray"], default="local")
+    rebuild.add_argument("--restart", action="store_true",
+                         help="discard an interrupted rebuild instead of resuming it")
+    rebuild.add_argument("--no-swap", action="store_true",
+                         help="fill the new collection but leave the alias where it is")
+    rebuild.add_argument("--no-handover", action="store_true",
+                         help="record no Kafka offsets and skip the catch-up (no live stream)")
+    rebuild.set_defaults(run=_cmd_rebuild)
+
+    plan = with_config(commands.add_parser(
+        "plan", help="size a rebuild: GPU-hours, wall-clock per fleet size, cost"))
+    plan.add_argument("--docs", type=int, required=True, help="documents in the corpus")
+    plan.add_argument("--chunks-per-doc", type=float, default=None,
+                      help="chunks per document (default: measured on the calibration sample)")
+    plan.add_argument("--tokens-per-chunk", type=float, default=None,
+                      help="tokens per chunk (default: measured on the calibration sample)")
+    plan.add_argument("--gpus", default="1,2,4,8",
+                      help="fleet sizes to show, comma-separated (default 1,2,4,8)")
+    plan.add_argument("--price", type=float, default=None,
+                      help="price per GPU-hour (or per machine-hour on a CPU), for the cost")
+    plan.add_argument("--rate", type=float, default=None,
+                      help="chunks/s of one device; skips the calibration run")
+    plan.add_argument("--sample", default=None,
+                      help="corpus file(s) to calibrate on (default: the MS MARCO sample)")
+    plan.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    plan.set_defaults(run=_cmd_plan)
 
     dev = commands.add_parser(
         "dev", help="demo: local broker, consumer on an embedded store, real change events"

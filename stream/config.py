@@ -23,6 +23,7 @@ from .errors import ConfigError
 
 __all__ = [
     "RESERVED_PAYLOAD_FIELDS",
+    "BulkSettings",
     "ChunkSettings",
     "EmbedSettings",
     "KafkaSecurity",
@@ -191,6 +192,35 @@ class SinkSettings(_Section):
     flush_interval_ms: int = Field(default=1000, ge=0)
 
 
+class BulkSettings(_Section):
+    """The bulk rebuild (``embedstream rebuild``): engine sizes, file reading, checkpoints."""
+
+    # Padded tokens (rows x longest) per forward pass; 0 picks 2048 on a CPU
+    # (larger spills out of cache there) and 65536 on a GPU.
+    batch_tokens: int = Field(default=0, ge=0)
+    # "auto" runs bf16 (fp16 on GPUs without bf16) when a calibration batch is
+    # faster and every vector keeps cosine >= min_cosine with fp32; else fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    min_cosine: float = Field(default=0.99, gt=0, le=1)
+    # Threads that chunk and tokenize (HF fast tokenizers release the GIL).
+    tokenizer_workers: int = Field(default=2, ge=1)
+    # Texts gathered, sorted by length and packed into batches at a time.
+    bucket_texts: int = Field(default=4096, ge=1)
+    # Depth of each queue between stages (bounds memory; a full queue blocks its producer).
+    queue_depth: int = Field(default=8, ge=1)
+    # Documents per store write.
+    write_documents: int = Field(default=256, ge=1)
+    # Seconds between durable checkpoints a killed rebuild resumes from.
+    checkpoint_interval_s: float = Field(default=10.0, gt=0)
+    # Where checkpoints and failure lists live; default <sink.path>/.rebuild.
+    state_dir: Path | None = None
+    # Column names of TSV files that have no header row (e.g. ["id", "text"]);
+    # empty: the first row of each TSV file names the columns.
+    tsv_columns: tuple[str, ...] = ()
+    # Seconds between progress log lines when stderr is not a terminal.
+    progress_interval_s: float = Field(default=10.0, gt=0)
+
+
 class MetricsSettings(_Section):
     """The HTTP endpoint: ``/metrics``, ``/healthz`` (the loop is turning) and
     ``/readyz`` (started and the store is answering)."""
@@ -216,6 +246,7 @@ class Settings(BaseSettings):
     chunk: ChunkSettings = ChunkSettings()
     sink: SinkSettings = SinkSettings()
     metrics: MetricsSettings = MetricsSettings()
+    bulk: BulkSettings = BulkSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -42,14 +42,15 @@ from .batch import MicroBatch
 from .chunking import Chunker
 from .config import Settings
 from .dead_letters import DeadLetters
-from .decode import decode_message
 from .embedding import Embedder
-from .errors import DecodeError, SinkError, SinkUnavailable
-from .events import ChangeEvent, Op, Position, Skipped
+from .errors import SinkError, SinkUnavailable
+from .events import ChangeEvent, Position, Skipped
+from .handover import AliasFollower
 from .health import Health
+from .intake import Rejected, take_in
 from .metrics import Metrics
 from .offsets import commit_offsets, report_lag
-from .plan import Folded, PreparedEvent, build_write, fold, group_by_document
+from .plan import Folded, build_write, fold, group_by_document
 from .vectors import ChunkVectors
 
 __all__ = ["AppliedCallback", "StreamConsumer"]
@@ -78,6 +79,7 @@ class StreamConsumer:
         on_applied: AppliedCallback | None = None,
         health: Health | None = None,
         clock: Callable[[], float] = time.monotonic,
+        follower: AliasFollower | None = None,
     ) -> None:
         self._settings = settings
         self._consumer = consumer
@@ -90,6 +92,7 @@ class StreamConsumer:
         self._health = health or Health(settings.metrics.liveness_timeout_s)
         self._chunk_vectors = ChunkVectors(embedder, metrics)
         self._clock = clock
+        self._follower = follower
         self._batch = self._new_batch()
         self._subscribed = False
         self._pressure = Backpressure(consumer, metrics, self._health, clock)
@@ -101,6 +104,11 @@ class StreamConsumer:
         self.assigned: set[tuple[str, int]] = set()
         # Next offset committed per partition by this process (for callers waiting to catch up).
         self.committed: dict[tuple[str, int], int] = {}
+
+    @property
+    def sink(self) -> Sink:
+        """The store written now (another one after following a rebuild's alias)."""
+        return self._sink
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -154,6 +162,12 @@ class StreamConsumer:
             self._flush()
         if not self._pressure.waiting and self._checkpoint_due(now):
             self._checkpoint()
+        if self._follower and not self._pressure.waiting \
+                and self._follower.needs_drain(self._sink, now) \
+                and self._flush() and self._checkpoint():
+            # Between checkpoints only: all applied so far is in the old collection.
+            self._sink, moved = self._follower.follow(self._sink, self.assigned)
+            self.committed.update(moved)
         if now >= self._next_lag_report:
             report_lag(self._consumer, self.assigned, self._metrics)
             self._next_lag_report = now + _LAG_REPORT_EVERY_S
@@ -201,36 +215,18 @@ class StreamConsumer:
         assert topic is not None and partition is not None and offset is not None
         if (topic, partition) not in self.assigned:
             return  # fetched before a revoke that ran since: its new owner reads it
+        if self._follower and self._follower.ignores((topic, partition), offset):
+            return  # read before the partition moved to a rebuild's handover offset
         position = Position(topic, partition, offset)
         self._batch.track(position, self._clock())
-        source = self._settings.source
-        size = len(message.value() or b"")
-        if size > source.max_message_bytes:
-            self._dead_letter(message, "message_too_large",
-                              f"{size} bytes > source.max_message_bytes "
-                              f"{source.max_message_bytes}", kind="undecodable")
-            return
-        try:
-            decoded = decode_message(message.key(), message.value(), position, source)
-        except DecodeError as error:
-            self._dead_letter(message, error.reason, error.detail, kind="undecodable")
-            return
-        if isinstance(decoded, Skipped):
+        taken = take_in(message.key(), message.value(), position, self._settings.source,
+                        self._chunker)
+        if isinstance(taken, Rejected):
+            self._dead_letter(message, taken.reason, taken.detail, kind=taken.kind)
+        elif isinstance(taken, Skipped):
             self._metrics.events.labels(op="none", outcome="skipped").inc()
-            return
-        if len(decoded.text) > source.max_document_chars:
-            self._dead_letter(message, "document_too_large",
-                              f"{len(decoded.text)} characters > source.max_document_chars "
-                              f"{source.max_document_chars}", kind=decoded.kind)
-            return
-        chunks = []
-        if decoded.op is Op.UPSERT:
-            try:
-                chunks = self._chunker.chunk(decoded.text)
-            except Exception as error:  # one bad document must not stop the stream
-                self._dead_letter(message, "chunk_failed", repr(error), kind=decoded.kind)
-                return
-        self._batch.add(PreparedEvent(decoded, chunks), message)
+        else:
+            self._batch.add(taken, message)
 
     def _dead_letter(self, message: Message, reason: str, detail: str, kind: str) -> None:
         log.warning(
@@ -371,6 +367,8 @@ class StreamConsumer:
         # A pause we set before these were revoked outlives the revocation in
         # librdkafka; clear it (a backoff in progress pauses them again).
         self._pressure.clear_pause(partitions)
+        if self._follower:
+            self._follower.on_assign([(tp.topic, tp.partition) for tp in partitions])
         log.info("assigned %s; now own %s",
                  sorted((tp.topic, tp.partition) for tp in partitions), sorted(self.assigned))
 
@@ -381,6 +379,8 @@ class StreamConsumer:
         log.info("revoked %s", sorted(revoked))
         if self._failed or not (self._flush() and self._checkpoint()):
             self._drop(revoked)
+        elif self._follower:
+            self._follower.forget(revoked)
         self.assigned -= revoked
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -398,3 +398,5 @@ class StreamConsumer:
         for key in partitions:
             self._uncommitted.pop(key, None)
         self._pressure.forget(partitions)
+        if self._follower:
+            self._follower.forget(partitions)

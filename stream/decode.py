@@ -84,7 +84,7 @@ from .config import RESERVED_PAYLOAD_FIELDS, SourceSettings
 from .errors import DecodeError
 from .events import ChangeEvent, Op, Position, Skipped
 
-__all__ = ["REASONS", "SKIP_REASONS", "decode_message"]
+__all__ = ["REASONS", "SKIP_REASONS", "decode_message", "decode_row"]
 
 # Every Skipped reason (counted, not an error).
 SKIP_REASONS = frozenset(
@@ -112,6 +112,25 @@ def decode_message(
     except RecursionError:
         raise DecodeError("invalid_json", "nested too deeply") from None
     except Exception as error:  # the contract: only DecodeError escapes
+        raise DecodeError("unexpected", f"{type(error).__name__}: {error}"[:300]) from error
+
+
+def decode_row(row: dict[str, Any], settings: SourceSettings) -> tuple[str, str, dict[str, Any]]:
+    """``(doc_id, text, metadata)`` of one row of a file (a bulk rebuild source),
+    read with the stream's rules: ``id_fields`` joined as for keys and ``after``,
+    ``text_fields`` joined with a blank line, ``metadata_fields`` copied.
+
+    Raises :class:`DecodeError` (``missing_id``, ``bad_type``,
+    ``unavailable_value``, or ``unexpected``) and nothing else."""
+    try:
+        ids = _pick(row, settings.id_fields)
+        if ids is None:
+            fail("missing_id", f"row does not hold {list(settings.id_fields)}")
+        return (_join_id(ids), _text(row, settings.text_fields),
+                _metadata(row, settings.metadata_fields))
+    except DecodeError:
+        raise
+    except Exception as error:
         raise DecodeError("unexpected", f"{type(error).__name__}: {error}"[:300]) from error
 
 

@@ -3,7 +3,9 @@
 Starts the bundled broker on a free port, replays real page revisions as
 Debezium events into it, runs the consumer on an embedded Qdrant Edge store
 until it has caught up, then shows a search, and an update and a delete
-changing what the search returns.
+changing what the search returns. Last, it rebuilds the topic into a new
+collection with the bulk engine, moves the alias, and shows the running
+consumer following it: a page written after the rebuild is found there.
 """
 
 from __future__ import annotations
@@ -184,6 +186,39 @@ def _demo(pipeline: Pipeline, producer: Producer, target: dict[tuple[str, int], 
         ok = deleted not in after_log and after_new[:1] == [updated]
         print("\n" + ("the update and the delete show in the search results"
                       if ok else "unexpected search results after the update and delete"))
-        return 0 if ok else 1
+        return 0 if ok and _rebuild_and_follow(pipeline, stream, producer, progress,
+                                               updated, question) else 1
     finally:
         stream.close()
+        pipeline.sink = stream.sink  # closed by the caller, whichever collection it is
+
+
+def _rebuild_and_follow(pipeline: Pipeline, stream: StreamConsumer, producer: Producer,
+                        progress: _Progress, updated: str, question: str) -> bool:
+    """Rebuild the topic into a new collection, swap the alias, then show one more
+    change reaching the new collection through the stream that followed it."""
+    from bulk.rebuild import RebuildOptions, rebuild
+
+    print("\nrebuild: re-embedding the whole topic into a new collection, then moving "
+          f"the alias {pipeline.settings.sink.collection!r} ...")
+    report = rebuild(pipeline.settings, RebuildOptions(source="kafka"))
+    print(f"  {report.documents} documents, {report.chunks} chunks into {report.target} "
+          f"({report.precision}, {report.padding_fraction:.1%} padding); snapshot up to "
+          f"{report.covered}, handover at {report.handover}; previous: {report.previous}")
+    text = "A page written after the rebuild, about vector search that follows every change."
+    page = "demo/after-the-rebuild.adoc"
+    message = DevMessage(page, json.dumps({"id": page}).encode(), debezium_value(
+        "c", None, {"id": page, "text": text, "commit": "demo"}, lsn=10**12 + 16,
+        source_ts_ms=int(time.time() * 1000)), text)
+    progress.target.update(_produce(producer, [message]))
+    stream.run(until=lambda: progress.caught_up() and stream.sink.collection == report.target)
+    if sys.stdout.isatty():
+        print()
+    pipeline.sink = stream.sink
+    print(f"stream: now writing to {stream.sink.collection} through the alias")
+    hits = _search(pipeline, "Which page was written after the rebuild?")
+    found = _search(pipeline, question)
+    ok = page in hits and updated in found
+    print("\n" + ("the rebuilt collection serves the search and the stream keeps it current"
+                  if ok else "unexpected search results after the rebuild"))
+    return ok

@@ -23,7 +23,8 @@ import numpy.typing as npt
 
 from .errors import ConfigError
 
-__all__ = ["Embedder", "SentenceTransformerEmbedder", "resolve_model_path"]
+__all__ = ["Embedder", "SentenceTransformerEmbedder", "pack_batches", "pad_batch",
+           "resolve_model_path", "weights_digest"]
 
 
 class Embedder(Protocol):
@@ -102,7 +103,7 @@ def resolve_model_path(name: str) -> str:
     return str(path)
 
 
-def _weights_digest(directory: str) -> str:
+def weights_digest(directory: str) -> str:
     """sha256 over (relative path, size, bytes) of every file that decides the vectors."""
     root = Path(directory)
     files = sorted(
@@ -121,6 +122,35 @@ def _weights_digest(directory: str) -> str:
             while n := handle.readinto(buffer):
                 digest.update(view[:n])
     return digest.hexdigest()
+
+
+def pack_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indexes of ``lengths`` packed into batches, longest first, so that each
+    batch's padded size (rows x its longest) stays within ``budget`` tokens
+    (a single text over the budget gets a batch of its own). Sorting by length
+    first is what keeps padding low: neighbours have nearly equal lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        longest = max(1, lengths[order[start]])
+        rows = max(1, min(len(order) - start, budget // longest))
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
+
+
+def pad_batch(batch: Sequence[Sequence[int]], pad_id: int,
+              left: bool) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``(input_ids, attention_mask)`` of token id lists padded to the longest."""
+    width = max(1, max((len(seq) for seq in batch), default=1))
+    input_ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(batch), width), dtype=np.int64)
+    for row, seq in enumerate(batch):
+        lo = width - len(seq) if left else 0
+        input_ids[row, lo:lo + len(seq)] = seq
+        mask[row, lo:lo + len(seq)] = 1
+    return input_ids, mask
 
 
 def _pick_device(device: str) -> str:
@@ -189,7 +219,7 @@ class SentenceTransformerEmbedder:
     @cached_property
     def revision(self) -> str:
         """Digest of the weight, config and tokenizer files (about 0.1 s for 90 MB)."""
-        return _weights_digest(self._path)
+        return weights_digest(self._path)
 
     @property
     def dimension(self) -> int:
@@ -213,25 +243,14 @@ class SentenceTransformerEmbedder:
             list(texts), truncation=True, max_length=self._max_seq_length, padding=False,
             return_attention_mask=False, return_token_type_ids=False, verbose=False,
         )["input_ids"]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        start = 0
-        while start < len(order):
-            longest = max(1, len(ids[order[start]]))
-            rows = max(1, min(len(order) - start, self._max_batch_tokens // longest))
-            batch = order[start:start + rows]
-            out[batch] = self._forward([ids[i] for i in batch], longest)
-            start += rows
+        for batch in pack_batches([len(seq) for seq in ids], self._max_batch_tokens):
+            out[batch] = self._forward([ids[i] for i in batch])
         return out
 
-    def _forward(self, batch: list[list[int]], width: int) -> npt.NDArray[np.float32]:
+    def _forward(self, batch: list[list[int]]) -> npt.NDArray[np.float32]:
         import torch
 
-        input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        for row, seq in enumerate(batch):
-            lo = width - len(seq) if self._left_pad else 0
-            input_ids[row, lo:lo + len(seq)] = seq
-            mask[row, lo:lo + len(seq)] = 1
+        input_ids, mask = pad_batch(batch, self._pad_id, self._left_pad)
         arrays = {"input_ids": input_ids, "attention_mask": mask,
                   "token_type_ids": np.zeros_like(input_ids)}
         device = self._model.device

@@ -14,6 +14,7 @@ __all__ = [
     "KafkaUnavailable",
     "SinkError",
     "SinkUnavailable",
+    "SourceError",
 ]
 
 
@@ -63,3 +64,12 @@ class SinkUnavailable(SinkError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class SourceError(EmbedstreamError):
+    """A corpus file of a bulk rebuild cannot be read on: truncated or corrupt
+    compressed data, an unreadable Parquet file, an unusable TSV header.
+
+    The message names the path. A bad *row* is never this (it is reported and the
+    read goes on); this means the rest of the file cannot be trusted or reached.
+    """

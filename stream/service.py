@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -18,7 +19,7 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from sinks.base import Sink
-from sinks.factory import build_sink
+from sinks.factory import build_admin, build_sink
 
 from . import __version__
 from .chunking import TokenChunker
@@ -28,6 +29,7 @@ from .dead_letters import DeadLetters, ensure_topics
 from .embedding import SentenceTransformerEmbedder
 from .errors import KafkaUnavailable
 from .fingerprint import Fingerprint
+from .handover import AliasFollower
 from .health import Health, serve_http
 from .metrics import Metrics
 
@@ -108,9 +110,12 @@ def build_pipeline(settings: Settings, sink: Sink | None = None) -> Pipeline:
 
 def build_consumer(
     pipeline: Pipeline, metrics: Metrics, on_applied: AppliedCallback | None = None,
-    health: Health | None = None,
+    health: Health | None = None, follow_alias: bool = True,
 ) -> StreamConsumer:
-    """The Kafka side: consumer, dead-letter producer, and the loop around them."""
+    """The Kafka side: consumer, dead-letter producer, and the loop around them.
+
+    ``follow_alias``: move to the collection a rebuild points ``sink.collection``
+    at, taking over at its handover offsets (:mod:`stream.handover`)."""
     settings = pipeline.settings
 
     def config(role: str) -> dict[str, Any]:
@@ -133,9 +138,22 @@ def build_consumer(
         "model": pipeline.fingerprint.model,
         "fingerprint": pipeline.fingerprint.to_json(),
     })
+    follower = None
+    if follow_alias:
+        def open_sink(physical: str) -> Sink:
+            sink = build_sink(settings.sink, physical=physical)
+            try:
+                sink.open(pipeline.fingerprint)
+            except BaseException:
+                sink.close()
+                raise
+            return sink
+
+        follower = AliasFollower(consumer, build_admin(settings.sink), settings.sink.collection,
+                                 settings.kafka.group_id, open_sink, time.monotonic)
     return StreamConsumer(
         settings, consumer, dead_letters, pipeline.chunker, pipeline.embedder, pipeline.sink,
-        metrics, on_applied=on_applied, health=health,
+        metrics, on_applied=on_applied, health=health, follower=follower,
     )
 
 
@@ -162,6 +180,7 @@ def run_consumer(settings: Settings) -> int:
             stream.run(until=lambda: bool(stop_requested))
         finally:
             stream.close()
+            pipeline.sink = stream.sink  # the one it followed to, if a rebuild moved the alias
     finally:
         pipeline.close()
     log.info("stopped cleanly")

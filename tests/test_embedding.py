@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream.embedding import SentenceTransformerEmbedder, _weights_digest, resolve_model_path
+from stream.embedding import SentenceTransformerEmbedder, resolve_model_path, weights_digest
 from stream.errors import ConfigError
 from tests.conftest import build_tiny_model
 
@@ -104,7 +104,7 @@ def test_revision_stable_across_loads(minilm: SentenceTransformerEmbedder) -> No
 
 def test_revision_is_fast(minilm_path: str) -> None:
     started = time.perf_counter()
-    _weights_digest(minilm_path)
+    weights_digest(minilm_path)
     # ~0.1 s for the 90 MB model; generous bound for a busy shared machine.
     assert time.perf_counter() - started < 2.0
 
@@ -115,11 +115,11 @@ def test_revision_differs_with_weights(
     tiny = SentenceTransformerEmbedder(str(tiny_model_dir), device="cpu")
     assert tiny.revision != minilm.revision
     copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
-    assert _weights_digest(str(copy)) == tiny.revision  # location does not matter
+    assert weights_digest(str(copy)) == tiny.revision  # location does not matter
     (copy / "README.md").write_text("docs do not change the weights")
-    assert _weights_digest(str(copy)) == tiny.revision
+    assert weights_digest(str(copy)) == tiny.revision
     reseeded = build_tiny_model(tmp_path / "reseeded", str(tiny_model_dir), seed=1)
-    assert _weights_digest(str(reseeded)) != tiny.revision
+    assert weights_digest(str(reseeded)) != tiny.revision
 
 
 def test_tiny_model_packing_matches_stock(tiny_model_dir: Path) -> None:

@@ -235,7 +235,8 @@ def test_payload_indexes_are_created(make_sink: MakeSink, tmp_path: Path,
     if isinstance(sink, QdrantEdgeSink):
         sink.open(FP)
         sink.close()
-        shard = qe.EdgeShard.load(str(tmp_path / "data" / "docs"))
+        assert sink.collection.startswith("docs_")  # the physical collection behind the alias
+        shard = qe.EdgeShard.load(str(tmp_path / "data" / sink.collection))
         schema = {k: v.data_type for k, v in shard.info().payload_schema.items()}
         shard.close()
         assert schema["doc_id"] == qe.PayloadSchemaType.Keyword
@@ -253,13 +254,17 @@ def test_payload_indexes_are_created(make_sink: MakeSink, tmp_path: Path,
             return real(collection, field, schema, **kw)
 
         monkeypatch.setattr(client, "create_payload_index", spy)
-        QdrantServerSink(":memory:", "docs", client=client).open(FP)
-        assert ("docs", "doc_id", models.PayloadSchemaType.KEYWORD) in calls
-        assert ("docs", "version", models.PayloadSchemaType.INTEGER) in calls
-        assert ("docs_state", "doc_id", models.PayloadSchemaType.KEYWORD) in calls
+        server = QdrantServerSink(":memory:", "docs", client=client)
+        server.open(FP)
+        physical = server.collection  # the collection behind the alias "docs"
+        assert ("docs", "doc_id", models.PayloadSchemaType.KEYWORD) not in calls
+        assert (physical, "doc_id", models.PayloadSchemaType.KEYWORD) in calls
+        assert (physical, "version", models.PayloadSchemaType.INTEGER) in calls
+        assert (f"{physical}_state", "doc_id", models.PayloadSchemaType.KEYWORD) in calls
 
 
 def test_a_foreign_collection_is_refused(make_sink: MakeSink, tmp_path: Path) -> None:
+    # Named like the alias "docs": opened directly, as a store made before aliases.
     sink = make_sink()
     if isinstance(sink, QdrantEdgeSink):
         shard = qe.EdgeShard.create(str(tmp_path / "data" / "docs"), qe.EdgeConfig(
@@ -279,7 +284,7 @@ def test_a_foreign_collection_is_refused(make_sink: MakeSink, tmp_path: Path) ->
 
 def test_an_empty_leftover_of_an_interrupted_creation_is_adopted(make_sink: MakeSink,
                                                                   tmp_path: Path) -> None:
-    sink = make_sink()
+    sink = make_sink()  # the leftover is named like the alias: opened directly (pre-alias)
     if isinstance(sink, QdrantEdgeSink):
         qe.EdgeShard.create(str(tmp_path / "data" / "docs"), qe.EdgeConfig(
             vectors=qe.EdgeVectorParams(size=DIM, distance=qe.Distance.Cosine))).close()
@@ -385,7 +390,9 @@ def test_server_passes_creation_settings(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(client, "create_collection", spy)
     QdrantServerSink(":memory:", "docs", shard_number=3, replication_factor=2,
                      client=client).open(FP)
-    chunks = next(s for s in seen if s["name"] == "docs")
+    # The physical collection behind the alias "docs", not its state companion.
+    chunks = next(s for s in seen if s["name"].startswith("docs_")
+                  and not s["name"].endswith("_state"))
     assert chunks["shard_number"] == 3 and chunks["replication_factor"] == 2
     assert chunks["write_consistency_factor"] is None  # server default
     assert chunks["vectors_config"].size == DIM

@@ -1,0 +1,192 @@
+"""The rebuild's engine callbacks: what each record becomes, how units are written,
+and the checkpoints and failure list that make a rebuild resumable (see
+:mod:`bulk.rebuild`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+from sinks.base import DocState, DocumentWrite, Sink, chunk_point_id
+from stream.chunking import Chunk, TokenChunker
+from stream.config import Settings
+from stream.events import ChangeEvent, Op, Position
+from stream.plan import Folded, PreparedEvent, build_write
+
+from .checkpoint import Checkpoint, CheckpointStore
+from .encoder import BulkEncoder
+from .engine import EmbeddedUnit
+from .kafka_source import BulkEvent, BulkFailure, BulkSkip
+from .outputs import VectorFileWriter, VectorRow
+from .progress import Progress
+from .sources import RowFailure, SourceRow
+
+if TYPE_CHECKING:
+    from .rebuild import RebuildReport
+
+__all__ = ["Prepared", "RebuildRun", "Record"]
+
+Record = SourceRow | RowFailure | BulkEvent | BulkFailure | BulkSkip
+# What preparing a record gives: its chunks (None: nothing to write), or why it failed.
+Prepared = tuple[list[Chunk] | None, tuple[str, str] | None]
+# A file row has no log position; any stream event (offset >= 0) supersedes it.
+_FILE_STATE = DocState(version=0, offset=-1, deleted=False)
+_FILE_POSITION = Position("", 0, -1)
+
+
+class RebuildRun:
+    """One rebuild's state between the engine callbacks."""
+
+    def __init__(self, settings: Settings, encoder: BulkEncoder,
+                 checkpoints: CheckpointStore, checkpoint: Checkpoint, report: RebuildReport,
+                 sink: Sink | None, writer: VectorFileWriter | None, progress: Progress) -> None:
+        self.settings, self.encoder = settings, encoder
+        self.checkpoints, self.checkpoint, self.report = checkpoints, checkpoint, report
+        self.sink, self.writer, self.progress = sink, writer, progress
+        self._local = threading.local()
+        self._next_checkpoint = time.monotonic() + settings.bulk.checkpoint_interval_s
+        self._failures: TextIO | None = None
+        self.max_tokens = min(settings.chunk.max_tokens, encoder.max_seq_length - 2)
+        # A resumed Kafka snapshot checks each write against the store (see _newer_than_stored).
+        self.resumed_kafka = checkpoint.source == "kafka" and checkpoint.done > 0
+
+    def chunker(self) -> TokenChunker:
+        # One per tokenizer thread: a chunker keeps per-call state in its tokenizer.
+        chunker: TokenChunker | None = getattr(self._local, "chunker", None)
+        if chunker is None:
+            chunker = TokenChunker(self.encoder.tokenizer, max_tokens=self.max_tokens)
+            self._local.chunker = chunker
+        return chunker
+
+    # -- engine callbacks ---------------------------------------------------------
+
+    def prepare(self, record: Record) -> tuple[Prepared, Sequence[str]]:
+        if isinstance(record, RowFailure):
+            return (None, (record.reason, record.detail)), ()
+        if isinstance(record, BulkFailure):
+            return (None, (record.reason, record.detail)), ()
+        if isinstance(record, BulkSkip):
+            return (None, None), ()
+        if isinstance(record, BulkEvent) and record.event.op is Op.DELETE:
+            return ([], None), ()
+        text = record.text if isinstance(record, SourceRow) else record.event.text
+        limit = self.settings.source.max_document_chars
+        if len(text) > limit:
+            return (None, ("document_too_large", f"{len(text)} characters > {limit}")), ()
+        try:
+            chunks = self.chunker().chunk(text)
+        except Exception as error:
+            return (None, ("chunk_failed", repr(error)[:300])), ()
+        return (chunks, None), [c.text for c in chunks]
+
+    def write(self, unit: EmbeddedUnit[Record, Prepared]) -> None:
+        writes: list[DocumentWrite] = []
+        for record, (chunks, failure), vectors in zip(unit.records, unit.prepared,
+                                                      unit.vectors, strict=True):
+            self._advance(record)
+            if failure is not None:
+                self._fail(record, *failure)
+                continue
+            if chunks is None:
+                self.report.skipped += 1
+                continue
+            writes.append(self._document(record, chunks, vectors))
+        if self.sink is not None and self.resumed_kafka:
+            writes = self._newer_than_stored(writes)
+        self.report.records += len(unit.records)
+        self.report.documents += len(writes)
+        self.report.chunks += sum(len(w.chunks) for w in writes)
+        if writes:
+            if self.sink is not None:
+                self.sink.apply(writes)
+            elif self.writer is not None:
+                self._write_files(writes)
+        self.progress.update(self.checkpoint.done, chunks=self.report.chunks,
+                             failures=self.report.failures)
+        if time.monotonic() >= self._next_checkpoint:
+            self.save()
+
+    def _newer_than_stored(self, writes: list[DocumentWrite]) -> list[DocumentWrite]:
+        """The stream's version guard against what the store holds. Needed once a
+        Kafka snapshot resumes: its in-memory guard starts empty, and a document
+        written before the kill may meet an older event of another partition."""
+        assert self.sink is not None
+        stored = self.sink.document_states([w.doc_id for w in writes])
+        kept = [w for w in writes if w.doc_id not in stored
+                or w.state.order_key > stored[w.doc_id].order_key]
+        self.report.skipped += len(writes) - len(kept)
+        return kept
+
+    def _document(self, record: Record, chunks: list[Chunk], vectors: Any) -> DocumentWrite:
+        if isinstance(record, SourceRow):
+            event = ChangeEvent(record.doc_id, Op.UPSERT, _FILE_STATE.version, _FILE_POSITION,
+                                record.text, record.metadata)
+            state = _FILE_STATE
+        else:
+            assert isinstance(record, BulkEvent)
+            event, state = record.event, record.state
+        by_hash = {c.content_hash: v for c, v in zip(chunks, vectors, strict=True)}
+        folded = Folded(winner=PreparedEvent(event, chunks), state=state, applied=1, stale=0)
+        return build_write(folded, by_hash)
+
+    def _write_files(self, writes: list[DocumentWrite]) -> None:
+        import numpy as np
+
+        assert self.writer is not None
+        rows: list[VectorRow] = []
+        vectors: list[Any] = []
+        for write in writes:
+            for point in write.chunks:
+                p = point.payload
+                rows.append(VectorRow(chunk_point_id(write.doc_id, point.chunk_index), write.doc_id,
+                                      point.chunk_index, int(p["start"]), int(p["end"]),
+                                      str(p["content_hash"]), str(p["text"])))
+                vectors.append(point.vector)
+        if rows:
+            self.writer.add(rows, np.asarray(vectors, dtype=np.float32))
+
+    def _advance(self, record: Record) -> None:
+        self.checkpoint.done += 1
+        if isinstance(record, BulkEvent | BulkFailure | BulkSkip):
+            position = record.event.position if isinstance(record, BulkEvent) \
+                else record.position
+            self.checkpoint.offsets[(position.topic, position.partition)] = position.offset + 1
+
+    def _fail(self, record: Record, reason: str, detail: str) -> None:
+        self.report.failures += 1
+        if isinstance(record, RowFailure | SourceRow):
+            where = record.where
+        else:
+            position = record.event.position if isinstance(record, BulkEvent) \
+                else record.position
+            where = f"{position.topic}[{position.partition}]@{position.offset}"
+        self.failure(where, reason, detail)
+
+    def failure(self, where: str, reason: str, detail: str) -> None:
+        if self._failures is None:
+            path = self.checkpoints.failures_path(self.checkpoint.name)
+            self.report.failures_file = str(path)
+            self._failures = path.open("a", encoding="utf-8")
+        self._failures.write(json.dumps({"where": where, "reason": reason,
+                                         "detail": detail[:1000]}) + "\n")
+
+    def save(self) -> None:
+        """Durable writes first, then the checkpoint that counts them."""
+        if self.sink is not None:
+            self.sink.flush()
+        if self.writer is not None:
+            self.checkpoint.writer = self.writer.checkpoint()
+        if self._failures is not None:
+            self._failures.flush()
+            os.fsync(self._failures.fileno())
+        self.checkpoints.save(self.checkpoint)
+        self._next_checkpoint = time.monotonic() + self.settings.bulk.checkpoint_interval_s
+
+    def close(self) -> None:
+        if self._failures is not None:
+            self._failures.close()
+            self._failures = None

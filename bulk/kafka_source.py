@@ -1,0 +1,202 @@
+"""Reading the configured topics as a corpus: ``embedstream rebuild --source kafka``.
+
+A compacted CDC topic holds the latest state of each key, so reading it from
+the start rebuilds the corpus. :class:`KafkaSnapshot` captures each
+partition's high watermark when it opens and reads every partition from its
+start (or from resume offsets) up to that mark, decoding each message exactly
+as the stream does (:func:`stream.decode.decode_message` under the same
+``source`` settings and limits).
+
+Guaranteed:
+
+* Every message below the captured marks yields exactly one item, in each
+  partition's log order: a :class:`BulkEvent`, a :class:`BulkFailure` (the
+  stream's dead-letter reasons) or a :class:`BulkSkip` (schema changes,
+  heartbeats), each with its position, so a caller can resume per partition.
+* Of a document's events only those that pass the stream's version guard
+  (:func:`stream.plan.fold`) against the events read before them in this run
+  are yielded, so a later write of a document never carries an older version.
+* ``covered`` holds, per partition, the offset the snapshot reads up to: every
+  event before it is in the snapshot; the stream must apply everything from it.
+
+Not guaranteed: that the marks are the true log ends at open (a broker may
+report a lower one); whatever the snapshot does not cover, the handover applies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from sinks.base import DocState
+from stream.config import Settings
+from stream.errors import KafkaUnavailable
+from stream.events import ChangeEvent, Position, Skipped
+from stream.intake import Rejected, take_in
+from stream.plan import fold
+from stream.service import kafka_client_config
+
+__all__ = ["BulkEvent", "BulkFailure", "BulkSkip", "KafkaSnapshot", "Partition",
+           "topic_ends"]
+
+log = logging.getLogger("embedstream.bulk")
+
+Partition = tuple[str, int]
+_METADATA_TIMEOUT_S = 15.0
+_POLL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class BulkEvent:
+    """A change event that passed the version guard, with the state it leaves."""
+
+    event: ChangeEvent
+    state: DocState
+
+
+@dataclass(frozen=True, slots=True)
+class BulkFailure:
+    position: Position
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class BulkSkip:
+    position: Position
+
+
+def _consumer(settings: Settings) -> Consumer:
+    config = kafka_client_config(settings, "consumer")
+    # Reads by assignment: a group of its own, never committing, so the live
+    # consumer group's offsets are untouched.
+    config.update({"group.id": f"{settings.kafka.group_id}.rebuild",
+                   "enable.auto.commit": False, "enable.partition.eof": True,
+                   "auto.offset.reset": "earliest"})
+    return Consumer(config)
+
+
+def _partitions(consumer: Consumer, topics: tuple[str, ...]) -> list[Partition]:
+    try:
+        metadata = consumer.list_topics(timeout=_METADATA_TIMEOUT_S)
+    except KafkaException as error:
+        raise KafkaUnavailable(f"cannot list topics: {error}") from None
+    found: list[Partition] = []
+    for topic in topics:
+        described = metadata.topics.get(topic)
+        if described is None or described.error is not None or not described.partitions:
+            raise KafkaUnavailable(f"topic {topic!r} does not exist or has no partitions")
+        found += [(topic, p) for p in sorted(described.partitions)]
+    return found
+
+
+def topic_ends(settings: Settings) -> dict[Partition, int]:
+    """The high watermark of every partition of the configured topics, now."""
+    consumer = _consumer(settings)
+    try:
+        return _ends(consumer, _partitions(consumer, settings.kafka.topics))
+    finally:
+        consumer.close()
+
+
+def _ends(consumer: Consumer, partitions: list[Partition]) -> dict[Partition, int]:
+    ends: dict[Partition, int] = {}
+    for topic, partition in partitions:
+        try:
+            _, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=_METADATA_TIMEOUT_S, cached=False)
+        except KafkaException as error:
+            raise KafkaUnavailable(f"cannot read the end of {topic}[{partition}]: {error}") \
+                from None
+        ends[(topic, partition)] = max(0, int(high))
+    return ends
+
+
+class KafkaSnapshot:
+    """The configured topics up to the marks captured at :meth:`open`."""
+
+    def __init__(self, settings: Settings, start: Mapping[Partition, int] | None = None,
+                 covered: Mapping[Partition, int] | None = None) -> None:
+        """``start``: resume offsets per partition (default: each partition's
+        beginning). ``covered``: the marks of an earlier, interrupted run of the
+        same rebuild, kept so a resumed run covers exactly what it first set out to."""
+        self._settings = settings
+        self._start = dict(start or {})
+        self.covered: dict[Partition, int] = dict(covered or {})
+        self._consumer: Consumer | None = None
+
+    def open(self) -> None:
+        consumer = _consumer(self._settings)
+        try:
+            partitions = _partitions(consumer, self._settings.kafka.topics)
+            if not self.covered:
+                self.covered = _ends(consumer, partitions)
+        except BaseException:
+            consumer.close()
+            raise
+        self._consumer = consumer
+        log.info("kafka snapshot up to %s", {f"{t}[{p}]": o for (t, p), o in
+                                             sorted(self.covered.items())})
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    def items(self) -> Iterator[BulkEvent | BulkFailure | BulkSkip]:
+        """Every message below the marks, decoded (see the module docstring)."""
+        consumer = self._consumer
+        assert consumer is not None, "open() first"
+        pending = {tp for tp, end in self.covered.items() if self._start.get(tp, 0) < end}
+        if not pending:
+            return
+        consumer.assign([TopicPartition(t, p, self._start.get((t, p), OFFSET_BEGINNING))
+                         for t, p in sorted(pending)])
+        seen: dict[str, DocState] = {}
+        while pending:
+            for message in consumer.consume(1000, timeout=_POLL_S):
+                topic, partition = message.topic(), message.partition()
+                assert topic is not None and partition is not None
+                tp = (topic, partition)
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        self._done(consumer, tp, pending)
+                        continue
+                    if error.fatal():
+                        raise KafkaException(error)
+                    log.warning("kafka error during the snapshot: %s", error)
+                    continue
+                if tp not in pending:
+                    continue  # fetched before the partition was paused
+                offset = int(message.offset() or 0)
+                end = self.covered[tp]
+                if offset >= end:
+                    self._done(consumer, tp, pending)
+                    continue
+                yield self._decode(message, Position(topic, partition, offset), seen)
+                if offset + 1 >= end:
+                    self._done(consumer, tp, pending)
+
+    @staticmethod
+    def _done(consumer: Consumer, tp: Partition, pending: set[Partition]) -> None:
+        if tp in pending:
+            pending.discard(tp)
+            consumer.pause([TopicPartition(*tp)])
+
+    def _decode(self, message: Any, position: Position,
+                seen: dict[str, DocState]) -> BulkEvent | BulkFailure | BulkSkip:
+        taken = take_in(message.key(), message.value(), position, self._settings.source, None)
+        if isinstance(taken, Rejected):
+            return BulkFailure(position, taken.reason, taken.detail)
+        if isinstance(taken, Skipped):
+            return BulkSkip(position)
+        folded = fold(seen.get(taken.event.doc_id), [taken])
+        if folded.state is None:
+            return BulkSkip(position)  # older than an event already read: stale
+        seen[taken.event.doc_id] = folded.state
+        return BulkEvent(taken.event, folded.state)

@@ -1,0 +1,301 @@
+"""``embedstream rebuild``: re-embed a whole corpus into a fresh collection, then hand over.
+
+Steps, each surviving a kill (a rerun resumes from the last checkpoint):
+
+1. **Open the target**: a fresh physical collection ``<alias>_<UTC timestamp>``
+   under the current fingerprint (so a model or chunking change is exactly a
+   rebuild into a new collection), or vector files (``--output``).
+2. **Record the covered offsets**: for ``--source kafka``, the high watermarks
+   the snapshot reads up to; for files, the topics' ends when the rebuild
+   starts (the files are taken to reflect the corpus as of then).
+3. **Embed** with the bulk engine (:mod:`bulk.engine`, or Ray Data), writing in
+   source order. Every ``bulk.checkpoint_interval_s`` the store is flushed and a
+   checkpoint records how far the source is written, so a resumed run skips
+   exactly that: only what was written after the last checkpoint is embedded again.
+4. **Catch up** (:mod:`bulk.catch_up`): apply what arrived after the covered
+   offsets, store the offsets reached as the collection's handover record.
+5. **Swap**: point the alias at the new collection in one atomic step. The live
+   consumer follows the alias and moves each partition to the handover offset,
+   so no event is lost or applied twice. The old collection stays until
+   ``embedstream collections drop``.
+
+Rows that give no document (undecodable, too large, chunker failure) go to a
+failure list (``<state dir>/<name>.failures.jsonl``) and are counted; they never
+stop the rebuild. Of several rows with one document id, the last one read wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from sinks.base import Sink, SinkAdmin
+from sinks.factory import build_admin, build_sink
+from stream.chunking import TokenChunker
+from stream.config import Settings
+from stream.errors import ConfigError, KafkaUnavailable
+from stream.fingerprint import Fingerprint
+
+from ._run import Prepared, RebuildRun, Record
+from .catch_up import catch_up
+from .checkpoint import Checkpoint, CheckpointStore
+from .encoder import BulkEncoder
+from .engine import BulkEngine, EngineStats
+from .kafka_source import KafkaSnapshot, Partition, topic_ends
+from .outputs import VectorFileWriter
+from .progress import Progress
+from .sources import count_rows, expand_files, read_rows
+
+__all__ = ["RebuildOptions", "RebuildReport", "rebuild"]
+
+log = logging.getLogger("embedstream.bulk")
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildOptions:
+    source: str                      # a path or glob of files, or "kafka"
+    collection: str | None = None    # the alias; default sink.collection
+    output: Path | None = None       # vector files instead of a store
+    engine: str = "local"            # "local" or "ray"
+    restart: bool = False            # discard an interrupted run instead of resuming it
+    swap: bool = True                # move the alias when done
+    handover: bool = True            # record offsets and catch up (needs Kafka)
+
+
+@dataclass(slots=True)
+class RebuildReport:
+    target: str
+    alias: str | None
+    records: int = 0
+    documents: int = 0
+    chunks: int = 0
+    failures: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    padding_fraction: float = 0.0
+    elapsed_s: float = 0.0
+    resumed_from: int = 0
+    precision: str = ""
+    covered: dict[str, int] = field(default_factory=dict)
+    handover: dict[str, int] = field(default_factory=dict)
+    previous: str | None = None
+    failures_file: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def _tp_key(tp: Partition) -> str:
+    return f"{tp[0]}[{tp[1]}]"
+
+
+def fresh_name(alias: str, taken: Collection[str] = (), now: datetime | None = None) -> str:
+    """``<alias>_<UTC timestamp>``, with ``_2``, ``_3``... if that is taken."""
+    base = f"{alias}_{(now or datetime.now(UTC)):%Y%m%dT%H%M%SZ}"
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def build_encoders(settings: Settings) -> list[BulkEncoder]:
+    """One encoder per GPU when there are several and ``embed.device`` is auto."""
+    import torch
+
+    bulk, embed = settings.bulk, settings.embed
+    devices = [embed.device]
+    if embed.device == "auto" and torch.cuda.device_count() > 1:
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [BulkEncoder(embed.model, device=d, precision=bulk.precision,
+                        batch_tokens=bulk.batch_tokens, min_cosine=bulk.min_cosine)
+            for d in devices]
+
+
+def _records(settings: Settings, options: RebuildOptions,
+             checkpoint: Checkpoint) -> tuple[Iterator[Record], KafkaSnapshot | None]:
+    if options.source == "kafka":
+        snapshot = KafkaSnapshot(settings, start=checkpoint.offsets,
+                                 covered=checkpoint.covered or None)
+        snapshot.open()
+        checkpoint.covered = dict(snapshot.covered)
+        return snapshot.items(), snapshot
+    return read_rows(options.source, settings, skip=checkpoint.done), None
+
+
+def _files_signature(source: str) -> list[list[Any]]:
+    if source == "kafka":
+        return []
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_files(source)]
+
+
+def rebuild(settings: Settings, options: RebuildOptions, *,
+            encoders: Sequence[BulkEncoder] | None = None,
+            sink_factory: Callable[[str], Sink] | None = None,
+            admin: SinkAdmin | None = None,
+            progress_stream: TextIO | None = None) -> RebuildReport:
+    """Run a rebuild (see the module docstring) and return its report.
+
+    ``encoders``, ``sink_factory`` (physical name -> unopened sink) and ``admin``
+    replace the ones built from ``settings`` (tests share one in-memory store)."""
+    alias = options.collection or settings.sink.collection
+    to_files = options.output is not None
+    encoders = list(encoders) if encoders else build_encoders(settings)
+    encoder = encoders[0]
+    chunk_spec = TokenChunker(encoder.tokenizer, max_tokens=min(
+        settings.chunk.max_tokens, encoder.max_seq_length - 2)).spec
+    fingerprint = Fingerprint(model=settings.embed.model, revision=encoder.revision,
+                              dimension=encoder.dimension, normalized=True, chunker=chunk_spec)
+    name = (f"output-{hashlib.sha256(str(options.output).encode()).hexdigest()[:12]}"
+            if to_files else alias)
+    owned_admin = admin is None and not to_files
+    admin = admin or (None if to_files else build_admin(settings.sink))
+    try:
+        taken = {c.name for c in admin.collections()} if admin is not None else set()
+        checkpoints = CheckpointStore(settings.bulk.state_dir or settings.sink.path / ".rebuild")
+        checkpoint = checkpoints.load_or_new(
+            name, restart=options.restart, source=options.source,
+            files=_files_signature(options.source), fingerprint=fingerprint.to_json(),
+            output=str(options.output) if to_files else None,
+            target=None if to_files else fresh_name(alias, taken))
+        report = RebuildReport(
+            target=str(options.output) if to_files else str(checkpoint.target),
+            alias=None if to_files else alias, resumed_from=checkpoint.done)
+        if admin is not None and _already_done(admin, alias, checkpoint, taken):
+            checkpoints.remove(checkpoint.name)  # killed after the swap: nothing left to do
+            log.info("the interrupted rebuild had already moved %s to %s; done", alias,
+                     checkpoint.target)
+            return report
+        if options.handover and not to_files and options.source != "kafka" \
+                and not checkpoint.covered:
+            checkpoint.covered = _topic_ends(settings)
+            checkpoints.save(checkpoint)  # before anything is read: a resume keeps these
+        return _run_rebuild(settings, options, alias, encoders, fingerprint, admin,
+                            checkpoints, checkpoint, report, sink_factory, progress_stream)
+    finally:
+        if admin is not None and owned_admin:
+            admin.close()
+
+
+def _already_done(admin: SinkAdmin, alias: str, checkpoint: Checkpoint,
+                  taken: set[str]) -> bool:
+    """True when an interrupted run of this rebuild had already moved the alias;
+    raises when its partial collection is gone (a resume would skip what it held)."""
+    resuming = checkpoint.done > 0 or checkpoint.embedded
+    if resuming and checkpoint.target not in taken:
+        raise ConfigError(
+            f"the interrupted rebuild of {alias!r} wrote into {checkpoint.target!r}, which "
+            "no longer exists; pass --restart to rebuild from the start")
+    return resuming and admin.resolve(alias) == checkpoint.target
+
+
+def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
+                 encoders: list[BulkEncoder], fingerprint: Fingerprint,
+                 admin: SinkAdmin | None, checkpoints: CheckpointStore,
+                 checkpoint: Checkpoint, report: RebuildReport,
+                 sink_factory: Callable[[str], Sink] | None,
+                 progress_stream: TextIO | None) -> RebuildReport:
+    to_files = options.output is not None
+    encoder = encoders[0]
+    resumed_from = checkpoint.done
+    if resumed_from:
+        log.info("resuming rebuild %s after %d records", checkpoint.name, resumed_from)
+    sink: Sink | None = None
+    writer: VectorFileWriter | None = None
+    if to_files:
+        assert options.output is not None
+        writer = VectorFileWriter(options.output, encoder.dimension,
+                                  resume=checkpoint.writer if resumed_from else None)
+    else:
+        sink = (sink_factory or (lambda n: build_sink(settings.sink, physical=n)))(
+            str(checkpoint.target))
+        sink.open(fingerprint)
+    total = None if options.source == "kafka" else count_rows(options.source, settings)
+    progress = Progress(total, interval_s=settings.bulk.progress_interval_s,
+                        stream=progress_stream, start=resumed_from)
+    run = RebuildRun(settings, encoder, checkpoints, checkpoint, report, sink, writer,
+                     progress)
+    snapshot: KafkaSnapshot | None = None
+    try:
+        if not checkpoint.embedded:
+            records, snapshot = _records(settings, options, checkpoint)
+            checkpoints.save(checkpoint)  # the snapshot's marks, before anything is written
+            engine = _engine(settings, options, encoders)
+            try:
+                stats = engine.run(records, run.prepare, run.write)
+            finally:
+                if hasattr(engine, "close"):  # Ray: shut down a local instance it started
+                    engine.close()
+            _fill_stats(report, stats)
+            checkpoint.embedded = True
+            run.save()
+        progress.close()
+        report.covered = {_tp_key(tp): o for tp, o in sorted(checkpoint.covered.items())}
+        report.precision = encoder.precision
+        if sink is not None and options.handover and checkpoint.covered:
+            caught = catch_up(settings, sink, run.chunker(), encoder, checkpoint.covered,
+                              on_failure=lambda p, r, d: run.failure(
+                                  f"{p.topic}[{p.partition}]@{p.offset}", r, d))
+            report.failures += caught.failed
+            sink.flush()  # the catch-up's writes are durable before the record that counts them
+            sink.write_handover(caught.reached)
+            report.handover = {_tp_key(tp): o for tp, o in sorted(caught.reached.items())}
+        if sink is not None:
+            sink.flush()
+            sink.close()
+            sink = None
+            if options.swap:
+                assert admin is not None
+                report.previous = admin.switch(alias, str(checkpoint.target))
+                log.info("alias %s now points at %s (was %s)", alias, checkpoint.target,
+                         report.previous)
+        if writer is not None:
+            writer.close()
+            writer = None
+        checkpoints.remove(checkpoint.name)
+    finally:
+        run.close()
+        if snapshot is not None:
+            snapshot.close()
+        if sink is not None:
+            sink.close()
+        if writer is not None:
+            writer.abort()
+    return report
+
+
+def _engine(settings: Settings, options: RebuildOptions,
+            encoders: list[BulkEncoder]) -> Any:
+    bulk = settings.bulk
+    if options.engine == "ray":
+        from .ray_engine import RayEngine
+
+        return RayEngine(settings.embed.model, device=settings.embed.device,
+                         precision=bulk.precision, batch_tokens=bulk.batch_tokens,
+                         min_cosine=bulk.min_cosine, unit_records=bulk.write_documents)
+    if options.engine != "local":
+        raise ConfigError(f"--engine must be local or ray, not {options.engine!r}")
+    return BulkEngine[Record, Prepared](
+        encoders, unit_records=bulk.write_documents, tokenizer_workers=bulk.tokenizer_workers,
+        bucket_texts=bulk.bucket_texts, queue_depth=bulk.queue_depth)
+
+
+def _fill_stats(report: RebuildReport, stats: EngineStats) -> None:
+    report.tokens = stats.tokens
+    report.padding_fraction = round(stats.padding_fraction, 4)
+    report.elapsed_s = round(stats.elapsed_s, 2)
+
+
+def _topic_ends(settings: Settings) -> dict[Partition, int]:
+    try:
+        return topic_ends(settings)
+    except KafkaUnavailable as error:
+        raise KafkaUnavailable(
+            f"{error}. The handover needs the topics' ends; without a live stream to hand "
+            "over to, pass --no-handover") from None

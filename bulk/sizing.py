@@ -1,0 +1,182 @@
+"""``embedstream plan``: size a rebuild before renting hardware.
+
+A short calibration run chunks and embeds a sample of real documents with the
+bulk engine on this machine's device (as a rebuild would, precision choice
+included) and measures tokens per second, chunks per document and tokens per
+chunk. :func:`estimate` turns that into device-hours, wall-clock for each fleet
+size and cost for a corpus of ``--docs`` documents. ``--rate`` skips the run.
+
+Assumptions, printed with the figures: throughput in tokens per second carries
+over to the corpus (right for chunks of similar length; attention makes very
+long chunks somewhat slower per token); devices scale linearly (the engine
+runs one worker per GPU and shares nothing but the reader); each device pays
+the model start-up once. Not included: the store's write time (Qdrant Edge
+takes about 25,000 points/s per process) and network transfer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from stream.config import Settings
+from stream.errors import ConfigError
+
+__all__ = ["Calibration", "Estimate", "calibrate", "estimate", "run_plan"]
+
+_DEFAULT_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/msmarco-sample/passages.tsv"
+_SAMPLE_DOCS = 600
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    device: str
+    precision: str
+    docs: int
+    chunks: int
+    tokens: int
+    seconds: float
+    startup_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def chunks_per_doc(self) -> float:
+        return self.chunks / max(1, self.docs)
+
+    @property
+    def tokens_per_chunk(self) -> float:
+        return self.tokens / max(1, self.chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    devices: int
+    wall_s: float
+    device_hours: float
+    cost: float | None
+
+
+def estimate(docs: int, chunks_per_doc: float, chunks_per_s: float, fleet: Sequence[int],
+             price: float | None, startup_s: float = 0.0) -> list[Estimate]:
+    """Wall-clock, device-hours and cost of embedding ``docs`` documents on each
+    fleet size, at ``chunks_per_s`` per device (see the module docstring)."""
+    if docs < 0 or chunks_per_doc <= 0 or chunks_per_s <= 0:
+        raise ConfigError("plan: --docs must be >= 0, chunks per doc and the rate > 0")
+    work_s = docs * chunks_per_doc / chunks_per_s
+    rows = []
+    for devices in fleet:
+        if devices < 1:
+            raise ConfigError(f"plan: fleet sizes must be >= 1, got {devices}")
+        wall = startup_s + work_s / devices
+        hours = wall * devices / 3600
+        rows.append(Estimate(devices, wall, hours, None if price is None else hours * price))
+    return rows
+
+
+def calibrate(settings: Settings, sample: str, docs: int = _SAMPLE_DOCS) -> Calibration:
+    """Chunk and embed up to ``docs`` documents of ``sample`` with the bulk engine."""
+    from bulk.engine import BulkEngine, EmbeddedUnit
+    from bulk.rebuild import build_encoders
+    from bulk.sources import SourceRow, read_rows
+    from stream.chunking import TokenChunker
+
+    started = time.perf_counter()
+    encoders = build_encoders(settings)
+    encoder = encoders[0]
+    chunker = TokenChunker(encoder.tokenizer, max_tokens=min(
+        settings.chunk.max_tokens, encoder.max_seq_length - 2))
+    rows: list[SourceRow] = []
+    for item in read_rows(sample, settings):
+        if isinstance(item, SourceRow):
+            rows.append(item)
+        if len(rows) >= docs:
+            break
+    if not rows:
+        raise ConfigError(f"plan: no documents could be read from {sample!r}")
+    engine: BulkEngine[SourceRow, None] = BulkEngine(
+        encoders, unit_records=settings.bulk.write_documents,
+        tokenizer_workers=settings.bulk.tokenizer_workers, bucket_texts=settings.bulk.bucket_texts)
+
+    def prepare(row: SourceRow) -> tuple[None, list[str]]:
+        return None, [c.text for c in chunker.chunk(row.text)]
+
+    def ignore(unit: EmbeddedUnit[SourceRow, None]) -> None:
+        return None
+
+    warm = max(1, len(rows) // 6)  # precision calibration and kernel warm-up, not timed
+    engine.run(rows[:warm], prepare, ignore)
+    startup_s = time.perf_counter() - started
+    measured = rows[warm:] or rows
+    stats = engine.run(measured, prepare, ignore)
+    return Calibration(encoder.device, encoder.precision, len(measured), stats.texts,
+                       stats.tokens, stats.elapsed_s, startup_s)
+
+
+def run_plan(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    """The ``plan`` command (arguments as ``stream.cli`` defines them)."""
+    try:
+        fleet = [int(g) for g in str(args.gpus).split(",") if g.strip()]
+    except ValueError:
+        raise ConfigError(f"plan: --gpus takes comma-separated counts, not {args.gpus!r}") \
+            from None
+    calibration: Calibration | None = None
+    if args.rate is None:
+        sample = args.sample or str(_DEFAULT_SAMPLE)
+        if args.sample is None and not _DEFAULT_SAMPLE.exists():
+            raise ConfigError("plan: pass --sample FILE (documents like yours) or --rate")
+        if args.sample is None:  # the MS MARCO sample: TSV without header, id and text
+            settings = settings.model_copy(update={
+                "source": settings.source.model_copy(
+                    update={"id_fields": ("id",), "text_fields": ("text",)}),
+                "bulk": settings.bulk.model_copy(update={"tsv_columns": ("id", "text")})})
+        calibration = calibrate(settings, sample)
+    chunks_per_doc = args.chunks_per_doc or (calibration.chunks_per_doc if calibration else 1.0)
+    if calibration is not None:
+        tokens_per_chunk = args.tokens_per_chunk or calibration.tokens_per_chunk
+        rate = calibration.tokens_per_s / tokens_per_chunk
+        startup = calibration.startup_s
+    else:
+        rate, startup = float(args.rate), 0.0
+    rows = estimate(args.docs, chunks_per_doc, rate, fleet, args.price, startup)
+    result: dict[str, Any] = {
+        "docs": args.docs, "chunks_per_doc": round(chunks_per_doc, 3),
+        "chunks": round(args.docs * chunks_per_doc), "chunks_per_s_per_device": round(rate, 1),
+        "calibration": None if calibration is None else {
+            **asdict(calibration), "tokens_per_s": round(calibration.tokens_per_s, 1),
+            "tokens_per_chunk": round(calibration.tokens_per_chunk, 1)},
+        "fleet": [asdict(r) for r in rows],
+    }
+    if args.json:
+        out.write(json.dumps(result) + "\n")
+        return 0
+    if calibration is not None:
+        out.write(f"calibration: {calibration.docs:,} docs, {calibration.chunks:,} chunks, "
+                  f"{calibration.tokens_per_chunk:.1f} tokens/chunk, "
+                  f"{calibration.tokens_per_s:,.0f} tokens/s on {calibration.device} "
+                  f"({calibration.precision}); start-up {calibration.startup_s:.0f} s\n")
+    out.write(f"corpus: {args.docs:,} docs x {chunks_per_doc:.2f} chunks = "
+              f"{result['chunks']:,} chunks at {rate:,.1f} chunks/s per device\n")
+    out.write(f"{'devices':>8}  {'wall-clock':>12}  {'device-hours':>12}  {'cost':>10}\n")
+    for row in rows:
+        cost = "-" if row.cost is None else f"{row.cost:,.2f}"
+        out.write(f"{row.devices:>8}  {_clock(row.wall_s):>12}  {row.device_hours:>12,.2f}  "
+                  f"{cost:>10}\n")
+    out.write("assumes linear scaling across devices and store writes keeping up; "
+              "see `embedstream plan --help`\n")
+    return 0
+
+
+def _clock(seconds: float) -> str:
+    whole = round(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours}:{minutes:02d}:{secs:02d}"

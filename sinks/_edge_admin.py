@@ -1,0 +1,205 @@
+"""Collections and aliases of a Qdrant Edge store (files described in
+:mod:`sinks._edge_files`).
+
+What is read and when: an Edge shard can be open in one process only, and
+loading one that another sink holds fails, so the admin takes a collection's
+lock (non-blocking) before loading its shards. A collection open in another
+process is listed as ``in_use`` without counts, cannot be a switch target
+(its fingerprint cannot be read) and cannot be dropped. One open by a sink of
+this process is known by its fingerprint (a rebuild can switch to the
+collection it has just filled without closing it first). While the admin
+reads a collection it holds that lock, so a sink opening the collection at
+that instant is refused as "in use" (listing takes milliseconds to seconds
+per collection; opening again then succeeds).
+
+Unlike a Qdrant server, an alias may share its name with a physical collection
+(a store made before aliases): the alias wins when a sink opens that name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import qdrant_edge as qe
+
+from sinks._edge_files import AliasRegistry, ProcessLock, holder_text, is_shard, lock_path
+from sinks._layout import (
+    FINGERPRINT_POINT_ID,
+    STATE_SUFFIX,
+    listed_names,
+    looks_physical,
+    parse_fingerprint,
+    valid_name,
+)
+from sinks.base import CollectionInfo
+from sinks.qdrant_edge import open_fingerprint
+from stream.errors import FingerprintMismatch, SinkError
+from stream.fingerprint import Fingerprint
+
+__all__ = ["QdrantEdgeAdmin"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Look:
+    """What could be read of one collection. Counts are None when it is held."""
+
+    fingerprint: Fingerprint | None
+    points: int | None
+    state_points: int | None
+    holder: str | None  # pid of the process holding its lock, if any
+
+
+class QdrantEdgeAdmin:
+    """:class:`~sinks.base.SinkAdmin` of the Edge store at ``path`` (see the
+    module docstring)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._path = Path(path)
+        self._aliases = AliasRegistry(self._path)
+
+    def resolve(self, alias: str) -> str | None:
+        return self._aliases.read().get(alias)
+
+    def switch(self, alias: str, target: str) -> str | None:
+        _check_names(alias, target)
+        with self._aliases.changing() as aliases:
+            self._require_collection(target, aliases)
+            look, _ = self._look(target)
+            if look.fingerprint is None:
+                if look.holder is not None:
+                    raise SinkError(
+                        f"collection {target!r} at {self._path} is open in "
+                        f"{holder_text(look.holder)}, so its fingerprint cannot be read; "
+                        "close it and switch again")
+                raise SinkError(f"collection {target!r} at {self._path} holds no embedstream "
+                                "fingerprint; refusing to point an alias at it")
+            previous = aliases.get(alias)
+            aliases[alias] = target  # written, atomically, when the block ends
+        return previous
+
+    def collections(self) -> list[CollectionInfo]:
+        pointing: dict[str, list[str]] = defaultdict(list)
+        for alias, target in self._aliases.read().items():
+            pointing[target].append(alias)
+        try:
+            names = {d.name for d in self._path.iterdir()
+                     if not d.name.startswith(".") and is_shard(d)}
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise SinkError(f"cannot list {self._path}: {exc}") from exc
+        infos = []
+        for name in listed_names(names):
+            look, _ = self._look(name)
+            infos.append(CollectionInfo(name, look.points, tuple(sorted(pointing[name])),
+                                        look.fingerprint, in_use=look.holder is not None))
+        return infos
+
+    def drop(self, name: str, force: bool = False) -> None:
+        _check_names(name)
+        self._require_collection(name, self._aliases.read())
+        look, lock = self._look(name, keep_lock=True)
+        if lock is None:
+            raise SinkError(f"collection {name!r} at {self._path} is open in "
+                            f"{holder_text(look.holder or 'unknown')}; stop it (e.g. the "
+                            "consumer) before dropping the collection")
+        try:
+            interrupted = (looks_physical(name) and look.points == 0
+                           and not look.state_points)  # a creation that never finished
+            if look.fingerprint is None and not interrupted:
+                raise SinkError(f"collection {name!r} at {self._path} holds no embedstream "
+                                "fingerprint: it was not made by embedstream; refusing to "
+                                "delete it")
+            with self._aliases.changing() as aliases:
+                pointing = sorted(a for a, target in aliases.items() if target == name)
+                if pointing and not force:
+                    raise SinkError(
+                        f"collection {name!r} is in use: alias "
+                        f"{', '.join(map(repr, pointing))} points at it. Switch the alias to "
+                        "another collection first, or drop it anyway with --force (which "
+                        "removes the alias too).")
+                for alias in pointing:
+                    del aliases[alias]
+            # Aliases first (written when the block ended), so none leads to a
+            # half-deleted collection; chunks before state, so an interrupted
+            # drop leaves the fingerprint that lets the next drop finish it.
+            for directory in (self._path / name, self._path / f"{name}{STATE_SUFFIX}"):
+                if directory.exists():
+                    shutil.rmtree(directory)
+        except OSError as exc:
+            raise SinkError(f"dropping {name!r} at {self._path} failed: {exc}") from exc
+        finally:
+            lock.release()
+
+    def close(self) -> None:
+        """Nothing to release: every call opens and closes what it reads."""
+
+    # -- helpers -----------------------------------------------------------
+
+    def _require_collection(self, name: str, aliases: dict[str, str]) -> None:
+        if not (is_shard(self._path / name) or is_shard(self._path / f"{name}{STATE_SUFFIX}")):
+            if name in aliases:
+                raise SinkError(f"{name!r} is an alias (of {aliases[name]!r}), not a collection")
+            raise SinkError(f"no collection named {name!r} at {self._path}")
+        owner = name.removesuffix(STATE_SUFFIX)
+        if owner != name and is_shard(self._path / owner):
+            raise SinkError(f"{name!r} belongs to collection {owner!r}; name that one")
+
+    def _look(self, name: str, keep_lock: bool = False) -> tuple[_Look, ProcessLock | None]:
+        """Read ``name`` under its lock; the lock too with ``keep_lock``. When
+        another open file holds the lock: no counts, and the fingerprint only if
+        a sink of this process has it open."""
+        file = lock_path(self._path, name)
+        try:
+            lock = ProcessLock.attempt(file)
+        except OSError as exc:
+            raise SinkError(f"cannot lock {file}: {exc}") from exc
+        if isinstance(lock, str):
+            return _Look(open_fingerprint(file), None, None, holder=lock), None
+        try:
+            fingerprint, state_points, points = None, 0, 0
+            state_dir, chunk_dir = self._path / f"{name}{STATE_SUFFIX}", self._path / name
+            if is_shard(state_dir):
+                with self._shard(state_dir) as state:
+                    found = state.retrieve([FINGERPRINT_POINT_ID], with_payload=True,
+                                           with_vector=False)
+                    state_points = state.count(qe.CountRequest(exact=True))
+                raw = (found[0].payload or {}).get("fingerprint") if found else None
+                with contextlib.suppress(FingerprintMismatch):  # one this version cannot read
+                    fingerprint = parse_fingerprint(raw, name)
+            if is_shard(chunk_dir):
+                with self._shard(chunk_dir) as chunks:
+                    points = chunks.count(qe.CountRequest(exact=True))
+        except BaseException:
+            lock.release()
+            raise
+        if not keep_lock:
+            lock.release()
+        return _Look(fingerprint, points, state_points, None), (lock if keep_lock else None)
+
+    @contextlib.contextmanager
+    def _shard(self, directory: Path) -> Iterator[qe.EdgeShard]:
+        try:
+            shard = qe.EdgeShard.load(str(directory), None)
+        except Exception as exc:
+            raise SinkError(f"cannot open {directory}: {exc}") from exc
+        try:
+            yield shard
+        except SinkError:
+            raise
+        except Exception as exc:
+            raise SinkError(f"cannot read {directory}: {exc}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                shard.close()
+
+
+def _check_names(*names: str) -> None:
+    for name in names:
+        if not valid_name(name):
+            raise SinkError(f"{name!r} is not a valid collection or alias name")

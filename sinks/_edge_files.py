@@ -1,0 +1,151 @@
+"""The files of a Qdrant Edge store besides its shards: process locks and aliases.
+
+Under the store directory ``path``:
+
+* ``.<collection>.lock``: held (``flock``, exclusive) by the process that has
+  the physical collection open, and holding its pid.
+* ``aliases.json``: ``{"<alias>": "<physical collection>", ...}``. Replaced as
+  a whole (temporary file, fsync, ``os.replace``, fsync of the directory), so
+  a reader without a lock sees the old mapping or the new one, whole, and a
+  change survives a machine crash once made.
+* ``.aliases.lock``: held (``flock``, exclusive, blocking) while the aliases
+  change, so that read-modify-write changes from several processes do not
+  lose one another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from stream.errors import SinkError
+
+__all__ = ["ALIASES_FILE", "AliasRegistry", "ProcessLock", "holder_text", "is_shard", "lock_path"]
+
+ALIASES_FILE = "aliases.json"
+
+
+def lock_path(root: Path, collection: str) -> Path:
+    return root / f".{collection}.lock"
+
+
+def is_shard(directory: Path) -> bool:
+    """Whether ``directory`` holds an Edge shard (its WAL and segments), judged
+    without loading it: loading a directory that is not a shard writes into it."""
+    return (directory / "wal").is_dir() and (directory / "segments").is_dir()
+
+
+class ProcessLock:
+    """An exclusive ``flock`` on a file holding the owner's pid.
+
+    ``flock`` locks belong to the open file, so a second open in the same
+    process is refused too, and the kernel drops the lock when its owner dies.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @classmethod
+    def attempt(cls, file: Path) -> ProcessLock | str:
+        """The lock, or (when another open file holds it) the holder's pid as text."""
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            return holder
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd)
+
+    @classmethod
+    def take(cls, file: Path, what: str) -> ProcessLock:
+        """The lock, or :class:`SinkError` naming the holder."""
+        lock = cls.attempt(file)
+        if isinstance(lock, str):
+            raise SinkError(f"{what} is in use by {holder_text(lock)}; a Qdrant Edge store "
+                            "can be opened by one process at a time. Stop that process (e.g. "
+                            "the running consumer) and try again.")
+        return lock
+
+    def release(self) -> None:
+        # Closing the descriptor drops the lock; the file stays, as deleting it
+        # would race with a process that has just opened it.
+        os.close(self._fd)
+
+
+def holder_text(pid: str) -> str:
+    """Who holds a lock, from the pid in its file: this process or another."""
+    who = "this process" if pid == str(os.getpid()) else "another process"
+    return f"{who} (pid {pid})"
+
+
+class AliasRegistry:
+    """The aliases of one Edge store (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._file = root / ALIASES_FILE
+
+    def read(self) -> dict[str, str]:
+        """The aliases now; no lock needed (the file is only ever replaced whole)."""
+        try:
+            raw = self._file.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise SinkError(f"cannot read {self._file}: {exc}") from exc
+        try:
+            data = json.loads(raw)
+            if not (isinstance(data, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in data.items())):
+                raise ValueError("expected an object of alias names to collection names")
+        except ValueError as exc:
+            raise SinkError(f"{self._file} is damaged ({exc}); fix or delete it") from exc
+        return data
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[dict[str, str]]:
+        """Hold the aliases lock and yield the current mapping; what the block
+        leaves in it is written back when it exits normally (nothing is written
+        when it raises). Blocks while another process changes the aliases."""
+        self._root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._root / ".aliases.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            aliases = self.read()
+            before = dict(aliases)
+            yield aliases
+            if aliases != before:
+                try:
+                    self._replace(aliases)
+                except OSError as exc:
+                    raise SinkError(f"cannot write {self._file}: {exc}") from exc
+        finally:
+            os.close(fd)
+
+    def _replace(self, aliases: dict[str, str]) -> None:
+        data = json.dumps(aliases, indent=1, sort_keys=True).encode() + b"\n"
+        fd, temp = tempfile.mkstemp(dir=self._root, prefix=".aliases.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, self._file)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        # The rename itself is durable only once the directory is synced.
+        directory = os.open(self._root, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

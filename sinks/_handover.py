@@ -1,0 +1,75 @@
+"""The handover record both Qdrant sinks store (see :class:`~sinks.base.Handover`).
+
+It is one point in the state collection, with the fixed id
+:data:`~sinks._layout.HANDOVER_POINT_ID` and the payload
+``{"handover": {"offsets": [[topic, partition, offset], ...],
+"acknowledged": {group_id: [[topic, partition], ...]}}}``. It has no
+``doc_id``, so no read of document states ever takes it for a document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from sinks.base import Handover
+from stream.errors import SinkError
+
+__all__ = ["HandoverMethods", "handover_payload", "parse_handover"]
+
+
+def handover_payload(handover: Handover) -> dict[str, Any]:
+    """The handover point's payload. Sorted, so equal records store equal payloads."""
+    return {"handover": {
+        "offsets": [[t, p, o] for (t, p), o in sorted(handover.offsets.items())],
+        "acknowledged": {group: [[t, p] for t, p in sorted(parts)]
+                         for group, parts in sorted(handover.acknowledged.items())},
+    }}
+
+
+def parse_handover(payload: Mapping[str, Any] | None, where: str) -> Handover | None:
+    """The record in a handover point's payload; ``None`` for no point."""
+    if not payload:
+        return None
+    try:
+        raw = payload["handover"]
+        offsets = {(str(t), int(p)): int(o) for t, p, o in raw["offsets"]}
+        acknowledged = {str(group): frozenset((str(t), int(p)) for t, p in parts)
+                        for group, parts in raw["acknowledged"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SinkError(f"{where} holds a handover record this version cannot read "
+                        f"({type(exc).__name__}: {exc})") from exc
+    return Handover(offsets, acknowledged)
+
+
+class HandoverMethods:
+    """The handover methods of :class:`~sinks.base.Sink`, over three a sink
+    provides: where it is (for messages), reading the handover point's payload,
+    and replacing it durably."""
+
+    @property
+    def _where(self) -> str:
+        raise NotImplementedError
+
+    def _handover_payload(self) -> Mapping[str, Any] | None:
+        raise NotImplementedError
+
+    def _replace_handover_payload(self, payload: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def write_handover(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        record = Handover({(str(t), int(p)): int(o) for (t, p), o in offsets.items()}, {})
+        self._replace_handover_payload(handover_payload(record))
+
+    def read_handover(self) -> Handover | None:
+        return parse_handover(self._handover_payload(), self._where)
+
+    def acknowledge_handover(self, group_id: str,
+                             partitions: Collection[tuple[str, int]]) -> None:
+        current = self.read_handover()
+        if current is None:
+            raise SinkError(f"{self._where} holds no handover record to acknowledge")
+        merged = dict(current.acknowledged)
+        merged[group_id] = merged.get(group_id, frozenset()) | {(str(t), int(p))
+                                                                 for t, p in partitions}
+        self._replace_handover_payload(handover_payload(Handover(current.offsets, merged)))

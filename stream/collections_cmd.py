@@ -1,0 +1,100 @@
+"""The ``embedstream collections`` commands: the physical collections of the
+configured store, and the aliases pointing at them.
+
+``sink.collection`` names an alias; each rebuild makes a new physical
+collection ``<alias>_<UTC timestamp>`` and switches the alias to it, leaving
+the previous one until it is dropped. ``list`` shows them all (the alias's
+current target marked ``*``); ``drop`` deletes one. Both only read or change
+the store; neither needs the model or Kafka.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TextIO
+
+from sinks.base import CollectionInfo
+from sinks.factory import build_admin
+
+from .config import Settings
+
+__all__ = ["drop_collection", "list_collections", "switch_collection"]
+
+
+def list_collections(settings: Settings, out: TextIO, *, as_json: bool = False) -> None:
+    """Write every physical collection: a table, or one JSON object per line
+    (``name``, ``points``, ``aliases``, ``model``, ``dimension``, ``current``,
+    ``in_use``). ``current`` marks the collection ``sink.collection`` opens:
+    its alias's target, or a collection of that very name made before aliases."""
+    alias = settings.sink.collection
+    admin = build_admin(settings.sink)
+    try:
+        infos = admin.collections()
+        current = admin.resolve(alias)
+    finally:
+        admin.close()
+    if current is None and any(info.name == alias for info in infos):
+        current = alias
+    if as_json:
+        for info in infos:
+            fingerprint = info.fingerprint
+            out.write(json.dumps({
+                "name": info.name, "points": info.points, "aliases": list(info.aliases),
+                "model": fingerprint.model if fingerprint else None,
+                "dimension": fingerprint.dimension if fingerprint else None,
+                "current": info.name == current, "in_use": info.in_use,
+            }) + "\n")
+        return
+    if not infos:
+        out.write("no collections\n")
+        return
+    out.write(_table(infos, current))
+    if current is not None:
+        out.write(f"\n* = the collection sink.collection {alias!r} opens\n")
+
+
+def drop_collection(settings: Settings, name: str, out: TextIO, *, force: bool = False) -> None:
+    """Delete the physical collection ``name`` (and its state). Refused for one
+    an alias points at unless ``force``, and for one embedstream did not make."""
+    admin = build_admin(settings.sink)
+    try:
+        admin.drop(name, force=force)
+    finally:
+        admin.close()
+    out.write(f"dropped {name}\n")
+
+
+def switch_collection(settings: Settings, target: str, out: TextIO) -> None:
+    """Point the ``sink.collection`` alias at ``target`` (e.g. one rebuilt with
+    ``--no-swap``). A live consumer follows; if ``target`` holds a rebuild's
+    handover record, it resumes at those offsets, so what arrived since is
+    applied to ``target`` too. Without one (e.g. switching back to an older
+    collection) it resumes from its committed offsets: what arrived since is not
+    in ``target``."""
+    admin = build_admin(settings.sink)
+    try:
+        previous = admin.switch(settings.sink.collection, target)
+    finally:
+        admin.close()
+    out.write(f"{settings.sink.collection} -> {target} (was {previous})\n")
+
+
+def _table(infos: Sequence[CollectionInfo], current: str | None) -> str:
+    rows = [("", "NAME", "POINTS", "ALIASES", "MODEL", "DIM")]
+    for info in infos:
+        fingerprint = info.fingerprint
+        points = ("in use" if info.in_use else "?") if info.points is None else str(info.points)
+        rows.append((
+            "*" if info.name == current else "", info.name, points,
+            ",".join(info.aliases) or "-",
+            fingerprint.model if fingerprint else ("?" if info.in_use else "(not embedstream)"),
+            str(fingerprint.dimension) if fingerprint else "-",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(w) if i == 2 else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
