@@ -34,9 +34,9 @@ __all__ = ["BulkEncoder"]
 
 log = logging.getLogger("embedstream.bulk")
 
-# On 2 x86 cores, padded batches beyond ~2k tokens ran slower (activations leave the
-# cache); a GPU wants far larger ones to stay busy.
-_CPU_BATCH_TOKENS = 2048
+# On 2 x86 cores (AMX) bf16 MiniLM over MS MARCO ran at 287/303/312/231 passages/s with
+# 2k/3k/4k/8k padded tokens per batch (fp32 peaked near 2k); a GPU wants far more.
+_CPU_BATCH_TOKENS = 4096
 _GPU_BATCH_TOKENS = 65536
 _CALIBRATION_TEXTS = 256
 

@@ -195,7 +195,7 @@ class SinkSettings(_Section):
 class BulkSettings(_Section):
     """The bulk rebuild (``embedstream rebuild``): engine sizes, file reading, checkpoints."""
 
-    # Padded tokens (rows x longest) per forward pass; 0 picks 2048 on a CPU
+    # Padded tokens (rows x longest) per forward pass; 0 picks 4096 on a CPU
     # (larger spills out of cache there) and 65536 on a GPU.
     batch_tokens: int = Field(default=0, ge=0)
     # "auto" runs bf16 (fp16 on GPUs without bf16) when a calibration batch is
