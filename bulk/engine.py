@@ -230,7 +230,9 @@ class BulkEngine(Generic[R, P]):
         finally:
             stop.set()
             for thread in threads:
-                thread.join()
+                # The reader may sit inside the source (e.g. a Kafka poll) and only sees
+                # the stop at its next record; it is a daemon, so do not wait for it long.
+                thread.join(timeout=10.0 if thread is threads[0] else None)
         if failures:
             raise failures[0]
         return self.stats

@@ -129,6 +129,13 @@ def _records(settings: Settings, options: RebuildOptions,
     return read_rows(options.source, settings, skip=checkpoint.done), None
 
 
+def _identity(settings: Settings, fingerprint: Fingerprint) -> str:
+    """What decides the vectors and what is read: a resume under other source
+    settings or topics would mix two corpora, so the checkpoint keeps this."""
+    return " ".join((fingerprint.to_json(), settings.source.model_dump_json(),
+                     ",".join(settings.kafka.topics)))
+
+
 def _files_signature(source: str) -> list[list[Any]]:
     if source == "kafka":
         return []
@@ -161,7 +168,8 @@ def rebuild(settings: Settings, options: RebuildOptions, *,
         checkpoints = CheckpointStore(settings.bulk.state_dir or settings.sink.path / ".rebuild")
         checkpoint = checkpoints.load_or_new(
             name, restart=options.restart, source=options.source,
-            files=_files_signature(options.source), fingerprint=fingerprint.to_json(),
+            files=_files_signature(options.source),
+            fingerprint=_identity(settings, fingerprint),
             output=str(options.output) if to_files else None,
             target=None if to_files else fresh_name(alias, taken))
         report = RebuildReport(

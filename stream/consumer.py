@@ -144,6 +144,8 @@ class StreamConsumer:
         partitions, which applies and checkpoints what is batched if the store answers."""
         self._consumer.close()
         self._dead_letters.close()
+        if self._follower:
+            self._follower.close()
 
     def step(self) -> None:
         """One poll of the loop: read what is there, apply the batch when it is

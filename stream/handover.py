@@ -65,6 +65,9 @@ class AliasFollower:
         self._pending: dict[Partition, int] = {}  # owned, to move to the handover offset
         self._floor: dict[Partition, int] = {}    # moved: ignore anything read below this
 
+    def close(self) -> None:
+        self._admin.close()
+
     def ignores(self, partition: Partition, offset: int) -> bool:
         """True for a message not to apply now: its partition is held or about to
         move (it is read again from the right offset), or it lies below a move."""

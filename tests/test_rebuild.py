@@ -243,11 +243,11 @@ def test_a_rerun_after_the_swap_only_tidies_up(tmp_path: Path, tiny_model_dir: P
     # As if killed after moving the alias, before removing its checkpoint.
     left = Checkpoint("docs", str(corpus), [], "", None, done.target, done=1, embedded=True)
     from bulk.checkpoint import CheckpointStore
-    from bulk.rebuild import _files_signature
+    from bulk.rebuild import _files_signature, _identity
     from stream.service import build_pipeline as pipeline_for
 
     pipeline = pipeline_for(settings)
-    left.fingerprint = pipeline.fingerprint.to_json()
+    left.fingerprint = _identity(settings, pipeline.fingerprint)
     pipeline.close()
     left.files = _files_signature(str(corpus))
     store = CheckpointStore(tmp_path / "store" / ".rebuild")
@@ -263,10 +263,10 @@ def test_resuming_into_a_dropped_collection_is_refused(tmp_path: Path,
     corpus.write_text('{"_id": "x", "title": "t"}\n')
     settings = settings_for(tmp_path, str(tiny_model_dir))
     from bulk.checkpoint import CheckpointStore
-    from bulk.rebuild import _files_signature
+    from bulk.rebuild import _files_signature, _identity
 
     pipeline = build_pipeline(settings)
-    fingerprint = pipeline.fingerprint.to_json()
+    fingerprint = _identity(settings, pipeline.fingerprint)
     pipeline.close()
     CheckpointStore(tmp_path / "store" / ".rebuild").save(Checkpoint(
         "docs", str(corpus), _files_signature(str(corpus)), fingerprint, None,
