@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+# promtool (Debian's prometheus package) for the alert-rule tests; skipped when not root or no apt.
+	command -v promtool >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null && (service prometheus stop >/dev/null 2>&1 || true)) || true
 	touch $@
 
 setup: $(VENV)/.installed

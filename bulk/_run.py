@@ -15,11 +15,12 @@ from sinks.base import DocState, DocumentWrite, Sink, chunk_point_id
 from stream.chunking import Chunk, TokenChunker
 from stream.config import Settings
 from stream.events import ChangeEvent, Op, Position
+from stream.metrics import Metrics
 from stream.plan import Folded, PreparedEvent, build_write
 
 from .checkpoint import Checkpoint, CheckpointStore
 from .encoder import BulkEncoder
-from .engine import EmbeddedUnit
+from .engine import EmbeddedUnit, EngineStats
 from .kafka_source import BulkEvent, BulkFailure, BulkSkip
 from .outputs import VectorFileWriter, VectorRow
 from .progress import Progress
@@ -43,10 +44,17 @@ class RebuildRun:
 
     def __init__(self, settings: Settings, encoder: BulkEncoder,
                  checkpoints: CheckpointStore, checkpoint: Checkpoint, report: RebuildReport,
-                 sink: Sink | None, writer: VectorFileWriter | None, progress: Progress) -> None:
+                 sink: Sink | None, writer: VectorFileWriter | None, progress: Progress,
+                 metrics: Metrics | None = None, total: int | None = None) -> None:
         self.settings, self.encoder = settings, encoder
         self.checkpoints, self.checkpoint, self.report = checkpoints, checkpoint, report
         self.sink, self.writer, self.progress = sink, writer, progress
+        self.metrics, self.total = metrics, total
+        # The engine running the rebuild: its ``stats`` (replaced when it starts) give the
+        # padding so far. None: only the report's figure, filled in at the end.
+        self.engine: Any = None
+        # What the counters already hold of the report's figures (they only go up).
+        self._published = {"records": 0, "chunks": 0, "failures": 0}
         self._local = threading.local()
         self._next_checkpoint = time.monotonic() + settings.bulk.checkpoint_interval_s
         self._failures: TextIO | None = None
@@ -107,8 +115,36 @@ class RebuildRun:
                 self._write_files(writes)
         self.progress.update(self.checkpoint.done, chunks=self.report.chunks,
                              failures=self.report.failures)
+        self.publish()
         if time.monotonic() >= self._next_checkpoint:
             self.save()
+
+    def publish(self, embedded: bool = False) -> None:
+        """Bring the rebuild metrics up to the report: the counters gain what the
+        report gained since the last call, the ratios are set (progress to 1 once
+        ``embedded``: every record is read, whether or not the total was known).
+        No-op without metrics."""
+        metrics, report = self.metrics, self.report
+        if metrics is None:
+            return
+        for name, counter in (("records", metrics.rebuild_records),
+                              ("chunks", metrics.rebuild_chunks),
+                              ("failures", metrics.rebuild_failures)):
+            value = int(getattr(report, name))
+            if value > self._published[name]:
+                counter.inc(value - self._published[name])
+                self._published[name] = value
+        if embedded:
+            metrics.rebuild_progress.set(1.0)
+        elif self.total:
+            metrics.rebuild_progress.set(min(1.0, self.checkpoint.done / self.total))
+        stats = getattr(self.engine, "stats", None)
+        if not isinstance(stats, EngineStats):
+            stats = None
+        # Read without the engine's lock: a forward thread may be between its two
+        # additions, so keep the figure within 0..1 rather than take the lock per write.
+        padding = stats.padding_fraction if stats is not None else report.padding_fraction
+        metrics.rebuild_padding.set(min(1.0, max(0.0, padding)))
 
     def _newer_than_stored(self, writes: list[DocumentWrite]) -> list[DocumentWrite]:
         """The stream's version guard against what the store holds. Needed once a

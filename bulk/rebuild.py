@@ -41,6 +41,8 @@ from stream.chunking import TokenChunker
 from stream.config import Settings
 from stream.errors import ConfigError, KafkaUnavailable
 from stream.fingerprint import Fingerprint
+from stream.health import Health, serve_http
+from stream.metrics import Metrics
 
 from ._run import Prepared, RebuildRun, Record
 from .catch_up import catch_up
@@ -146,11 +148,25 @@ def rebuild(settings: Settings, options: RebuildOptions, *,
             encoders: Sequence[BulkEncoder] | None = None,
             sink_factory: Callable[[str], Sink] | None = None,
             admin: SinkAdmin | None = None,
-            progress_stream: TextIO | None = None) -> RebuildReport:
+            progress_stream: TextIO | None = None,
+            metrics: Metrics | None = None) -> RebuildReport:
     """Run a rebuild (see the module docstring) and return its report.
 
     ``encoders``, ``sink_factory`` (physical name -> unopened sink) and ``admin``
-    replace the ones built from ``settings`` (tests share one in-memory store)."""
+    replace the ones built from ``settings`` (tests share one in-memory store).
+
+    Progress goes to the ``embedstream_rebuild_*`` metrics, updated after every
+    written unit. Without ``metrics``, they are built here and, when
+    ``settings.metrics.enabled``, served on ``metrics.host:metrics.port`` (``/metrics``;
+    ``/healthz`` says only that the process is up, ``/readyz`` that the rebuild has
+    started) from a daemon thread that lives as long as the process, so a Job can be
+    scraped. A port that cannot be bound is logged and the rebuild goes on. A caller
+    passing ``metrics`` serves them itself, if at all."""
+    if metrics is None:
+        metrics = Metrics()
+        health = _serve(settings, metrics)
+    else:
+        health = None
     alias = options.collection or settings.sink.collection
     to_files = options.output is not None
     encoders = list(encoders) if encoders else build_encoders(settings)
@@ -184,11 +200,33 @@ def rebuild(settings: Settings, options: RebuildOptions, *,
                 and not checkpoint.covered:
             checkpoint.covered = _topic_ends(settings)
             checkpoints.save(checkpoint)  # before anything is read: a resume keeps these
+        if health is not None:
+            health.started()
         return _run_rebuild(settings, options, alias, encoders, fingerprint, admin,
-                            checkpoints, checkpoint, report, sink_factory, progress_stream)
+                            checkpoints, checkpoint, report, sink_factory, progress_stream,
+                            metrics)
     finally:
         if admin is not None and owned_admin:
             admin.close()
+
+
+def _serve(settings: Settings, metrics: Metrics) -> Health | None:
+    """Serve ``metrics`` when ``settings.metrics.enabled``; None when not served."""
+    if not settings.metrics.enabled:
+        return None
+    # A rebuild has no loop to watch: liveness is the process serving at all.
+    health = Health(float("inf"), ready_gauge=metrics.ready)
+    try:
+        serve_http(metrics, health, settings.metrics.host, settings.metrics.port)
+    except OSError as error:
+        # Progress metrics are a convenience here; a port taken (e.g. by a consumer on
+        # the same host) must not stop a rebuild that may have hours of work to resume.
+        log.warning("not serving rebuild metrics on %s:%d (metrics.port): %s",
+                    settings.metrics.host, settings.metrics.port, error)
+        return None
+    log.info("serving rebuild metrics on %s:%d/metrics", settings.metrics.host,
+             settings.metrics.port)
+    return health
 
 
 def _already_done(admin: SinkAdmin, alias: str, checkpoint: Checkpoint,
@@ -208,7 +246,7 @@ def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
                  admin: SinkAdmin | None, checkpoints: CheckpointStore,
                  checkpoint: Checkpoint, report: RebuildReport,
                  sink_factory: Callable[[str], Sink] | None,
-                 progress_stream: TextIO | None) -> RebuildReport:
+                 progress_stream: TextIO | None, metrics: Metrics) -> RebuildReport:
     to_files = options.output is not None
     encoder = encoders[0]
     resumed_from = checkpoint.done
@@ -228,13 +266,14 @@ def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
     progress = Progress(total, interval_s=settings.bulk.progress_interval_s,
                         stream=progress_stream, start=resumed_from)
     run = RebuildRun(settings, encoder, checkpoints, checkpoint, report, sink, writer,
-                     progress)
+                     progress, metrics=metrics, total=total)
     snapshot: KafkaSnapshot | None = None
     try:
         if not checkpoint.embedded:
             records, snapshot = _records(settings, options, checkpoint)
             checkpoints.save(checkpoint)  # the snapshot's marks, before anything is written
             engine = _engine(settings, options, encoders)
+            run.engine = engine
             try:
                 stats = engine.run(records, run.prepare, run.write)
             finally:
@@ -254,6 +293,7 @@ def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
             sink.flush()  # the catch-up's writes are durable before the record that counts them
             sink.write_handover(caught.reached)
             report.handover = {_tp_key(tp): o for tp, o in sorted(caught.reached.items())}
+        run.publish(embedded=True)  # the catch-up's failures; the final padding
         if sink is not None:
             sink.flush()
             sink.close()

@@ -137,6 +137,7 @@ class StreamConsumer:
                 on_lost=self._on_lost,
             )
             self._subscribed = True
+            self._health.set_partitions(0)  # none until the group assigns some
             self._health.started()
 
     def close(self) -> None:
@@ -365,6 +366,7 @@ class StreamConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        self._health.set_partitions(len(self.assigned))
         self._metrics.rebalances.labels(event="assigned").inc(len(partitions))
         # A pause we set before these were revoked outlives the revocation in
         # librdkafka; clear it (a backoff in progress pauses them again).
@@ -384,6 +386,7 @@ class StreamConsumer:
         elif self._follower:
             self._follower.forget(revoked)
         self.assigned -= revoked
+        self._health.set_partitions(len(self.assigned))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member may own them already: committing would be wrong; drop and replay.
@@ -392,6 +395,7 @@ class StreamConsumer:
         log.warning("lost %s; their uncommitted events will be replayed", sorted(lost))
         self._drop(lost)
         self.assigned -= lost
+        self._health.set_partitions(len(self.assigned))
 
     def _drop(self, partitions: set[tuple[str, int]]) -> None:
         """Forget unapplied events and uncommitted offsets of partitions we no

@@ -178,6 +178,11 @@ class SentenceTransformerEmbedder:
     ``(0, dimension)``. Not done: texts past ``max_seq_length`` tokens are truncated, as by
     ``encode`` (chunk them first); the model's prompts (``prompt_name``) are not applied.
     Not thread-safe: one caller at a time.
+
+    After each ``embed`` call, :attr:`last_tokens` and :attr:`last_padded_tokens` hold the
+    real tokens and the input positions (rows x longest, summed over sub-batches) of
+    that call's forward passes, for callers that measure padding; both are 0 after an
+    empty call, and they describe only the passes that finished if the call raised.
     """
 
     def __init__(self, model: str, device: str = "auto", max_batch_tokens: int = 8192) -> None:
@@ -211,6 +216,8 @@ class SentenceTransformerEmbedder:
             self._input_names.append("token_type_ids")  # all zeros: one segment per text
         self._pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self._left_pad = tokenizer.padding_side == "left"
+        self.last_tokens = 0
+        self.last_padded_tokens = 0
 
     @property
     def model_name(self) -> str:
@@ -237,14 +244,19 @@ class SentenceTransformerEmbedder:
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         out = np.empty((len(texts), self._dimension), dtype=np.float32)
+        self.last_tokens = self.last_padded_tokens = 0
         if not texts:
             return out
         ids: list[list[int]] = self._tokenizer(
             list(texts), truncation=True, max_length=self._max_seq_length, padding=False,
             return_attention_mask=False, return_token_type_ids=False, verbose=False,
         )["input_ids"]
-        for batch in pack_batches([len(seq) for seq in ids], self._max_batch_tokens):
+        lengths = [len(seq) for seq in ids]
+        for batch in pack_batches(lengths, self._max_batch_tokens):
             out[batch] = self._forward([ids[i] for i in batch])
+            # As pad_batch pads: every row to the batch's longest (at least 1).
+            self.last_tokens += sum(lengths[i] for i in batch)
+            self.last_padded_tokens += len(batch) * max(1, max(lengths[i] for i in batch))
         return out
 
     def _forward(self, batch: list[list[int]]) -> npt.NDArray[np.float32]:

@@ -4,9 +4,14 @@
 per poll, also while it backs off from an unavailable store) and 503 once it
 has not turned for ``metrics.liveness_timeout_s``: a stuck process, which a
 restart may cure. ``/readyz`` answers 200 once the model is loaded, the store
-is open and the consumer has joined its topics, and 503 while the store is
-unavailable: the consumer is alive and waiting, so a restart would not help,
-but it is not doing its job. ``/metrics`` is the Prometheus exposition.
+is open and the consumer owns partitions, while the store answers and the loop
+is not stalled; 503 otherwise, with the reason: starting, no partitions
+assigned (the group is still forming, or there are more replicas than
+partitions), the store unavailable (alive and waiting, so a restart would not
+help), or stalled. ``/metrics`` is the Prometheus exposition.
+``embedstream_ready`` reports the same as ``/readyz`` whenever one of these
+changes (a stall shows only in ``/readyz``, as the loop that would set the
+gauge is the one stalled).
 
 The server runs in one daemon thread (as prometheus-client's own does); it
 only reads the :class:`Health` fields the loop thread writes.
@@ -40,6 +45,7 @@ class Health:
         self._last_beat = clock()
         self._started = False
         self._not_ready: str | None = "starting"
+        self._partitions = -1  # unknown: a caller that never reports them is not held back
 
     def beat(self) -> None:
         """The loop turned."""
@@ -52,8 +58,23 @@ class Health:
     def set_ready(self, problem: str | None) -> None:
         """``None``: ready; otherwise why not (e.g. the store is unavailable)."""
         self._not_ready = problem if problem or self._started else "starting"
+        self._update_gauge()
+
+    def set_partitions(self, count: int) -> None:
+        """How many partitions the consumer owns now (after each rebalance)."""
+        self._partitions = count
+        self._update_gauge()
+
+    def _update_gauge(self) -> None:
         if self._gauge is not None:
-            self._gauge.set(0 if self._not_ready else 1)
+            self._gauge.set(1 if self._why_not_ready() is None else 0)
+
+    def _why_not_ready(self) -> str | None:
+        if self._not_ready:
+            return self._not_ready
+        if self._partitions == 0:
+            return "no partitions assigned (group forming, or more replicas than partitions)"
+        return None
 
     def live(self) -> tuple[bool, str]:
         idle = self._clock() - self._last_beat
@@ -62,7 +83,11 @@ class Health:
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
-        return (False, self._not_ready) if self._not_ready else (True, "ok")
+        why = self._why_not_ready()
+        if why is None:
+            live, stalled = self.live()
+            why = None if live else f"stalled: {stalled}"
+        return (False, why) if why else (True, "ok")
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -13,6 +13,7 @@ __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _FRESHNESS_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+_RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
 class Metrics:
@@ -117,5 +118,35 @@ class Metrics:
         self.embed_splits = Counter(
             "embedstream_embed_splits_total",
             "Embedding calls that ran out of memory and were retried as two halves",
+            registry=r,
+        )
+        self.embed_padding = Histogram(
+            "embedstream_embed_padding_ratio",
+            "Share of the model's input positions that were padding, per stream embedding call",
+            buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
+        # Rebuild progress (``embedstream rebuild``; zero in the consumer).
+        self.rebuild_records = Counter(
+            "embedstream_rebuild_records_total",
+            "Source records a rebuild has read and written (or failed or skipped)",
+            registry=r,
+        )
+        self.rebuild_chunks = Counter(
+            "embedstream_rebuild_chunks_total", "Chunks a rebuild has written", registry=r
+        )
+        self.rebuild_failures = Counter(
+            "embedstream_rebuild_failures_total",
+            "Records a rebuild could not turn into a document (listed in its failures file)",
+            registry=r,
+        )
+        self.rebuild_progress = Gauge(
+            "embedstream_rebuild_progress_ratio",
+            "Records done over records to do, resumed work included (0 while the total is unknown)",
+            registry=r,
+        )
+        self.rebuild_padding = Gauge(
+            "embedstream_rebuild_padding_ratio",
+            "Share of the rebuild's model input positions that were padding, so far",
             registry=r,
         )

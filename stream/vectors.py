@@ -72,7 +72,9 @@ class ChunkVectors:
         """Embed; on running out of memory, retry each half (down to one text,
         which then fails alone). Any other error propagates."""
         try:
-            return list(self._embedder.embed(texts))
+            rows = list(self._embedder.embed(texts))
+            self._observe_padding()
+            return rows
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -83,6 +85,14 @@ class ChunkVectors:
         self._metrics.embed_splits.inc()
         middle = len(texts) // 2
         return self._embed_halving(texts[:middle]) + self._embed_halving(texts[middle:])
+
+    def _observe_padding(self) -> None:
+        # Only embedders that measure it (SentenceTransformerEmbedder) say how much of
+        # their forward passes was padding; the Embedder protocol does not require it.
+        padded = getattr(self._embedder, "last_padded_tokens", 0)
+        if padded:
+            real = getattr(self._embedder, "last_tokens", 0)
+            self._metrics.embed_padding.observe(max(0.0, 1.0 - real / padded))
 
     def _count(self, chunks: Sequence[Chunk], embedded: Collection[str],
                failed: Collection[str]) -> None:

@@ -1,0 +1,211 @@
+{{/* Expand the name of the chart. */}}
+{{- define "embedstream.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* A default fully qualified app name (63 characters at most, DNS naming spec). */}}
+{{- define "embedstream.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "embedstream.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "embedstream.labels" -}}
+helm.sh/chart: {{ include "embedstream.chart" . }}
+{{ include "embedstream.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: embedstream
+{{- end }}
+
+{{- define "embedstream.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "embedstream.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The consumer pods (the rebuild Job's pods are not among them). */}}
+{{- define "embedstream.consumerSelectorLabels" -}}
+{{ include "embedstream.selectorLabels" . }}
+app.kubernetes.io/component: consumer
+{{- end }}
+
+{{- define "embedstream.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "embedstream.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "embedstream.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "embedstream.secretName" -}}
+{{- default (include "embedstream.fullname" .) .Values.existingSecret }}
+{{- end }}
+
+{{- define "embedstream.sinkKind" -}}
+{{- dig "sink" "kind" "qdrant-edge" .Values.config }}
+{{- end }}
+
+{{- define "embedstream.edge" -}}
+{{- if eq (include "embedstream.sinkKind" .) "qdrant-edge" }}true{{ end }}
+{{- end }}
+
+{{/* Checks that stop rendering with a clear message. */}}
+{{- define "embedstream.validate" -}}
+{{- if and (include "embedstream.edge" .) (gt (int .Values.replicaCount) 1) }}
+{{- fail (printf "replicaCount is %d but config.sink.kind is qdrant-edge: a Qdrant Edge store is open in one process only, so the consumer must run as a single replica (set replicaCount: 1, or use sink.kind: qdrant with a server)" (int .Values.replicaCount)) }}
+{{- end }}
+{{- if and (include "embedstream.edge" .) .Values.keda.enabled }}
+{{- fail "keda.enabled needs config.sink.kind: qdrant: a Qdrant Edge store is open in one process only, so the consumer cannot scale out" }}
+{{- end }}
+{{- if and (not (include "embedstream.edge" .)) (not (dig "sink" "url" "" .Values.config)) }}
+{{- fail "config.sink.kind is qdrant: set config.sink.url to the Qdrant server (http(s)://host:6333)" }}
+{{- end }}
+{{- $inConfig := list }}
+{{- if dig "kafka" "security" "sasl_password" "" .Values.config }}{{ $inConfig = append $inConfig "kafka.security.sasl_password" }}{{ end }}
+{{- if dig "kafka" "security" "ssl_key_password" "" .Values.config }}{{ $inConfig = append $inConfig "kafka.security.ssl_key_password" }}{{ end }}
+{{- if dig "sink" "api_key" "" .Values.config }}{{ $inConfig = append $inConfig "sink.api_key" }}{{ end }}
+{{- with $inConfig }}
+{{- fail (printf "config.%s is a secret: set it through secrets.* or existingSecret, not in config (which becomes a ConfigMap)" (first .)) }}
+{{- end }}
+{{- end }}
+
+{{/* The data directory of the Edge store. */}}
+{{- define "embedstream.sinkPath" -}}
+{{- dig "sink" "path" (printf "%s/data" .Values.persistence.mountPath) .Values.config }}
+{{- end }}
+
+{{/* config.yaml: .Values.config with metrics on the container port and the paths the pod can write. */}}
+{{- define "embedstream.config" -}}
+{{- $cfg := deepCopy .Values.config }}
+{{- $metrics := default dict (get $cfg "metrics") }}
+{{- $_ := set $metrics "enabled" true }}
+{{- $_ = set $metrics "port" (int .Values.metricsPort) }}
+{{- $_ = set $cfg "metrics" $metrics }}
+{{- $sink := default dict (get $cfg "sink") }}
+{{- $_ = set $sink "kind" (include "embedstream.sinkKind" .) }}
+{{- if include "embedstream.edge" . }}
+{{- $_ = set $sink "path" (include "embedstream.sinkPath" .) }}
+{{- if not (hasPrefix (printf "%s/" (trimSuffix "/" .Values.persistence.mountPath)) (include "embedstream.sinkPath" .)) }}
+{{- fail (printf "config.sink.path (%s) must lie under persistence.mountPath (%s), the only writable volume for the Edge store" (include "embedstream.sinkPath" .) .Values.persistence.mountPath) }}
+{{- end }}
+{{- else }}
+{{- $bulk := default dict (get $cfg "bulk") }}
+{{- if not (get $bulk "state_dir") }}
+{{- $_ = set $bulk "state_dir" "/tmp/embedstream-rebuild" }}
+{{- $_ = set $cfg "bulk" $bulk }}
+{{- end }}
+{{- end }}
+{{- $_ = set $cfg "sink" $sink }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/* EMBEDSTREAM_* credentials from the Secret: only those set (chart Secret) or named (existingSecret). */}}
+{{- define "embedstream.secretEnv" -}}
+{{- $env := dict "saslPassword" "EMBEDSTREAM_KAFKA__SECURITY__SASL_PASSWORD" "sslKeyPassword" "EMBEDSTREAM_KAFKA__SECURITY__SSL_KEY_PASSWORD" "sinkApiKey" "EMBEDSTREAM_SINK__API_KEY" }}
+{{- range $field := list "saslPassword" "sslKeyPassword" "sinkApiKey" }}
+{{- if $.Values.existingSecret }}
+{{- $key := get $.Values.existingSecretKeys $field }}
+{{- if $key }}
+- name: {{ get $env $field }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.Values.existingSecret }}
+      key: {{ $key }}
+      optional: true
+{{- end }}
+{{- else if get $.Values.secrets $field }}
+- name: {{ get $env $field }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "embedstream.fullname" $ }}
+      key: {{ kebabcase $field }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "embedstream.hasChartSecret" -}}
+{{- if and (not .Values.existingSecret) (or .Values.secrets.saslPassword .Values.secrets.sslKeyPassword .Values.secrets.sinkApiKey) }}true{{ end }}
+{{- end }}
+
+{{/* Resources, with the GPU limit when gpu.enabled. */}}
+{{- define "embedstream.resources" -}}
+{{- $res := deepCopy (.resources | default dict) }}
+{{- if .root.Values.gpu.enabled }}
+{{- $limits := default dict (get $res "limits") }}
+{{- $_ := set $limits .root.Values.gpu.resourceName (int .root.Values.gpu.count) }}
+{{- $_ = set $res "limits" $limits }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
+
+{{/* Pod volumes shared by the consumer and the rebuild Job. */}}
+{{- define "embedstream.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "embedstream.fullname" . }}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmp.sizeLimit }}
+- name: hf-cache
+  emptyDir:
+    sizeLimit: {{ .Values.hfCache.sizeLimit }}
+{{- if include "embedstream.edge" . }}
+- name: data
+{{- if .Values.persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.persistence.existingClaim | default (include "embedstream.fullname" .) }}
+{{- else }}
+  emptyDir: {}
+{{- end }}
+{{- end }}
+{{- if .Values.kafkaTls.secretName }}
+- name: kafka-tls
+  secret:
+    secretName: {{ .Values.kafkaTls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "embedstream.volumeMounts" -}}
+- name: config
+  mountPath: /etc/embedstream/config.yaml
+  subPath: config.yaml
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+- name: hf-cache
+  mountPath: {{ .Values.hfCache.mountPath }}
+{{- if include "embedstream.edge" . }}
+- name: data
+  mountPath: {{ .Values.persistence.mountPath }}
+{{- end }}
+{{- if .Values.kafkaTls.secretName }}
+- name: kafka-tls
+  mountPath: {{ .Values.kafkaTls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "embedstream.env" -}}
+- name: HF_HOME
+  value: {{ .Values.hfCache.mountPath | quote }}
+{{- include "embedstream.secretEnv" . }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
