@@ -44,8 +44,8 @@ def read_passages(path: Path, limit: int | None) -> list[str]:
     return texts[:limit] if limit else texts
 
 
-def engine_pass(engine: BulkEngine[int, None], texts: list[str]) -> np.ndarray:
-    out = np.empty((len(texts), engine_dimension(engine)), dtype=np.float32)
+def engine_pass(engine: BulkEngine[int, None], texts: list[str], dimension: int) -> np.ndarray:
+    out = np.empty((len(texts), dimension), dtype=np.float32)
 
     def write(unit: EmbeddedUnit[int, None]) -> None:
         assert unit.flat is not None
@@ -53,10 +53,6 @@ def engine_pass(engine: BulkEngine[int, None], texts: list[str]) -> np.ndarray:
 
     engine.run(range(len(texts)), lambda i: (None, (texts[i],)), write)
     return out
-
-
-def engine_dimension(engine: BulkEngine[int, None]) -> int:
-    return engine._encoders[0].dimension
 
 
 def main() -> None:
@@ -86,7 +82,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     warm = texts[: min(len(texts), 512)]
-    engine_pass(engine, warm)  # calibrates the precision, warms kernels
+    engine_pass(engine, warm, encoder.dimension)  # calibrates the precision, warms kernels
     stock.encode(warm, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
 
     best_engine = best_stock = float("inf")
@@ -100,7 +96,7 @@ def main() -> None:
         sync()
         best_stock = min(best_stock, time.perf_counter() - started)
         started = time.perf_counter()
-        vectors = engine_pass(engine, texts)
+        vectors = engine_pass(engine, texts, encoder.dimension)
         sync()
         best_engine = min(best_engine, time.perf_counter() - started)
         padding, tokens = engine.stats.padding_fraction, engine.stats.tokens

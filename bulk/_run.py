@@ -187,19 +187,14 @@ class RebuildRun:
 
     def _advance(self, record: Record) -> None:
         self.checkpoint.done += 1
-        if isinstance(record, BulkEvent | BulkFailure | BulkSkip):
-            position = record.event.position if isinstance(record, BulkEvent) \
-                else record.position
+        if (position := _position(record)) is not None:
             self.checkpoint.offsets[(position.topic, position.partition)] = position.offset + 1
 
     def _fail(self, record: Record, reason: str, detail: str) -> None:
         self.report.failures += 1
-        if isinstance(record, RowFailure | SourceRow):
-            where = record.where
-        else:
-            position = record.event.position if isinstance(record, BulkEvent) \
-                else record.position
-            where = f"{position.topic}[{position.partition}]@{position.offset}"
+        position = _position(record)
+        where = (f"{position.topic}[{position.partition}]@{position.offset}"
+                 if position is not None else getattr(record, "where", ""))
         self.failure(where, reason, detail)
 
     def failure(self, where: str, reason: str, detail: str) -> None:
@@ -226,3 +221,12 @@ class RebuildRun:
         if self._failures is not None:
             self._failures.close()
             self._failures = None
+
+
+def _position(record: Record) -> Position | None:
+    """Where a Kafka record sits; None for a file row."""
+    if isinstance(record, BulkEvent):
+        return record.event.position
+    if isinstance(record, BulkFailure | BulkSkip):
+        return record.position
+    return None

@@ -38,7 +38,7 @@ from stream.metrics import Metrics
 from stream.plan import PreparedEvent, build_write, fold, group_by_document
 from stream.vectors import ChunkVectors
 
-from .kafka_source import Partition, _consumer, _ends, _partitions
+from .kafka_source import Partition, partition_ends, snapshot_consumer, topic_partitions
 
 __all__ = ["CatchUpReport", "catch_up"]
 
@@ -65,17 +65,17 @@ def catch_up(settings: Settings, sink: Sink, chunker: Chunker, embedder: Embedde
     starts); returns the offsets reached (see the module docstring)."""
     if not covered:
         return CatchUpReport()
-    consumer = _consumer(settings)
+    consumer = snapshot_consumer(settings)
     vectors = ChunkVectors(embedder, Metrics())
     try:
         # A partition added since the rebuild started is in none of it: from its start.
-        start = {tp: covered.get(tp, 0) for tp in _partitions(consumer, settings.kafka.topics)}
+        start = {tp: covered.get(tp, 0) for tp in topic_partitions(consumer, settings.kafka.topics)}
         start.update(covered)
         covered = start
         report = CatchUpReport(reached=dict(covered))
         consumer.assign([TopicPartition(t, p, o) for (t, p), o in sorted(covered.items())])
         for _ in range(rounds):
-            ends = _ends(consumer, sorted(covered))
+            ends = partition_ends(consumer, sorted(covered))
             behind = {tp for tp, end in ends.items() if report.reached[tp] < end}
             report.rounds += 1
             if not behind:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -80,8 +81,9 @@ class BulkEncoder:
         if precision not in ("auto", "fp32"):
             self._set_precision(precision)
 
-    @property
+    @cached_property
     def revision(self) -> str:
+        """Digest of the model files (hashing them takes about 0.1 s: once)."""
         return weights_digest(self._path)
 
     # -- tokenizing (thread-safe: HF fast tokenizers release the GIL) ------------

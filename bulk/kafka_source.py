@@ -40,8 +40,17 @@ from stream.intake import Rejected, take_in
 from stream.plan import fold
 from stream.service import kafka_client_config
 
-__all__ = ["BulkEvent", "BulkFailure", "BulkSkip", "KafkaSnapshot", "Partition",
-           "topic_ends"]
+__all__ = [
+    "BulkEvent",
+    "BulkFailure",
+    "BulkSkip",
+    "KafkaSnapshot",
+    "Partition",
+    "partition_ends",
+    "snapshot_consumer",
+    "topic_ends",
+    "topic_partitions",
+]
 
 log = logging.getLogger("embedstream.bulk")
 
@@ -70,7 +79,7 @@ class BulkSkip:
     position: Position
 
 
-def _consumer(settings: Settings) -> Consumer:
+def snapshot_consumer(settings: Settings) -> Consumer:
     config = kafka_client_config(settings, "consumer")
     # Reads by assignment: a group of its own, never committing, so the live
     # consumer group's offsets are untouched.
@@ -80,7 +89,7 @@ def _consumer(settings: Settings) -> Consumer:
     return Consumer(config)
 
 
-def _partitions(consumer: Consumer, topics: tuple[str, ...]) -> list[Partition]:
+def topic_partitions(consumer: Consumer, topics: tuple[str, ...]) -> list[Partition]:
     try:
         metadata = consumer.list_topics(timeout=_METADATA_TIMEOUT_S)
     except KafkaException as error:
@@ -96,14 +105,14 @@ def _partitions(consumer: Consumer, topics: tuple[str, ...]) -> list[Partition]:
 
 def topic_ends(settings: Settings) -> dict[Partition, int]:
     """The high watermark of every partition of the configured topics, now."""
-    consumer = _consumer(settings)
+    consumer = snapshot_consumer(settings)
     try:
-        return _ends(consumer, _partitions(consumer, settings.kafka.topics))
+        return partition_ends(consumer, topic_partitions(consumer, settings.kafka.topics))
     finally:
         consumer.close()
 
 
-def _ends(consumer: Consumer, partitions: list[Partition]) -> dict[Partition, int]:
+def partition_ends(consumer: Consumer, partitions: list[Partition]) -> dict[Partition, int]:
     ends: dict[Partition, int] = {}
     for topic, partition in partitions:
         try:
@@ -130,11 +139,11 @@ class KafkaSnapshot:
         self._consumer: Consumer | None = None
 
     def open(self) -> None:
-        consumer = _consumer(self._settings)
+        consumer = snapshot_consumer(self._settings)
         try:
-            partitions = _partitions(consumer, self._settings.kafka.topics)
+            partitions = topic_partitions(consumer, self._settings.kafka.topics)
             if not self.covered:
-                self.covered = _ends(consumer, partitions)
+                self.covered = partition_ends(consumer, partitions)
         except BaseException:
             consumer.close()
             raise

@@ -44,23 +44,20 @@ the driver loads the model once on its CPU to take its tokenizer.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from bulk._ray_stages import EmbedActor, TokenizerSpec, feed_datasource, tokenize_batch
 from bulk.encoder import BulkEncoder
 from bulk.engine import EmbeddedUnit, EngineStats
-from stream.embedding import pack_batches
 from stream.errors import ConfigError
 
 __all__ = ["RayEngine"]
@@ -71,7 +68,6 @@ P = TypeVar("P")  # what preparing a record gives (e.g. its chunks)
 _POLL_S = 0.1  # how often a blocked feeder looks at the stop flag
 _WINDOWS_IN_FLIGHT = 2  # windows prepared and not yet written
 _LOCAL_OBJECT_STORE = 1 << 30  # a local instance's object store: small, Ray spills past it
-_CALIBRATION_TEXTS = 256
 _TOKENIZE_MEMORY = 256 << 20  # what a tokenize task reserves: a tokenizer and a block
 # Ray Data settings for the length of a run: no progress bars (the rebuild reports
 # its own), and a block size target so small that every block moves on at once as a
@@ -88,124 +84,6 @@ def _require_ray() -> Any:
         raise ConfigError("--engine ray needs Ray Data: pip install 'embedstream[ray]'") \
             from error
     return ray
-
-
-# -- what runs on the cluster (module level, so workers import it by name) -----------
-
-
-@dataclass(frozen=True, slots=True)
-class _Tokenizer:
-    """The two things :meth:`BulkEncoder.tokenize` reads, small enough to ship to tasks."""
-
-    tokenizer: Any
-    max_seq_length: int
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        # BulkEncoder's own code, not a copy: truncation cannot drift from the local engine.
-        return BulkEncoder.tokenize(cast(BulkEncoder, self), texts)
-
-
-def _read_feed(queue: Any) -> Iterator[pa.Table]:
-    """The read task: windows from the driver's queue, one block per unit."""
-    while (window := queue.get()) is not None:
-        for seq, texts in window:
-            yield pa.table({"seq": pa.array([seq], pa.int64()),
-                            "texts": pa.array([texts], pa.list_(pa.string()))})
-
-
-def _tokenize_batch(batch: pa.Table, tokenizer: _Tokenizer) -> pa.Table:
-    """A tokenize task: each unit's texts -> its token ids (flat) and their lengths."""
-    ids: list[list[int]] = []
-    lengths: list[list[int]] = []
-    for texts in batch.column("texts").to_pylist():
-        unit_ids = tokenizer.tokenize(texts)
-        ids.append(list(itertools.chain.from_iterable(unit_ids)))
-        lengths.append([len(seq) for seq in unit_ids])
-    return pa.table({
-        "seq": batch.column("seq"),
-        "ids": pa.array(ids, pa.list_(pa.int32())),
-        "lengths": pa.array(lengths, pa.list_(pa.int32())),
-    })
-
-
-class _EmbedActor:
-    """An embed actor: one :class:`BulkEncoder`, calibrated on its first batch."""
-
-    def __init__(self, model: str, device: str, precision: str, batch_tokens: int,
-                 min_cosine: float) -> None:
-        self._encoder = BulkEncoder(model, device=device, precision=precision,
-                                    batch_tokens=batch_tokens, min_cosine=min_cosine)
-        self._calibrated = False
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        encoder = self._encoder
-        ids: list[list[int]] = []
-        counts: list[int] = []
-        for flat, lengths in zip(batch.column("ids").to_pylist(),
-                                 batch.column("lengths").to_pylist(), strict=True):
-            bounds = itertools.accumulate(lengths, initial=0)
-            ids.extend(flat[lo:hi] for lo, hi in itertools.pairwise(bounds))
-            counts.append(len(lengths))
-        if not self._calibrated and ids:
-            # A spread of real texts from the first batch decides the precision.
-            encoder.calibrate(ids[::max(1, len(ids) // _CALIBRATION_TEXTS)])
-            self._calibrated = True
-        lengths_all = [len(seq) for seq in ids]
-        out = np.empty((len(ids), encoder.dimension), dtype=np.float32)
-        batches = pack_batches(lengths_all, encoder.batch_tokens)
-        forward_s = 0.0
-        padded = 0
-        for rows in batches:
-            started = time.perf_counter()
-            out[rows] = encoder.encode([ids[i] for i in rows])
-            forward_s += time.perf_counter() - started
-            padded += len(rows) * max((lengths_all[i] for i in rows), default=0)
-        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(np.asarray(counts, dtype=np.int64) * encoder.dimension, out=offsets[1:])
-        units = len(counts)
-        token_bounds = list(itertools.accumulate(counts, initial=0))
-        first = [1] + [0] * (units - 1)  # batch-wide totals go on the first row only
-        return pa.table({
-            "seq": batch.column("seq"),
-            "ids": batch.column("ids"),
-            "lengths": batch.column("lengths"),
-            "vectors": pa.LargeListArray.from_arrays(pa.array(offsets),
-                                                     pa.array(out.reshape(-1))),
-            "tokens": pa.array([sum(lengths_all[lo:hi]) for lo, hi
-                                in itertools.pairwise(token_bounds)], pa.int64()),
-            "padded_tokens": pa.array([padded * f for f in first], pa.int64()),
-            "batches": pa.array([len(batches) * f for f in first], pa.int64()),
-            "forward_s": pa.array([forward_s * f for f in first], pa.float64()),
-            "precision": pa.array([encoder.precision] * units, pa.string()),
-        })
-
-
-def _feed_datasource(queue: Any) -> Any:
-    """A Ray Data source with one endless read task fed by ``queue`` (see ``_read_feed``)."""
-    from ray.data import Datasource, ReadTask
-    from ray.data.block import BlockMetadata
-
-    class _Feed(Datasource):
-        def __init__(self, queue: Any) -> None:
-            self._queue = queue
-
-        @property
-        def supports_distributed_reads(self) -> bool:
-            return False  # the read task stays on the driver's node, beside the queue
-
-        def estimate_inmemory_data_size(self) -> int | None:
-            return None
-
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                           data_context: Any = None) -> list[ReadTask]:
-            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
-                                 input_files=None)
-            return [ReadTask(functools.partial(_read_feed, self._queue), meta)]
-
-        def get_name(self) -> str:
-            return "EmbedstreamFeed"
-
-    return _Feed(queue)
 
 
 # -- the driver ---------------------------------------------------------------------
@@ -248,7 +126,7 @@ class RayEngine(Generic[R, P]):
         self.precisions: set[str] = set()  # what the actors chose, after a run
         self.stats = EngineStats()
         self._owns_ray = False
-        self._tokenizer: _Tokenizer | None = None
+        self._tokenizer: TokenizerSpec | None = None
         self._dimension = 0
         self._connect()
 
@@ -294,11 +172,11 @@ class RayEngine(Generic[R, P]):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _tokenizer_spec(self) -> _Tokenizer:
+    def _tokenizer_spec(self) -> TokenizerSpec:
         if self._tokenizer is None:
             # The model's own tokenizer and max_seq_length, exactly as each actor has them.
             probe = BulkEncoder(self.model, device="cpu", precision="fp32")
-            self._tokenizer = _Tokenizer(probe.tokenizer, probe.max_seq_length)
+            self._tokenizer = TokenizerSpec(probe.tokenizer, probe.max_seq_length)
             self._dimension = probe.dimension
             del probe
         return self._tokenizer
@@ -385,15 +263,15 @@ class RayEngine(Generic[R, P]):
         results: Iterator[pa.Table] | None = None
         try:
             # One read task whose blocks go on as they are (no splitting into more).
-            ds = ray.data.read_datasource(_feed_datasource(queue),
+            ds = ray.data.read_datasource(feed_datasource(queue),
                                           num_cpus=0, override_num_blocks=1)
             # Asking for memory also keeps Ray Data from fusing tokenizing into the
             # actors, where it would hold up the forward (fusion needs equal args).
-            ds = ds.map_batches(_tokenize_batch, fn_kwargs={"tokenizer": tokenizer},
+            ds = ds.map_batches(tokenize_batch, fn_kwargs={"tokenizer": tokenizer},
                                 batch_size=None, batch_format="pyarrow", num_cpus=1,
                                 memory=_TOKENIZE_MEMORY)
             ds = ds.map_batches(
-                _EmbedActor, fn_constructor_kwargs={
+                EmbedActor, fn_constructor_kwargs={
                     "model": self.model, "device": device, "precision": self.precision,
                     "batch_tokens": self.batch_tokens, "min_cosine": self.min_cosine},
                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus or None,
