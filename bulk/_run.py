@@ -19,7 +19,7 @@ from stream.metrics import Metrics
 from stream.plan import Folded, PreparedEvent, build_write
 
 from .checkpoint import Checkpoint, CheckpointStore
-from .encoder import BulkEncoder
+from .encoder import AnyEncoder
 from .engine import EmbeddedUnit, EngineStats
 from .kafka_source import BulkEvent, BulkFailure, BulkSkip
 from .outputs import VectorFileWriter, VectorRow
@@ -42,7 +42,7 @@ _FILE_POSITION = Position("", 0, -1)
 class RebuildRun:
     """One rebuild's state between the engine callbacks."""
 
-    def __init__(self, settings: Settings, encoder: BulkEncoder,
+    def __init__(self, settings: Settings, encoder: AnyEncoder,
                  checkpoints: CheckpointStore, checkpoint: Checkpoint, report: RebuildReport,
                  sink: Sink | None, writer: VectorFileWriter | None, progress: Progress,
                  metrics: Metrics | None = None, total: int | None = None) -> None:
@@ -93,9 +93,10 @@ class RebuildRun:
 
     def write(self, unit: EmbeddedUnit[Record, Prepared]) -> None:
         writes: list[DocumentWrite] = []
-        for record, (chunks, failure), vectors in zip(unit.records, unit.prepared,
-                                                      unit.vectors, strict=True):
+        for index, (record, (chunks, failure), vectors) in enumerate(zip(
+                unit.records, unit.prepared, unit.vectors, strict=True)):
             self._advance(record)
+            failure = failure or unit.failed.get(index)
             if failure is not None:
                 self._fail(record, *failure)
                 continue
@@ -195,15 +196,19 @@ class RebuildRun:
         position = _position(record)
         where = (f"{position.topic}[{position.partition}]@{position.offset}"
                  if position is not None else getattr(record, "where", ""))
-        self.failure(where, reason, detail)
+        doc_id = (record.doc_id if isinstance(record, SourceRow)
+                  else record.event.doc_id if isinstance(record, BulkEvent) else None)
+        self.failure(where, reason, detail, doc_id)
 
-    def failure(self, where: str, reason: str, detail: str) -> None:
+    def failure(self, where: str, reason: str, detail: str, doc_id: str | None = None) -> None:
         if self._failures is None:
             path = self.checkpoints.failures_path(self.checkpoint.name)
             self.report.failures_file = str(path)
             self._failures = path.open("a", encoding="utf-8")
-        self._failures.write(json.dumps({"where": where, "reason": reason,
-                                         "detail": detail[:1000]}) + "\n")
+        entry = {"where": where, "reason": reason, "detail": detail[:1000]}
+        if doc_id is not None:  # the record decoded: which document is missing
+            entry["doc_id"] = doc_id
+        self._failures.write(json.dumps(entry) + "\n")
 
     def save(self) -> None:
         """Durable writes first, then the checkpoint that counts them."""

@@ -15,8 +15,9 @@ collection once: by the bulk pass (below ``covered``), the catch-up (from
 Not done here: dead-lettering. A message the catch-up cannot decode goes to
 ``on_failure`` (the rebuild's failure list) and the catch-up moves on; the live
 consumer may have dead-lettered it too before the swap, but it moves past the
-catch-up's range, so the failure list is the record to keep. A text that cannot
-be embedded even alone fails the catch-up, so the alias is not moved.
+catch-up's range, so the failure list is the record to keep. So is a document
+with a text that cannot be embedded even alone (out of memory, refused by a
+remote provider), which is not written, as the stream would dead-letter it.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ from sinks.base import Sink
 from stream.chunking import Chunker
 from stream.config import Settings
 from stream.embedding import Embedder
-from stream.errors import EmbedstreamError
 from stream.events import Position, Skipped
 from stream.intake import Rejected, take_in
 from stream.metrics import Metrics
 from stream.plan import PreparedEvent, build_write, fold, group_by_document
-from stream.vectors import ChunkVectors
+from stream.vectors import ChunkVectors, failure_of
 
 from .kafka_source import Partition, partition_ends, snapshot_consumer, topic_partitions
 
@@ -88,7 +88,7 @@ def catch_up(settings: Settings, sink: Sink, chunker: Chunker, embedder: Embedde
                     if prepared is not None:
                         batch.append(prepared)
                 if batch:
-                    report.applied += _apply(sink, vectors, batch)
+                    report.applied += _apply(sink, vectors, batch, report, on_failure)
     finally:
         consumer.close()
     log.info("catch-up applied %d events from %d messages (%d undecodable) up to %s",
@@ -127,22 +127,28 @@ def _prepare(settings: Settings, chunker: Chunker, message: object, report: Catc
     return None if isinstance(taken, Skipped) else taken
 
 
-def _apply(sink: Sink, vectors: ChunkVectors, batch: list[PreparedEvent]) -> int:
-    """The stream's apply step for one batch; returns how many documents were written."""
+def _apply(sink: Sink, vectors: ChunkVectors, batch: list[PreparedEvent], report: CatchUpReport,
+           on_failure: Callable[[Position, str, str], None] | None) -> int:
+    """The stream's apply step for one batch; returns how many documents were written.
+
+    A document with a chunk that cannot be embedded (out of memory alone, or refused
+    by a remote provider) is reported like a row that fails, as the stream would
+    dead-letter it, and not written."""
     by_doc = group_by_document(batch)
     stored = sink.document_states(list(by_doc))
     folded = [fold(stored.get(doc_id), events) for doc_id, events in by_doc.items()]
     winners = [item for item in folded if item.winner is not None]
-    chunks = [c for item in winners if item.winner for c in item.winner.chunks]
-    reusable = [item.winner.event.doc_id for item in winners
-                if item.winner and (s := stored.get(item.winner.event.doc_id)) and not s.deleted]
-    found, failed = vectors.for_chunks(chunks, reusable, sink.stored_vectors)
-    if failed:
-        # Skipping would lose the event (the live stream starts after it): fail
-        # the rebuild instead, before the alias moves.
-        raise EmbedstreamError(f"catch-up: {len(failed)} chunk texts could not be embedded "
-                               "even alone (out of memory); the alias was not moved")
-    writes = [build_write(item, found) for item in winners]
+    found, failed = vectors.for_winners(winners, stored, sink.stored_vectors)
+    writes = []
+    for item in winners:
+        assert item.winner is not None
+        failure = failure_of(item.winner.chunks, failed)
+        if failure is None:
+            writes.append(build_write(item, found))
+            continue
+        report.failed += 1
+        if on_failure is not None:
+            on_failure(item.winner.event.position, *failure)
     if writes:
         sink.apply(writes)
     return len(writes)

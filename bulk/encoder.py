@@ -30,8 +30,9 @@ import numpy.typing as npt
 
 from stream.embedding import pack_batches, pad_batch, resolve_model_path, weights_digest
 from stream.errors import ConfigError
+from stream.remote_embedding import OpenAIEmbedder
 
-__all__ = ["BulkEncoder"]
+__all__ = ["AnyEncoder", "BulkEncoder", "RemoteEncoder"]
 
 log = logging.getLogger("embedstream.bulk")
 
@@ -186,3 +187,46 @@ class BulkEncoder:
                 features["sentence_embedding"].float(), p=2, dim=1)
         result: npt.NDArray[np.float32] = vectors.cpu().numpy()
         return result
+
+
+class RemoteEncoder:
+    """A remote embedding API (``embed.provider: openai``) in the bulk engine's place of
+    a model: the engine hands it whole texts (it batches, limits and retries them itself,
+    :class:`~stream.remote_embedding.OpenAIEmbedder`); token ids only count tokens.
+
+    ``embed`` raises :class:`~stream.errors.EmbedFailures` when some texts fail for good;
+    the engine routes their records to the rebuild's failure list."""
+
+    device = "remote"
+    precision = "remote"
+    batch_tokens = 0
+
+    def __init__(self, embedder: OpenAIEmbedder) -> None:
+        self.embedder = embedder
+        self.model_name = embedder.model_name
+        self.revision = embedder.revision
+        self.dimension = embedder.dimension
+        self.tokenizer: Any = embedder.tokenizer
+        self.max_seq_length = embedder.max_seq_length
+        self.calibration: dict[str, float] = {}
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        ids: list[list[int]] = self.tokenizer(
+            list(texts), add_special_tokens=False, verbose=False,
+            return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return ids
+
+    def calibrate(self, sample: Sequence[list[int]]) -> str:
+        return self.precision
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        return self.embedder.embed(texts)
+
+    def close(self) -> None:
+        self.embedder.close()
+
+
+# What the bulk engine and rebuild run on: a local model or a remote API.
+AnyEncoder = BulkEncoder | RemoteEncoder

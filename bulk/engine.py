@@ -33,8 +33,9 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from bulk.encoder import BulkEncoder
+from bulk.encoder import AnyEncoder, RemoteEncoder
 from stream.embedding import pack_batches
+from stream.errors import EmbedFailures
 
 __all__ = ["BulkEngine", "EmbeddedUnit", "EngineStats"]
 
@@ -77,12 +78,23 @@ class EmbeddedUnit(Generic[R, P]):
     texts: list[Sequence[str]] = field(default_factory=list)
     ids: list[list[int]] = field(default_factory=list)
     flat: npt.NDArray[np.float32] | None = None
+    # Records (by index) with a text that could not be embedded, and why: (reason,
+    # detail). Their rows in ``vectors`` are not vectors.
+    failed: dict[int, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def vectors(self) -> list[npt.NDArray[np.float32]]:
         assert self.flat is not None
         bounds = list(itertools.accumulate((len(t) for t in self.texts), initial=0))
         return [self.flat[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+
+def _remote_embed(encoder: RemoteEncoder, texts: list[str]
+                  ) -> tuple[npt.NDArray[np.float32], dict[int, tuple[str, str]]]:
+    try:
+        return encoder.embed(texts), {}
+    except EmbedFailures as partial:
+        return partial.vectors, partial.failed
 
 
 class _Done:
@@ -99,7 +111,7 @@ class _Stopped(Exception):
 class BulkEngine(Generic[R, P]):
     """Runs the stages above over one source (see the module docstring)."""
 
-    def __init__(self, encoders: Sequence[BulkEncoder], *, unit_records: int = 256,
+    def __init__(self, encoders: Sequence[AnyEncoder], *, unit_records: int = 256,
                  tokenizer_workers: int = 2, bucket_texts: int = 4096,
                  queue_depth: int = 8) -> None:
         if not encoders:
@@ -184,7 +196,7 @@ class BulkEngine(Generic[R, P]):
                 put(token_q, unit)
             finish(read_q, "tokenizers", token_q)
 
-        def forward(encoder: BulkEncoder) -> None:
+        def forward(encoder: AnyEncoder) -> None:
             ended = False
             while not ended:
                 first = get(token_q)
@@ -249,27 +261,48 @@ class BulkEngine(Generic[R, P]):
                 self.stats.records += len(ready.records)
                 expected += 1
 
-    def _forward(self, encoder: BulkEncoder, units: list[EmbeddedUnit[R, P]]) -> None:
+    @staticmethod
+    def _remote(encoder: RemoteEncoder, units: list[EmbeddedUnit[R, P]]
+                ) -> tuple[npt.NDArray[np.float32], dict[int, tuple[str, str]], float]:
+        """The units' texts through the API at once (it packs its own requests)."""
+        texts = [text for unit in units for record_texts in unit.texts for text in record_texts]
+        started = time.perf_counter()
+        out, failed = _remote_embed(encoder, texts)
+        return out, failed, time.perf_counter() - started
+
+    def _forward(self, encoder: AnyEncoder, units: list[EmbeddedUnit[R, P]]) -> None:
         ids = [seq for unit in units for seq in unit.ids]
-        out = np.empty((len(ids), encoder.dimension), dtype=np.float32)
         lengths = [len(seq) for seq in ids]
-        forward_s = 0.0
-        padded = 0
-        batches = pack_batches(lengths, encoder.batch_tokens)
-        for batch in batches:
-            started = time.perf_counter()
-            out[batch] = encoder.encode([ids[i] for i in batch])
-            forward_s += time.perf_counter() - started
-            padded += len(batch) * max((lengths[i] for i in batch), default=0)
+        if isinstance(encoder, RemoteEncoder):
+            out, failed, forward_s = self._remote(encoder, units)
+            padded, batches = sum(lengths), 0  # requests are counted by the API's metrics
+        else:
+            failed = {}
+            out = np.empty((len(ids), encoder.dimension), dtype=np.float32)
+            forward_s = 0.0
+            padded = 0
+            packed = pack_batches(lengths, encoder.batch_tokens)
+            batches = len(packed)
+            for batch in packed:
+                started = time.perf_counter()
+                out[batch] = encoder.encode([ids[i] for i in batch])
+                forward_s += time.perf_counter() - started
+                padded += len(batch) * max((lengths[i] for i in batch), default=0)
         start = 0
         for unit in units:
             unit.flat = out[start:start + len(unit.ids)]
+            # A record fails with the first of its texts that failed.
+            bounds = itertools.accumulate((len(t) for t in unit.texts), initial=start)
+            for record, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+                failure = next((failed[i] for i in range(lo, hi) if i in failed), None)
+                if failure is not None:
+                    unit.failed[record] = failure
             start += len(unit.ids)
         stats = self.stats
         with self._stats_lock:  # several forward threads (one per GPU) add to one total
             stats.texts += len(ids)
             stats.tokens += sum(lengths)
             stats.padded_tokens += padded
-            stats.batches += len(batches)
+            stats.batches += batches
             stats.forward_s += forward_s
 

@@ -43,11 +43,12 @@ from stream.errors import ConfigError, KafkaUnavailable
 from stream.fingerprint import Fingerprint
 from stream.health import Health, serve_http
 from stream.metrics import Metrics
+from stream.remote_embedding import OpenAIEmbedder
 
 from ._run import Prepared, RebuildRun, Record
 from .catch_up import catch_up
 from .checkpoint import Checkpoint, CheckpointStore
-from .encoder import BulkEncoder
+from .encoder import AnyEncoder, BulkEncoder, RemoteEncoder
 from .engine import BulkEngine, EngineStats
 from .kafka_source import KafkaSnapshot, Partition, topic_ends
 from .outputs import VectorFileWriter
@@ -107,11 +108,14 @@ def fresh_name(alias: str, taken: Collection[str] = (), now: datetime | None = N
     return name
 
 
-def build_encoders(settings: Settings) -> list[BulkEncoder]:
-    """One encoder per GPU when there are several and ``embed.device`` is auto."""
+def build_encoders(settings: Settings, metrics: Metrics | None = None) -> list[AnyEncoder]:
+    """One encoder per GPU when there are several and ``embed.device`` is auto; the
+    remote API (one client, its own concurrency) with ``embed.provider: openai``."""
     import torch
 
     bulk, embed = settings.bulk, settings.embed
+    if embed.provider == "openai":
+        return [RemoteEncoder(OpenAIEmbedder(embed, metrics=metrics))]
     devices = [embed.device]
     if embed.device == "auto" and torch.cuda.device_count() > 1:
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -145,7 +149,7 @@ def _files_signature(source: str) -> list[list[Any]]:
 
 
 def rebuild(settings: Settings, options: RebuildOptions, *,
-            encoders: Sequence[BulkEncoder] | None = None,
+            encoders: Sequence[AnyEncoder] | None = None,
             sink_factory: Callable[[str], Sink] | None = None,
             admin: SinkAdmin | None = None,
             progress_stream: TextIO | None = None,
@@ -167,14 +171,34 @@ def rebuild(settings: Settings, options: RebuildOptions, *,
         health = _serve(settings, metrics)
     else:
         health = None
+    if options.engine == "ray" and settings.embed.provider != "local":
+        raise ConfigError("--engine ray runs local models; with embed.provider "
+                          f"{settings.embed.provider!r} use --engine local (the API is the limit)")
+    if encoders:
+        return _rebuild(settings, options, list(encoders), sink_factory, admin,
+                        progress_stream, metrics, health)
+    built = build_encoders(settings, metrics)
+    try:
+        return _rebuild(settings, options, built, sink_factory, admin, progress_stream,
+                        metrics, health)
+    finally:
+        for encoder in built:
+            if isinstance(encoder, RemoteEncoder):
+                encoder.close()
+
+
+def _rebuild(settings: Settings, options: RebuildOptions, encoders: list[AnyEncoder],
+             sink_factory: Callable[[str], Sink] | None, admin: SinkAdmin | None,
+             progress_stream: TextIO | None, metrics: Metrics,
+             health: Health | None) -> RebuildReport:
     alias = options.collection or settings.sink.collection
     to_files = options.output is not None
-    encoders = list(encoders) if encoders else build_encoders(settings)
     encoder = encoders[0]
     chunk_spec = TokenChunker(encoder.tokenizer, max_tokens=min(
         settings.chunk.max_tokens, encoder.max_seq_length - 2)).spec
     fingerprint = Fingerprint(model=settings.embed.model, revision=encoder.revision,
-                              dimension=encoder.dimension, normalized=True, chunker=chunk_spec)
+                              dimension=encoder.dimension, normalized=True, chunker=chunk_spec,
+                              provider=settings.embed.provider)
     name = (f"output-{hashlib.sha256(str(options.output).encode()).hexdigest()[:12]}"
             if to_files else alias)
     owned_admin = admin is None and not to_files
@@ -242,7 +266,7 @@ def _already_done(admin: SinkAdmin, alias: str, checkpoint: Checkpoint,
 
 
 def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
-                 encoders: list[BulkEncoder], fingerprint: Fingerprint,
+                 encoders: list[AnyEncoder], fingerprint: Fingerprint,
                  admin: SinkAdmin | None, checkpoints: CheckpointStore,
                  checkpoint: Checkpoint, report: RebuildReport,
                  sink_factory: Callable[[str], Sink] | None,
@@ -319,7 +343,7 @@ def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
 
 
 def _engine(settings: Settings, options: RebuildOptions,
-            encoders: list[BulkEncoder]) -> Any:
+            encoders: list[AnyEncoder]) -> Any:
     bulk = settings.bulk
     if options.engine == "ray":
         from .ray_engine import RayEngine

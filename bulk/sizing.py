@@ -88,6 +88,13 @@ def calibrate(settings: Settings, sample: str, docs: int = _SAMPLE_DOCS) -> Cali
     from bulk.sources import SourceRow, read_rows
     from stream.chunking import TokenChunker
 
+    if settings.embed.provider != "local":
+        # A provider's rate limits, not devices, decide: nothing to calibrate here.
+        raise ConfigError(
+            "plan sizes device fleets for a local model; with embed.provider "
+            f"{settings.embed.provider!r} a rebuild takes about max(total tokens / "
+            "embed.tokens_per_minute, requests / embed.requests_per_minute) minutes, "
+            "requests being chunks / embed.request_max_inputs")
     started = time.perf_counter()
     encoders = build_encoders(settings)
     encoder = encoders[0]

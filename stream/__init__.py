@@ -14,10 +14,14 @@ from .embedding import Embedder
 from .errors import (
     ConfigError,
     DecodeError,
+    EmbedderError,
+    EmbedderUnavailable,
+    EmbedFailures,
     EmbedstreamError,
     FingerprintMismatch,
     SinkError,
     SinkUnavailable,
+    Unavailable,
 )
 from .events import ChangeEvent, Op, Position, Skipped
 from .fingerprint import Fingerprint
@@ -28,7 +32,10 @@ __all__ = [
     "Chunker",
     "ConfigError",
     "DecodeError",
+    "EmbedFailures",
     "Embedder",
+    "EmbedderError",
+    "EmbedderUnavailable",
     "EmbedstreamError",
     "Fingerprint",
     "FingerprintMismatch",
@@ -38,6 +45,7 @@ __all__ = [
     "SinkError",
     "SinkUnavailable",
     "Skipped",
+    "Unavailable",
     "__version__",
     "load_settings",
 ]

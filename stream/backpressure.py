@@ -1,4 +1,4 @@
-"""Backpressure: what the consumer does while the store is unavailable.
+"""Backpressure: what the consumer does while the store (or a remote embedder) is unavailable.
 
 It pauses every assigned partition (so nothing more is fetched), keeps polling
 (so the group keeps it: ``max.poll.interval.ms`` is never breached), reports
@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from .errors import SinkUnavailable
+from .errors import SinkUnavailable, Unavailable
 from .health import Health
 from .metrics import Metrics
 
@@ -44,12 +44,13 @@ class Backpressure:
     def due(self, now: float) -> bool:
         return self.retry_at is not None and now >= self.retry_at
 
-    def back_off(self, error: SinkUnavailable) -> None:
+    def back_off(self, error: Unavailable) -> None:
         self.backoff_s = min(_MAX_BACKOFF_S,
                              max(error.retry_after, self.backoff_s * 2 or _FIRST_BACKOFF_S))
         self.retry_at = self._clock() + self.backoff_s
-        log.warning("store unavailable, retrying in %.1fs: %s", self.backoff_s, error)
-        self._health.set_ready(f"store unavailable: {error}")
+        what = "store" if isinstance(error, SinkUnavailable) else "embedding API"
+        log.warning("%s unavailable, retrying in %.1fs: %s", what, self.backoff_s, error)
+        self._health.set_ready(f"{what} unavailable: {error}")
         # Every retry: partitions assigned since the last one must wait too.
         self._paused = self._consumer.assignment()
         self._consumer.pause(self._paused)

@@ -25,8 +25,8 @@ class MicroBatch:
     events: list[PreparedEvent] = field(default_factory=list)
     # The message of each event, kept to dead-letter it if it fails later (in embedding).
     raw: dict[Position, Message] = field(default_factory=dict)
-    # Events already dead-lettered by a failed attempt at this batch (not sent twice).
-    dead_lettered: set[Position] = field(default_factory=set)
+    # Events already dead-lettered by a failed attempt at this batch, and why (not sent twice).
+    dead_lettered: dict[Position, tuple[str, str]] = field(default_factory=dict)
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     tokens: int = 0
     messages: int = 0

@@ -162,10 +162,57 @@ class SourceSettings(_Section):
 
 
 class EmbedSettings(_Section):
+    """Where vectors come from: a local sentence-transformers model (``provider: local``,
+    the default) or an OpenAI-compatible ``/embeddings`` API (``provider: openai``:
+    OpenAI, Azure OpenAI, TEI, vLLM, Infinity, Ollama). The fields after
+    ``max_wait_ms`` apply to ``openai`` only."""
+
+    provider: Literal["local", "openai"] = "local"
+    # local: a sentence-transformers name or directory; openai: the API's model name.
     model: str = "sentence-transformers/all-MiniLM-L6-v2"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+    # Tokens per stream micro-batch (and per local forward pass).
     max_batch_tokens: int = Field(default=8192, ge=16)
     max_wait_ms: int = Field(default=50, ge=0)
+    # -- openai ------------------------------------------------------------------
+    # Base URL up to the API version ("/embeddings" is appended), e.g.
+    # https://api.openai.com/v1, http://tei:8080/v1, or for Azure
+    # https://RESOURCE.openai.azure.com/openai/deployments/DEPLOYMENT.
+    api_base: str = "https://api.openai.com/v1"
+    api_key: SecretStr | None = None
+    # Header the key goes in: "Authorization" sends "Bearer KEY"; Azure wants "api-key".
+    api_key_header: str = "Authorization"
+    # Query parameters on every request (Azure: {"api-version": "2024-10-21"}).
+    query_params: dict[str, str] = Field(default_factory=dict)
+    # Output size for models that can shorten their vectors (Matryoshka, e.g.
+    # text-embedding-3-*); unset: the model's own, asked once at start.
+    dimensions: int | None = Field(default=None, ge=1)
+    # Tokenizer for chunking and for counting tokens against the limits (a Hugging
+    # Face name or directory); unset: the bundled all-MiniLM-L6-v2 one. Counts from
+    # another tokenizer are estimates; the usage the API reports corrects them.
+    tokenizer: str | None = None
+    # Longest input the model takes, in tokens (chunks are cut below it).
+    max_input_tokens: int = Field(default=8191, ge=8)
+    # Request size limits: inputs and (estimated) tokens per request.
+    request_max_inputs: int = Field(default=96, ge=1)
+    request_max_tokens: int = Field(default=300_000, ge=1)
+    # Requests in flight at once.
+    max_concurrency: int = Field(default=4, ge=1)
+    # Client-side rate limits (token buckets holding one second's worth); unset: none.
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+    # Retries of a request that got 429, 5xx, a timeout or no connection: backoff
+    # from backoff_initial_s doubling up to backoff_max_s, with full jitter, or the
+    # server's Retry-After when it sends one.
+    max_retries: int = Field(default=8, ge=0)
+    backoff_initial_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=20.0, gt=0)
+    # The provider counts as down when nothing has succeeded for this long while
+    # requests keep failing: the stream pauses and re-reads the batch later, a
+    # rebuild stops (resumable). It is also the longest one stream micro-batch may
+    # spend embedding, rate-limit waits included (the poll loop must keep turning).
+    give_up_after_s: float = Field(default=60.0, gt=0)
 
 
 class ChunkSettings(_Section):

@@ -17,8 +17,9 @@ One thread runs the loop; nothing here starts another. What is guaranteed:
 * Bad records never stop the loop: an undecodable message, one over
   ``source.max_message_bytes``, a document over ``source.max_document_chars``,
   one the chunker fails on, or one whose text cannot be embedded even alone
-  (out of memory; a batch that runs out of memory is split in halves and
-  retried first) goes to the dead-letter topic with its reason.
+  (out of memory, or refused by a remote provider; a batch is split in halves
+  and retried first) goes to the dead-letter topic with its reason. A remote
+  provider that keeps throttling or failing is backpressure, like the store.
 
 Not guaranteed: ordering across documents, or that every intermediate version
 of a document is ever written (a batch writes only each document's latest).
@@ -43,7 +44,7 @@ from .chunking import Chunker
 from .config import Settings
 from .dead_letters import DeadLetters
 from .embedding import Embedder
-from .errors import SinkError, SinkUnavailable
+from .errors import EmbedderUnavailable, SinkError, SinkUnavailable
 from .events import ChangeEvent, Position, Skipped
 from .handover import AliasFollower
 from .health import Health
@@ -51,7 +52,7 @@ from .intake import Rejected, take_in
 from .metrics import Metrics
 from .offsets import commit_offsets, report_lag
 from .plan import Folded, build_write, fold, group_by_document
-from .vectors import ChunkVectors
+from .vectors import ChunkVectors, Failure, failure_of
 
 __all__ = ["AppliedCallback", "StreamConsumer"]
 
@@ -252,7 +253,7 @@ class StreamConsumer:
             return True
         try:
             acknowledged_at, applied = self._apply(batch)
-        except SinkUnavailable as error:
+        except (SinkUnavailable, EmbedderUnavailable) as error:
             self._pressure.back_off(error)
             return False
         self._pressure.resume()
@@ -298,11 +299,13 @@ class StreamConsumer:
         vectors, failed = self._vectors(winners, stored)
         for doc_id, doc_events in by_doc.items():
             winner = folded[doc_id].winner
-            if winner is not None and failed.intersection(c.content_hash for c in winner.chunks):
+            failure = winner and (failure_of(winner.chunks, failed)
+                                  or batch.dead_lettered.get(winner.event.position))
+            if winner is not None and failure:
                 if winner.event.position not in batch.dead_lettered:  # not again on a retry
-                    batch.dead_lettered.add(winner.event.position)
-                    self._dead_letter(batch.raw[winner.event.position], "embed_out_of_memory",
-                                      "a chunk of this document could not be embedded even alone",
+                    # Also not written on a retry that embeds it: dead-lettered means not applied.
+                    batch.dead_lettered[winner.event.position] = failure
+                    self._dead_letter(batch.raw[winner.event.position], *failure,
                                       kind=winner.event.kind)
                 winners.remove(folded[doc_id])
                 winner = None
@@ -326,13 +329,8 @@ class StreamConsumer:
 
     def _vectors(
         self, winners: list[Folded], stored: dict[str, DocState]
-    ) -> tuple[dict[str, npt.NDArray[np.float32]], set[str]]:
-        """Vectors by content hash for the winners' chunks, and the hashes that failed."""
-        chunks = [chunk for item in winners if item.winner for chunk in item.winner.chunks]
-        # Only documents the store holds live can have vectors worth reusing.
-        reusable = [item.winner.event.doc_id for item in winners
-                    if item.winner and item.winner.chunks
-                    and (state := stored.get(item.winner.event.doc_id)) and not state.deleted]
+    ) -> tuple[dict[str, npt.NDArray[np.float32]], dict[str, Failure]]:
+        """Vectors by content hash for the winners' chunks, and why the hashes that failed did."""
 
         def read_stored(doc_ids: Sequence[str]) -> dict[str, list[float]]:
             with self._metrics.sink_seconds.labels(op="read_vectors").time():
@@ -340,7 +338,7 @@ class StreamConsumer:
                     "read_vectors", self._sink.stored_vectors, doc_ids)
             return held
 
-        return self._chunk_vectors.for_chunks(chunks, reusable, read_stored)
+        return self._chunk_vectors.for_winners(winners, stored, read_stored)
 
     def _observe(self, batch: MicroBatch, applied: list[ChangeEvent], acked_at: float) -> None:
         self._metrics.batch_events.observe(batch.messages)
@@ -358,7 +356,8 @@ class StreamConsumer:
         deadline = self._clock() + 20.0
         while not (self._flush() and self._checkpoint()):
             if self._clock() >= deadline:
-                log.error("store still unavailable at shutdown; uncommitted events will replay")
+                log.error("store or embedding API still unavailable at shutdown; "
+                          "uncommitted events will replay")
                 return
             time.sleep(min(self._pressure.backoff_s, 2.0))
 

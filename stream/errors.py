@@ -6,15 +6,22 @@ say what went wrong and, where it matters, what to do about it.
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 __all__ = [
     "ConfigError",
     "DecodeError",
+    "EmbedFailures",
+    "EmbedderError",
+    "EmbedderUnavailable",
     "EmbedstreamError",
     "FingerprintMismatch",
     "KafkaUnavailable",
     "SinkError",
     "SinkUnavailable",
     "SourceError",
+    "Unavailable",
 ]
 
 
@@ -50,12 +57,9 @@ class KafkaUnavailable(EmbedstreamError):
     """Kafka could not be reached, or refused us (authentication, authorisation)."""
 
 
-class SinkError(EmbedstreamError):
-    """The vector store rejected or failed a request."""
-
-
-class SinkUnavailable(SinkError):
-    """The store is (probably temporarily) unreachable or overloaded.
+class Unavailable(EmbedstreamError):
+    """A service the pipeline needs (the store, a remote embedder) is, probably
+    for a while only, unreachable or overloaded.
 
     ``retry_after`` is the suggested wait in seconds before trying again; the
     consumer pauses its partitions for that long instead of sleeping in the loop.
@@ -64,6 +68,41 @@ class SinkUnavailable(SinkError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class SinkError(EmbedstreamError):
+    """The vector store rejected or failed a request."""
+
+
+class SinkUnavailable(SinkError, Unavailable):
+    """The store is (probably temporarily) unreachable or overloaded (see :class:`Unavailable`)."""
+
+
+class EmbedderError(EmbedstreamError):
+    """The embedding provider refuses every request (credentials, model name, endpoint,
+    an unexpected vector size): nothing will work until the configuration changes."""
+
+
+class EmbedderUnavailable(EmbedderError, Unavailable):
+    """The embedding provider kept answering 429, 502-504 or timing out past
+    ``embed.give_up_after_s``; nothing was failed, the work can be retried later."""
+
+
+class EmbedFailures(EmbedstreamError):
+    """Some texts of an embedding call failed for good; the others have vectors.
+
+    ``vectors`` has a row per input text; the rows of the indexes in ``failed`` are
+    not vectors and must not be used. ``failed`` maps each such index to
+    ``(reason, detail)``: ``reason`` is a short bounded code (a dead-letter
+    header), ``detail`` what the provider said.
+    """
+
+    def __init__(self, vectors: npt.NDArray[np.float32],
+                 failed: dict[int, tuple[str, str]]) -> None:
+        reasons = sorted({reason for reason, _ in failed.values()})
+        super().__init__(f"{len(failed)} text(s) could not be embedded: {', '.join(reasons)}")
+        self.vectors = vectors
+        self.failed = failed
 
 
 class SourceError(EmbedstreamError):

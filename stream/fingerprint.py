@@ -1,7 +1,7 @@
 """What makes two vectors comparable.
 
-Vectors from different models, revisions, dimensions, normalisation or chunk
-settings must never share a collection: their scores would be meaningless. The
+Vectors from different providers, models, revisions, dimensions, normalisation
+or chunk settings must never share a collection: their scores would be meaningless. The
 fingerprint is stored with the collection, and a consumer whose fingerprint
 differs refuses to start.
 """
@@ -24,9 +24,17 @@ class Fingerprint:
     dimension: int
     normalized: bool
     chunker: str
+    # "local" (sentence-transformers in process) or "openai" (a remote API). A
+    # collection made before this field existed reads as "local", which it was.
+    provider: str = "local"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if data["provider"] == "local":
+            # As written before the field existed: stored fingerprints and rebuild
+            # checkpoints of local models stay byte-for-byte the same.
+            del data["provider"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, raw: str) -> Fingerprint:

@@ -117,13 +117,46 @@ class Metrics:
         )
         self.embed_splits = Counter(
             "embedstream_embed_splits_total",
-            "Embedding calls that ran out of memory and were retried as two halves",
+            "Embedding calls (out of memory) or remote requests (rejected, or failing with 500)"
+            " retried as two halves to find the texts at fault",
             registry=r,
         )
         self.embed_padding = Histogram(
             "embedstream_embed_padding_ratio",
             "Share of the model's input positions that were padding, per stream embedding call",
             buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
+        # The remote embedder (``embed.provider: openai``; zero with a local model).
+        self.embed_requests = Counter(
+            "embedstream_embed_requests_total",
+            "Requests to the remote embedding API by outcome: ok, throttled (429), unavailable"
+            " (408, 502-504), server_error (other 5xx), timeout, connection_error, invalid"
+            " (unusable answer), rejected (other 4xx), refused (401/403/404, no quota)",
+            ["outcome"],
+            registry=r,
+        )
+        self.embed_retries = Counter(
+            "embedstream_embed_retries_total",
+            "Remote embedding requests sent again after a 429, 5xx, timeout or lost connection",
+            registry=r,
+        )
+        self.embed_throttled = Counter(
+            "embedstream_embed_throttled_seconds_total",
+            "Time remote embedding requests waited, summed over requests, by cause: rate_limit"
+            " (the client's buckets), retry_after (the provider's), backoff (after an error)",
+            ["cause"],
+            registry=r,
+        )
+        self.embed_tokens_sent = Counter(
+            "embedstream_embed_tokens_sent_total",
+            "Tokens sent to the remote embedding API (its own count where it reports usage)",
+            registry=r,
+        )
+        self.embed_request_seconds = Histogram(
+            "embedstream_embed_request_duration_seconds",
+            "Time from sending a remote embedding request to its answer",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         # Rebuild progress (``embedstream rebuild``; zero in the consumer).

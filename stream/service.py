@@ -32,8 +32,10 @@ from .fingerprint import Fingerprint
 from .handover import AliasFollower
 from .health import Health, serve_http
 from .metrics import Metrics
+from .remote_embedding import OpenAIEmbedder
 
-__all__ = ["Pipeline", "build_consumer", "build_pipeline", "kafka_client_config", "run_consumer"]
+__all__ = ["Pipeline", "build_consumer", "build_embedder", "build_pipeline", "kafka_client_config",
+           "run_consumer"]
 
 log = logging.getLogger("embedstream")
 _librdkafka_log = logging.getLogger("embedstream.librdkafka")
@@ -74,38 +76,62 @@ class Pipeline:
     """The model side and the store, ready to use; shared by consume, search and export."""
 
     settings: Settings
-    embedder: SentenceTransformerEmbedder
+    embedder: SentenceTransformerEmbedder | OpenAIEmbedder
     chunker: TokenChunker
     fingerprint: Fingerprint
     sink: Sink
 
     def close(self) -> None:
-        self.sink.close()
+        try:
+            self.sink.close()
+        finally:
+            if isinstance(self.embedder, OpenAIEmbedder):
+                self.embedder.close()
 
 
-def build_pipeline(settings: Settings, sink: Sink | None = None) -> Pipeline:
-    """Load the model, build the chunker, open the store under the fingerprint.
+def build_embedder(settings: Settings,
+                   metrics: Metrics | None = None) -> SentenceTransformerEmbedder | OpenAIEmbedder:
+    """The ``embed.provider``'s embedder: the local model, or the remote API (which
+    answers one probe request before this returns)."""
+    embed = settings.embed
+    if embed.provider == "openai":
+        # Bounded calls: a slow provider must not hold the poll loop (the consumer
+        # pauses and retries instead); a rebuild builds its own, without a bound.
+        return OpenAIEmbedder(embed, metrics=metrics, call_budget_s=embed.give_up_after_s)
+    return SentenceTransformerEmbedder(embed.model, device=embed.device,
+                                       max_batch_tokens=embed.max_batch_tokens)
+
+
+def build_pipeline(settings: Settings, sink: Sink | None = None,
+                   metrics: Metrics | None = None) -> Pipeline:
+    """Load the model (or reach the API), build the chunker, open the store under
+    the fingerprint.
 
     ``sink`` replaces the one ``settings.sink`` describes (not yet opened; e.g.
-    several consumers of one process sharing an in-memory store)."""
-    embedder = SentenceTransformerEmbedder(
-        settings.embed.model, device=settings.embed.device,
-        max_batch_tokens=settings.embed.max_batch_tokens,
-    )
-    # Leave room for the model's [CLS]/[SEP] so no chunk is silently truncated.
-    max_tokens = min(settings.chunk.max_tokens, embedder.max_seq_length - 2)
-    chunker = TokenChunker(embedder.tokenizer, max_tokens=max_tokens)
-    fingerprint = Fingerprint(
-        model=embedder.model_name, revision=embedder.revision, dimension=embedder.dimension,
-        normalized=True, chunker=chunker.spec,
-    )
-    sink = sink or build_sink(settings.sink)
+    several consumers of one process sharing an in-memory store). ``metrics``
+    receives the remote embedder's request figures."""
+    embedder = build_embedder(settings, metrics)
+    try:
+        # Leave room for the model's [CLS]/[SEP] so no chunk is silently truncated.
+        max_tokens = min(settings.chunk.max_tokens, embedder.max_seq_length - 2)
+        chunker = TokenChunker(embedder.tokenizer, max_tokens=max_tokens)
+        fingerprint = Fingerprint(
+            model=embedder.model_name, revision=embedder.revision,
+            dimension=embedder.dimension, normalized=True, chunker=chunker.spec,
+            provider=settings.embed.provider,
+        )
+        sink = sink or build_sink(settings.sink)
+    except BaseException:
+        if isinstance(embedder, OpenAIEmbedder):
+            embedder.close()
+        raise
+    pipeline = Pipeline(settings, embedder, chunker, fingerprint, sink)
     try:
         sink.open(fingerprint)
     except BaseException:
-        sink.close()
+        pipeline.close()
         raise
-    return Pipeline(settings, embedder, chunker, fingerprint, sink)
+    return pipeline
 
 
 def build_consumer(
@@ -172,7 +198,7 @@ def run_consumer(settings: Settings) -> int:
     health = Health(settings.metrics.liveness_timeout_s, ready_gauge=metrics.ready)
     if settings.metrics.enabled:  # up before the model loads: probes see "starting"
         serve_http(metrics, health, settings.metrics.host, settings.metrics.port)
-    pipeline = build_pipeline(settings)
+    pipeline = build_pipeline(settings, metrics=metrics)
     try:
         stream = build_consumer(pipeline, metrics, health=health)
         log.info("consuming %s into %s", list(settings.kafka.topics), settings.sink.collection)

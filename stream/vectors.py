@@ -3,8 +3,9 @@ text, embedded otherwise, and split in halves when embedding runs out of memory.
 
 Guarantees: every returned vector is the embedder's vector of exactly its
 chunk's text (reused vectors are keyed by the text's sha256 and were made under
-the collection's fingerprint). A text that cannot be embedded even alone is
-reported as failed, never given a placeholder vector.
+the collection's fingerprint). A text that cannot be embedded even alone (out of
+memory, or refused by a remote provider: :class:`~stream.errors.EmbedFailures`)
+is reported as failed with its reason, never given a placeholder vector.
 """
 
 from __future__ import annotations
@@ -14,13 +15,21 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from sinks.base import DocState
+
 from .chunking import Chunk
 from .embedding import Embedder
+from .errors import EmbedFailures
 from .metrics import Metrics
+from .plan import Folded
 
-__all__ = ["ChunkVectors", "is_out_of_memory"]
+__all__ = ["ChunkVectors", "Failure", "failure_of", "is_out_of_memory"]
 
 Matrix = npt.NDArray[np.float32]
+# Why a text has no vector: (reason code, detail).
+Failure = tuple[str, str]
+_OUT_OF_MEMORY: Failure = ("embed_out_of_memory", "a chunk of this document could not be "
+                                                  "embedded even alone (out of memory)")
 # Stored vectors of these documents' chunks, by content hash.
 ReadStored = Callable[[Sequence[str]], Mapping[str, Sequence[float]]]
 
@@ -33,6 +42,11 @@ def is_out_of_memory(error: BaseException) -> bool:
             or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower()))
 
 
+def failure_of(chunks: Sequence[Chunk], failed: Mapping[str, Failure]) -> Failure | None:
+    """Why a document with these chunks cannot be written (its first failed chunk), if so."""
+    return next((failed[c.content_hash] for c in chunks if c.content_hash in failed), None)
+
+
 class ChunkVectors:
     def __init__(self, embedder: Embedder, metrics: Metrics) -> None:
         self._embedder = embedder
@@ -40,13 +54,13 @@ class ChunkVectors:
 
     def for_chunks(
         self, chunks: Sequence[Chunk], reusable_docs: Sequence[str], read_stored: ReadStored
-    ) -> tuple[dict[str, Matrix], set[str]]:
-        """Vectors by content hash for ``chunks``, and the content hashes that failed.
+    ) -> tuple[dict[str, Matrix], dict[str, Failure]]:
+        """Vectors by content hash for ``chunks``, and why the content hashes that failed did.
 
         Only documents in ``reusable_docs`` (live in the store) are asked for
         stored vectors; identical texts within the batch are embedded once."""
         if not chunks:
-            return {}, set()
+            return {}, {}
         vectors: dict[str, Matrix] = {}
         if reusable_docs:
             wanted = {chunk.content_hash for chunk in chunks}
@@ -56,32 +70,45 @@ class ChunkVectors:
         for chunk in chunks:
             if chunk.content_hash not in vectors:
                 new_texts.setdefault(chunk.content_hash, chunk.text)
-        failed: set[str] = set()
+        failed: dict[str, Failure] = {}
         if new_texts:
             with self._metrics.embed_seconds.time():
                 rows = self._embed_halving(list(new_texts.values()))
             for content_hash, row in zip(new_texts, rows, strict=True):
-                if row is None:
-                    failed.add(content_hash)
+                if isinstance(row, tuple):
+                    failed[content_hash] = row
                 else:
                     vectors[content_hash] = row
-        self._count(chunks, set(new_texts) - failed, failed)
+        self._count(chunks, set(new_texts) - failed.keys(), failed.keys())
         return vectors, failed
 
-    def _embed_halving(self, texts: list[str]) -> list[Matrix | None]:
+    def for_winners(self, winners: Sequence[Folded], stored: Mapping[str, DocState],
+                    read_stored: ReadStored) -> tuple[dict[str, Matrix], dict[str, Failure]]:
+        """:meth:`for_chunks` for the chunks of folded documents' winning events; only
+        documents the store holds live (``stored``) can have vectors worth reusing."""
+        chunks = [chunk for item in winners if item.winner for chunk in item.winner.chunks]
+        reusable = [item.winner.event.doc_id for item in winners
+                    if item.winner and item.winner.chunks
+                    and (state := stored.get(item.winner.event.doc_id)) and not state.deleted]
+        return self.for_chunks(chunks, reusable, read_stored)
+
+    def _embed_halving(self, texts: list[str]) -> list[Matrix | Failure]:
         """Embed; on running out of memory, retry each half (down to one text,
-        which then fails alone). Any other error propagates."""
+        which then fails alone). Texts the embedder failed for good keep their
+        reason. Any other error propagates."""
         try:
-            rows = list(self._embedder.embed(texts))
+            rows: list[Matrix | Failure] = list(self._embedder.embed(texts))
             self._observe_padding()
             return rows
+        except EmbedFailures as partial:
+            return [partial.failed.get(i) or row for i, row in enumerate(partial.vectors)]
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
         # Retried outside the except block: the exception's frames hold the
         # failed attempt's tensors, which must be freed before trying again.
         if len(texts) == 1:
-            return [None]
+            return [_OUT_OF_MEMORY]
         self._metrics.embed_splits.inc()
         middle = len(texts) // 2
         return self._embed_halving(texts[:middle]) + self._embed_halving(texts[middle:])

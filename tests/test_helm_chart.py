@@ -30,6 +30,7 @@ SECRET_ENV = {
     "EMBEDSTREAM_KAFKA__SECURITY__SASL_PASSWORD",
     "EMBEDSTREAM_KAFKA__SECURITY__SSL_KEY_PASSWORD",
     "EMBEDSTREAM_SINK__API_KEY",
+    "EMBEDSTREAM_EMBED__API_KEY",
 }
 
 
@@ -151,14 +152,16 @@ def test_metrics_port_is_forced_into_the_config() -> None:
 
 
 def test_chart_secret_goes_through_env_only() -> None:
-    values = {"secrets": {"saslPassword": "s3cret-sasl", "sinkApiKey": "s3cret-key"},
+    values = {"secrets": {"saslPassword": "s3cret-sasl", "sinkApiKey": "s3cret-key",
+                          "embedApiKey": "s3cret-embed"},
               "config": {"sink": {"kind": "qdrant", "url": "https://q:6333"}}, "replicaCount": 2}
     manifests = render(values)
     assert "s3cret" not in json.dumps(manifests["ConfigMap"])
     assert "s3cret" not in json.dumps(manifests["Deployment"])
     secret = manifests["Secret"]
     env = secret_env(manifests["Deployment"])
-    assert set(env) == {"EMBEDSTREAM_KAFKA__SECURITY__SASL_PASSWORD", "EMBEDSTREAM_SINK__API_KEY"}
+    assert set(env) == {"EMBEDSTREAM_KAFKA__SECURITY__SASL_PASSWORD", "EMBEDSTREAM_SINK__API_KEY",
+                        "EMBEDSTREAM_EMBED__API_KEY"}
     for ref in env.values():
         assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["data"]
     pod_annotations = manifests["Deployment"]["spec"]["template"]["metadata"]["annotations"]

@@ -116,8 +116,8 @@ app.kubernetes.io/component: consumer
 
 {{/* EMBEDSTREAM_* credentials from the Secret: only those set (chart Secret) or named (existingSecret). */}}
 {{- define "embedstream.secretEnv" -}}
-{{- $env := dict "saslPassword" "EMBEDSTREAM_KAFKA__SECURITY__SASL_PASSWORD" "sslKeyPassword" "EMBEDSTREAM_KAFKA__SECURITY__SSL_KEY_PASSWORD" "sinkApiKey" "EMBEDSTREAM_SINK__API_KEY" }}
-{{- range $field := list "saslPassword" "sslKeyPassword" "sinkApiKey" }}
+{{- $env := dict "saslPassword" "EMBEDSTREAM_KAFKA__SECURITY__SASL_PASSWORD" "sslKeyPassword" "EMBEDSTREAM_KAFKA__SECURITY__SSL_KEY_PASSWORD" "sinkApiKey" "EMBEDSTREAM_SINK__API_KEY" "embedApiKey" "EMBEDSTREAM_EMBED__API_KEY" }}
+{{- range $field := list "saslPassword" "sslKeyPassword" "sinkApiKey" "embedApiKey" }}
 {{- if $.Values.existingSecret }}
 {{- $key := get $.Values.existingSecretKeys $field }}
 {{- if $key }}
@@ -139,7 +139,7 @@ app.kubernetes.io/component: consumer
 {{- end }}
 
 {{- define "embedstream.hasChartSecret" -}}
-{{- if and (not .Values.existingSecret) (or .Values.secrets.saslPassword .Values.secrets.sslKeyPassword .Values.secrets.sinkApiKey) }}true{{ end }}
+{{- if and (not .Values.existingSecret) (or .Values.secrets.saslPassword .Values.secrets.sslKeyPassword .Values.secrets.sinkApiKey .Values.secrets.embedApiKey) }}true{{ end }}
 {{- end }}
 
 {{/* Resources, with the GPU limit when gpu.enabled. */}}

@@ -1,0 +1,338 @@
+"""Embedding through an OpenAI-compatible ``POST {api_base}/embeddings`` API.
+
+:class:`OpenAIEmbedder` is the :class:`~stream.embedding.Embedder` for
+``embed.provider: openai`` (OpenAI, Azure OpenAI, TEI, vLLM, Infinity, Ollama).
+One ``embed`` call:
+
+1. counts each text's tokens with a local tokenizer (``embed.tokenizer``) and
+   cuts the texts, in order, into requests of at most ``request_max_inputs``
+   inputs and ``request_max_tokens`` tokens (:func:`plan_requests`);
+2. sends them with at most ``max_concurrency`` in flight (fewer after 429s:
+   the window adapts), each first admitted by the requests/min and tokens/min
+   buckets (:mod:`stream._rate_limit`);
+3. retries a request that got 429, 408, 5xx, a timeout or no connection, after
+   the server's ``Retry-After`` (which also holds back every other request)
+   or else an exponential backoff with jitter, while the provider is not
+   "down" (nothing succeeded for ``give_up_after_s``); 5xx, timeouts and lost
+   connections at most ``max_retries`` times;
+4. puts the vectors back in input order, L2-normalised.
+
+What fails, and how:
+
+* a request the provider rejects (another 4xx, e.g. 400 for an input that is
+  too long) is split in halves and retried, down to single texts, so only the
+  texts it refuses fail (reason ``embed_rejected``). A request still failing
+  with 500 (or an unusable answer) after its retries is split the same way
+  (``embed_failed``) only if the provider answers a known-good one-line probe
+  at that moment; if not, the provider is failing everything and that is an
+  outage (below), not the texts' fault. Failed texts come back in
+  :class:`~stream.errors.EmbedFailures` with every other vector; nothing is
+  ever replaced by zeros;
+* 401, 403, 404 or an exhausted quota: :class:`~stream.errors.EmbedderError`
+  (nothing will work until the configuration changes);
+* an outage (nothing succeeded for ``give_up_after_s``, or ``max_retries``
+  used up, or the call's own time budget spent):
+  :class:`~stream.errors.EmbedderUnavailable` with a ``retry_after``; nothing
+  is failed (the stream pauses and re-reads, a rebuild stops resumably).
+
+``call_budget_s`` bounds one ``embed`` call, waits included: the stream sets it
+(``embed.give_up_after_s``) so a slow provider never holds the Kafka poll loop
+longer than that; a rebuild does not, and waits for its rate limits as long as
+it takes.
+
+The HTTP client runs on an asyncio loop the embedder owns and drives from the
+calling thread (``run_until_complete``): no thread is started (host names are
+resolved inline, not on the loop's default thread pool). One call at a time (a
+lock serialises callers); nothing of a call is left running when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+
+from ._embedding_api import Answer, Ok, Rejected, Retry, classify, plan_requests
+from ._rate_limit import ConcurrencyWindow, RateLimiter
+from .config import EmbedSettings
+from .embedding import resolve_model_path
+from .errors import EmbedderError, EmbedderUnavailable, EmbedFailures
+from .metrics import Metrics
+
+__all__ = ["OpenAIEmbedder", "plan_requests"]
+
+Matrix = npt.NDArray[np.float32]
+T = TypeVar("T")
+_DEFAULT_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
+# Sent at start (config check, dimension) and when a request keeps failing with 500:
+# if this answers, the provider is up and the request's texts are at fault.
+_PROBE_TEXT = "embedstream dimension probe"
+
+
+class _InlineExecutor(ThreadPoolExecutor):
+    """Runs what asyncio would hand to its default thread pool (``getaddrinfo``)
+    right away, on the loop's thread: no thread is ever started (a pool starts its
+    threads in ``submit``, replaced here; asyncio insists on a ThreadPoolExecutor)."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:
+            future.set_exception(error)
+        return future
+
+
+@dataclass(slots=True)
+class _Call:
+    """What the requests of one ``embed`` call share."""
+
+    texts: list[str]
+    tokens: list[int]
+    rows: list[Matrix | None]
+    failed: dict[int, tuple[str, str]]
+    deadline: float  # clock time; inf without a call budget
+
+
+class OpenAIEmbedder:
+    """The remote Embedder (see the module docstring). ``call_budget_s`` bounds one
+    ``embed`` call; ``transport`` replaces the HTTP transport (tests); ``clock``,
+    ``sleep`` and ``jitter`` the time and the randomness of backoffs. Call
+    :meth:`close` when done."""
+
+    provider = "openai"
+
+    def __init__(self, settings: EmbedSettings, *, metrics: Metrics | None = None,
+                 call_budget_s: float | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 jitter: Callable[[], float] = random.random) -> None:
+        from transformers import AutoTokenizer
+
+        self._settings = settings
+        self._metrics = metrics or Metrics()
+        self._call_budget_s = call_budget_s
+        self._clock, self._sleep, self._jitter = clock, sleep, jitter
+        self._tokenizer_name = settings.tokenizer or _DEFAULT_TOKENIZER
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(
+            resolve_model_path(self._tokenizer_name))
+        self.max_seq_length = settings.max_input_tokens
+        headers = {}
+        if settings.api_key is not None:
+            key = settings.api_key.get_secret_value()
+            is_bearer = settings.api_key_header.lower() == "authorization"
+            headers[settings.api_key_header] = f"Bearer {key}" if is_bearer else key
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_default_executor(_InlineExecutor())
+        self._client = httpx.AsyncClient(
+            base_url=settings.api_base.rstrip("/") + "/", headers=headers,
+            params=settings.query_params, timeout=settings.timeout_s, transport=transport,
+            limits=httpx.Limits(max_connections=settings.max_concurrency,
+                                max_keepalive_connections=settings.max_concurrency))
+        self._limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute,
+                                    clock, sleep)
+        self._window = ConcurrencyWindow(settings.max_concurrency)
+        self._lock = threading.Lock()
+        self._dimension: int | None = settings.dimensions
+        self._last_success = clock()
+        self._where = f"the embedding API at {settings.api_base} (model {settings.model!r})"
+        # One request at start: fails now, not at the first event, on a wrong key,
+        # model or URL, and learns the vector size when embed.dimensions is unset.
+        try:
+            self.embed([_PROBE_TEXT])
+        except EmbedFailures as error:
+            self.close()
+            [(_, detail)] = error.failed.values()
+            raise EmbedderError(f"{self._where} refused a one-line probe: {detail}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def model_name(self) -> str:
+        return self._settings.model
+
+    @property
+    def revision(self) -> str:
+        # A remote model is known by its name only (if the provider changes the weights
+        # behind a name, rebuild); the tokenizer here decides where chunks are cut.
+        return f"tokenizer={self._tokenizer_name}"
+
+    @property
+    def dimension(self) -> int:
+        assert self._dimension is not None  # set by the probe at start
+        return self._dimension
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text with the local tokenizer (an estimate for other models)."""
+        if not texts:
+            return []
+        ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False,
+                             return_attention_mask=False, return_token_type_ids=False)
+        return [max(1, len(seq)) for seq in ids["input_ids"]]
+
+    def embed(self, texts: Sequence[str]) -> Matrix:
+        """Vectors of ``texts`` in input order; raises :class:`EmbedFailures` (with
+        the others) when some fail for good (see the module docstring)."""
+        with self._lock:
+            return self._loop.run_until_complete(self._embed(list(texts)))
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._client.aclose())
+            self._loop.close()
+
+    # -- one call --------------------------------------------------------------
+
+    async def _embed(self, texts: list[str]) -> Matrix:
+        tokens = self.count_tokens(texts)
+        budget = self._call_budget_s
+        call = _Call(texts, tokens, [None] * len(texts), {},
+                     self._clock() + budget if budget is not None else math.inf)
+        settings = self._settings
+        groups = plan_requests(tokens, settings.request_max_inputs, settings.request_max_tokens)
+        await _all_or_none([self._run(call, group) for group in groups])
+        out = np.empty((len(texts), self.dimension if texts else 0), np.float32)
+        for index, row in enumerate(call.rows):
+            if row is not None:
+                out[index] = row
+        if call.failed:
+            raise EmbedFailures(out, call.failed)
+        return out
+
+    async def _run(self, call: _Call, group: list[int]) -> None:
+        """Send one request until it succeeds, fails for good, or gives up; then,
+        if it failed for good, find the texts at fault by halves."""
+        await self._window.acquire()
+        try:
+            failure = await self._attempts(call, group)
+        finally:
+            self._window.release()
+        if failure is None:
+            return
+        if len(group) == 1:
+            call.failed[group[0]] = failure
+            return
+        self._metrics.embed_splits.inc()
+        middle = len(group) // 2
+        await _all_or_none([self._run(call, group[:middle]), self._run(call, group[middle:])])
+
+    async def _attempts(self, call: _Call, group: list[int]) -> tuple[str, str] | None:
+        """The attempts at one request, holding its slot in the window throughout (a
+        slot given up between attempts goes to a newer request, which would take the
+        provider's next opening, again and again); the failure, if it failed for good."""
+        settings, metrics = self._settings, self._metrics
+        started = self._clock()
+        tokens = sum(call.tokens[i] for i in group)
+        retries = failures = 0  # failures: answers other than 429 (max_retries counts them)
+        while True:
+            answer = await self._limited_send([call.texts[i] for i in group], tokens, call)
+            if isinstance(answer, Ok):
+                for index, row in zip(group, answer.vectors, strict=True):
+                    call.rows[index] = row
+                return None
+            if isinstance(answer, Rejected):
+                return "embed_rejected", answer.detail
+            if answer.outcome == "throttled":
+                self._window.throttled()  # the provider is up and says "slower"
+            else:
+                failures += 1
+            wait = self._retry_wait(retries, answer.retry_after)
+            retries += 1
+            if failures > settings.max_retries and answer.outcome in ("server_error", "invalid"):
+                # These texts every time: their fault, or is everything failing?
+                probe = await self._limited_send([_PROBE_TEXT], 8, call)
+                if isinstance(probe, Ok):
+                    return "embed_failed", answer.detail
+            # "Down": nothing succeeded (anywhere) since this request started, for long.
+            stalled = self._clock() + wait - max(self._last_success, started)
+            if failures > settings.max_retries or stalled > settings.give_up_after_s \
+                    or self._clock() + wait > call.deadline:
+                raise EmbedderUnavailable(
+                    f"{self._where} is not answering ({answer.outcome}: {answer.detail}); "
+                    f"{retries} attempt(s) over {self._clock() - started:.1f}s",
+                    retry_after=max(wait, settings.backoff_initial_s))
+            metrics.embed_retries.inc()
+            if answer.retry_after is not None:
+                self._limiter.block(wait)  # the next acquire waits it out, with every other
+            else:
+                metrics.embed_throttled.labels(cause="backoff").inc(wait)
+                await self._sleep(wait)
+
+    def _retry_wait(self, attempt: int, retry_after: float | None) -> float:
+        settings = self._settings
+        if retry_after is not None:
+            # Never earlier than asked; a little later, so waiters do not return at once.
+            return retry_after * (1.0 + 0.1 * self._jitter())
+        # Exponential with "equal jitter": half fixed (the wait grows), half random.
+        cap = min(settings.backoff_max_s, settings.backoff_initial_s * 2.0 ** attempt)
+        return cap / 2 * (1.0 + self._jitter())
+
+    # -- one request -----------------------------------------------------------
+
+    async def _limited_send(self, texts: list[str], tokens: int, call: _Call) -> Answer:
+        """Wait for the rate limits (until the call's deadline at most), then send."""
+        metrics = self._metrics
+        limited, blocked = await self._limiter.acquire(tokens, call.deadline)
+        metrics.embed_throttled.labels(cause="rate_limit").inc(limited)
+        metrics.embed_throttled.labels(cause="retry_after").inc(blocked)
+        answer = await self._send(texts)
+        if isinstance(answer, Ok):
+            self._last_success = self._clock()
+            self._window.succeeded()
+            metrics.embed_tokens_sent.inc(answer.tokens or tokens)
+            if answer.tokens and self._limiter.tokens is not None:
+                self._limiter.tokens.correct(answer.tokens - tokens)
+        return answer
+
+    async def _send(self, texts: list[str]) -> Answer:
+        settings, metrics = self._settings, self._metrics
+        body: dict[str, Any] = {"model": settings.model, "input": texts,
+                                "encoding_format": "float"}
+        if settings.dimensions is not None:
+            body["dimensions"] = settings.dimensions
+        started = self._clock()
+        answer: Answer
+        try:
+            response = await self._client.post("embeddings", json=body)
+            answer = classify(response, len(texts), self._dimension, self._where)
+        except EmbedderError:
+            metrics.embed_requests.labels(outcome="refused").inc()
+            raise
+        except httpx.TimeoutException:
+            answer = Retry("timeout", None, f"no answer within {settings.timeout_s}s")
+        except httpx.DecodingError as error:
+            answer = Retry("invalid", None, f"undecodable answer: {error}")
+        except httpx.RequestError as error:  # connection refused or lost, redirects, ...
+            answer = Retry("connection_error", None, f"{type(error).__name__}: {error}")
+        metrics.embed_request_seconds.observe(self._clock() - started)
+        if isinstance(answer, Ok) and self._dimension is None:
+            self._dimension = int(answer.vectors.shape[1])
+        outcome = ("ok" if isinstance(answer, Ok)
+                   else "rejected" if isinstance(answer, Rejected) else answer.outcome)
+        metrics.embed_requests.labels(outcome=outcome).inc()
+        return answer
+
+
+async def _all_or_none(coroutines: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``coroutines`` concurrently; when one raises, cancel the others and wait
+    for them before re-raising, so nothing is left running on the loop."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
