@@ -96,8 +96,9 @@ def _parse(response: httpx.Response, count: int, dimension: int | None) -> Ok | 
             raise ValueError(f"{len(data)} vectors with indexes other than 0..{count - 1}")
         vectors = np.asarray([_vector(item["embedding"]) for item in data], np.float32)
         usage = payload.get("usage") or {}
-        used = usage.get("prompt_tokens") or usage.get("total_tokens")
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        reported = usage.get("prompt_tokens") or usage.get("total_tokens")
+        used = int(reported) if isinstance(reported, int | float) else None
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as error:
         return Retry("invalid", None, f"unusable answer: {type(error).__name__}: {error}")
     if vectors.ndim != 2:
         return Retry("invalid", None, "unusable answer: vectors of different sizes")
@@ -108,7 +109,7 @@ def _parse(response: httpx.Response, count: int, dimension: int | None) -> Ok | 
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     if not np.all(np.isfinite(norms)) or np.any(norms == 0):
         return Retry("invalid", None, "unusable answer: a zero or non-finite vector")
-    return Ok(vectors / norms, int(used) if isinstance(used, int | float) else None)
+    return Ok(vectors / norms, used)
 
 
 def _vector(raw: Any) -> npt.NDArray[np.float32]:

@@ -84,8 +84,14 @@ class EmbedderError(EmbedstreamError):
 
 
 class EmbedderUnavailable(EmbedderError, Unavailable):
-    """The embedding provider kept answering 429, 502-504 or timing out past
-    ``embed.give_up_after_s``; nothing was failed, the work can be retried later."""
+    """The embedding provider is down (429, 5xx, timeouts with nothing succeeding for
+    ``embed.give_up_after_s``) or too slow for the call's time budget; nothing was
+    failed, the work can be retried later. ``partial`` holds the vectors that did
+    arrive, by input index, for the retry to reuse."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after)
+        self.partial: dict[int, npt.NDArray[np.float32]] = {}
 
 
 class EmbedFailures(EmbedstreamError):

@@ -20,12 +20,12 @@ One ``embed`` call:
 What fails, and how:
 
 * a request the provider rejects (another 4xx, e.g. 400 for an input that is
-  too long) is split in halves and retried, down to single texts, so only the
-  texts it refuses fail (reason ``embed_rejected``). A request still failing
-  with 500 (or an unusable answer) after its retries is split the same way
-  (``embed_failed``) only if the provider answers a known-good one-line probe
-  at that moment; if not, the provider is failing everything and that is an
-  outage (below), not the texts' fault. Failed texts come back in
+  too long), or one still failing with 500 (or an unusable answer) after its
+  retries, is checked with a known-good one-line probe. If that is answered,
+  the request is split in halves, down to single texts, without more retries,
+  so only the texts at fault fail (``embed_rejected``, ``embed_failed``). If
+  the probe is refused too: :class:`~stream.errors.EmbedderError` (the
+  provider refuses everything); if it fails too: an outage (below). Failed texts come back in
   :class:`~stream.errors.EmbedFailures` with every other vector; nothing is
   ever replaced by zeros;
 * 401, 403, 404 or an exhausted quota: :class:`~stream.errors.EmbedderError`
@@ -37,8 +37,9 @@ What fails, and how:
 
 ``call_budget_s`` bounds one ``embed`` call, waits included: the stream sets it
 (``embed.give_up_after_s``) so a slow provider never holds the Kafka poll loop
-longer than that; a rebuild does not, and waits for its rate limits as long as
-it takes.
+longer than that (the vectors that did arrive go with the outage,
+``EmbedderUnavailable.partial``, for the retry to reuse); a rebuild does not,
+and waits for its rate limits as long as it takes.
 
 The HTTP client runs on an asyncio loop the embedder owns and drives from the
 calling thread (``run_until_complete``): no thread is started (host names are
@@ -190,6 +191,13 @@ class OpenAIEmbedder:
 
     def close(self) -> None:
         if not self._loop.is_closed():
+            # Requests of a call interrupted from outside (KeyboardInterrupt) never resume.
+            leftovers = asyncio.all_tasks(self._loop)
+            if leftovers:
+                for task in leftovers:
+                    task.cancel()
+                self._loop.run_until_complete(
+                    asyncio.gather(*leftovers, return_exceptions=True))
             self._loop.run_until_complete(self._client.aclose())
             self._loop.close()
 
@@ -202,8 +210,15 @@ class OpenAIEmbedder:
                      self._clock() + budget if budget is not None else math.inf)
         settings = self._settings
         groups = plan_requests(tokens, settings.request_max_inputs, settings.request_max_tokens)
-        await _all_or_none([self._run(call, group) for group in groups])
-        out = np.empty((len(texts), self.dimension if texts else 0), np.float32)
+        try:
+            await _all_or_none([self._run(call, group) for group in groups])
+        except EmbedderUnavailable as outage:
+            # What did arrive is kept by the caller, so a retry makes progress even
+            # when the provider is too slow for the whole call within its budget.
+            outage.partial = {i: row for i, row in enumerate(call.rows) if row is not None}
+            raise
+        # Width 0 only if the start-up probe itself failed (the size is not known yet).
+        out = np.empty((len(texts), self._dimension or 0), np.float32)
         for index, row in enumerate(call.rows):
             if row is not None:
                 out[index] = row
@@ -211,12 +226,13 @@ class OpenAIEmbedder:
             raise EmbedFailures(out, call.failed)
         return out
 
-    async def _run(self, call: _Call, group: list[int]) -> None:
+    async def _run(self, call: _Call, group: list[int], mode: str = "request") -> None:
         """Send one request until it succeeds, fails for good, or gives up; then,
-        if it failed for good, find the texts at fault by halves."""
+        if it failed for good, find the texts at fault by halves (in ``suspect``
+        mode: see :meth:`_attempts`)."""
         await self._window.acquire()
         try:
-            failure = await self._attempts(call, group)
+            failure = await self._attempts(call, group, mode)
         finally:
             self._window.release()
         if failure is None:
@@ -226,42 +242,57 @@ class OpenAIEmbedder:
             return
         self._metrics.embed_splits.inc()
         middle = len(group) // 2
-        await _all_or_none([self._run(call, group[:middle]), self._run(call, group[middle:])])
+        await _all_or_none([self._run(call, group[:middle], "suspect"),
+                            self._run(call, group[middle:], "suspect")])
 
-    async def _attempts(self, call: _Call, group: list[int]) -> tuple[str, str] | None:
+    async def _attempts(self, call: _Call, group: list[int],
+                        mode: str) -> tuple[str, str] | None:
         """The attempts at one request, holding its slot in the window throughout (a
         slot given up between attempts goes to a newer request, which would take the
-        provider's next opening, again and again); the failure, if it failed for good."""
+        provider's next opening, again and again); the failure, if it failed for good.
+
+        ``mode``: ``request`` (a failure for good is checked with a probe first),
+        ``suspect`` (part of a request found at fault: a 4xx, 500 or unusable answer
+        fails at once) or ``probe`` (the probe itself: failures are returned as
+        they are). The last two are not bound by the call's budget: they are few,
+        and must finish to fail only the texts at fault."""
         settings, metrics = self._settings, self._metrics
-        started = self._clock()
         tokens = sum(call.tokens[i] for i in group)
+        first_answer: float | None = None  # waits for the limits before it are no stall
         retries = failures = 0  # failures: answers other than 429 (max_retries counts them)
         while True:
-            answer = await self._limited_send([call.texts[i] for i in group], tokens, call)
+            answer = await self._limited_send([call.texts[i] for i in group], tokens, call,
+                                              bounded=mode == "request")
+            first_answer = first_answer or self._clock()
             if isinstance(answer, Ok):
                 for index, row in zip(group, answer.vectors, strict=True):
                     call.rows[index] = row
                 return None
             if isinstance(answer, Rejected):
+                if mode == "request":
+                    await self._probe(call, answer.detail)  # raises if it is not the texts
                 return "embed_rejected", answer.detail
+            texts_at_fault = answer.outcome in ("server_error", "invalid")
+            if mode == "suspect" and texts_at_fault:
+                return "embed_failed", answer.detail
             if answer.outcome == "throttled":
                 self._window.throttled()  # the provider is up and says "slower"
             else:
                 failures += 1
             wait = self._retry_wait(retries, answer.retry_after)
             retries += 1
-            if failures > settings.max_retries and answer.outcome in ("server_error", "invalid"):
-                # These texts every time: their fault, or is everything failing?
-                probe = await self._limited_send([_PROBE_TEXT], 8, call)
-                if isinstance(probe, Ok):
-                    return "embed_failed", answer.detail
-            # "Down": nothing succeeded (anywhere) since this request started, for long.
-            stalled = self._clock() + wait - max(self._last_success, started)
+            # "Down": nothing has succeeded (anywhere) since this request's first answer.
+            stalled = self._clock() - max(self._last_success, first_answer)
             if failures > settings.max_retries or stalled > settings.give_up_after_s \
                     or self._clock() + wait > call.deadline:
+                if texts_at_fault:
+                    # These texts every time: their fault, or is everything failing?
+                    if mode == "request":
+                        await self._probe(call, answer.detail)
+                    return "embed_failed", answer.detail
                 raise EmbedderUnavailable(
                     f"{self._where} is not answering ({answer.outcome}: {answer.detail}); "
-                    f"{retries} attempt(s) over {self._clock() - started:.1f}s",
+                    f"{retries} attempt(s) over {self._clock() - first_answer:.1f}s",
                     retry_after=max(wait, settings.backoff_initial_s))
             metrics.embed_retries.inc()
             if answer.retry_after is not None:
@@ -270,24 +301,51 @@ class OpenAIEmbedder:
                 metrics.embed_throttled.labels(cause="backoff").inc(wait)
                 await self._sleep(wait)
 
+    async def _probe(self, call: _Call, failure: str) -> None:
+        """Returns if the provider embeds a known-good line now, retries included
+        (so a request that keeps failing is its texts' fault); raises what the
+        provider's state is if not."""
+        probe = _Call([_PROBE_TEXT], [8], [None], {}, call.deadline)
+        failure_of_probe = await self._attempts(probe, [0], "probe")
+        if failure_of_probe is None:
+            return
+        reason, detail = failure_of_probe
+        if reason == "embed_rejected":
+            raise EmbedderError(f"{self._where} refuses even a one-line probe "
+                                f"({detail}), as it refused a request ({failure})")
+        raise EmbedderUnavailable(
+            f"{self._where} is failing every request ({failure}; a probe: {detail})",
+            retry_after=self._settings.backoff_initial_s)
+
     def _retry_wait(self, attempt: int, retry_after: float | None) -> float:
         settings = self._settings
         if retry_after is not None:
-            # Never earlier than asked; a little later, so waiters do not return at once.
-            return retry_after * (1.0 + 0.1 * self._jitter())
+            # Never earlier than asked; a little later, so waiters do not return at once
+            # (and not at once after a "Retry-After: 0").
+            return max(retry_after, 0.01) * (1.0 + 0.1 * self._jitter())
         # Exponential with "equal jitter": half fixed (the wait grows), half random.
         cap = min(settings.backoff_max_s, settings.backoff_initial_s * 2.0 ** attempt)
         return cap / 2 * (1.0 + self._jitter())
 
     # -- one request -----------------------------------------------------------
 
-    async def _limited_send(self, texts: list[str], tokens: int, call: _Call) -> Answer:
-        """Wait for the rate limits (until the call's deadline at most), then send."""
+    async def _limited_send(self, texts: list[str], tokens: int, call: _Call,
+                            bounded: bool = True) -> Answer:
+        """Wait for the rate limits, then send; ``bounded``: within the call's budget
+        (a probe and the halves of a request found at fault are not: they are few
+        and single attempts, and must finish to fail only those texts)."""
         metrics = self._metrics
-        limited, blocked = await self._limiter.acquire(tokens, call.deadline)
+        deadline = call.deadline if bounded else math.inf
+        if self._clock() >= deadline:
+            raise EmbedderUnavailable(f"{self._where} is too slow for this call's time "
+                                      "budget (embed.give_up_after_s)",
+                                      retry_after=self._settings.backoff_initial_s)
+        limited, blocked = await self._limiter.acquire(tokens, deadline)
         metrics.embed_throttled.labels(cause="rate_limit").inc(limited)
         metrics.embed_throttled.labels(cause="retry_after").inc(blocked)
-        answer = await self._send(texts)
+        # No answer past the budget either (at least a second, to get one at all).
+        timeout = min(self._settings.timeout_s, max(1.0, deadline - self._clock()))
+        answer = await self._send(texts, timeout)
         if isinstance(answer, Ok):
             self._last_success = self._clock()
             self._window.succeeded()
@@ -296,7 +354,7 @@ class OpenAIEmbedder:
                 self._limiter.tokens.correct(answer.tokens - tokens)
         return answer
 
-    async def _send(self, texts: list[str]) -> Answer:
+    async def _send(self, texts: list[str], timeout: float) -> Answer:
         settings, metrics = self._settings, self._metrics
         body: dict[str, Any] = {"model": settings.model, "input": texts,
                                 "encoding_format": "float"}
@@ -305,13 +363,13 @@ class OpenAIEmbedder:
         started = self._clock()
         answer: Answer
         try:
-            response = await self._client.post("embeddings", json=body)
+            response = await self._client.post("embeddings", json=body, timeout=timeout)
             answer = classify(response, len(texts), self._dimension, self._where)
         except EmbedderError:
             metrics.embed_requests.labels(outcome="refused").inc()
             raise
         except httpx.TimeoutException:
-            answer = Retry("timeout", None, f"no answer within {settings.timeout_s}s")
+            answer = Retry("timeout", None, f"no answer within {timeout:.1f}s")
         except httpx.DecodingError as error:
             answer = Retry("invalid", None, f"undecodable answer: {error}")
         except httpx.RequestError as error:  # connection refused or lost, redirects, ...

@@ -19,7 +19,7 @@ from sinks.base import DocState
 
 from .chunking import Chunk
 from .embedding import Embedder
-from .errors import EmbedFailures
+from .errors import EmbedderUnavailable, EmbedFailures
 from .metrics import Metrics
 from .plan import Folded
 
@@ -47,10 +47,18 @@ def failure_of(chunks: Sequence[Chunk], failed: Mapping[str, Failure]) -> Failur
     return next((failed[c.content_hash] for c in chunks if c.content_hash in failed), None)
 
 
+# Vectors kept from calls cut short by an outage, at most (cleared beyond).
+_CARRY_LIMIT = 20_000
+
+
 class ChunkVectors:
     def __init__(self, embedder: Embedder, metrics: Metrics) -> None:
         self._embedder = embedder
         self._metrics = metrics
+        # Vectors that arrived in a call the provider then failed (EmbedderUnavailable),
+        # by content hash: the retry uses them instead of asking again, so it makes
+        # progress even when a slow provider cannot finish one call in its budget.
+        self._carried: dict[str, Matrix] = {}
 
     def for_chunks(
         self, chunks: Sequence[Chunk], reusable_docs: Sequence[str], read_stored: ReadStored
@@ -66,21 +74,36 @@ class ChunkVectors:
             wanted = {chunk.content_hash for chunk in chunks}
             vectors = {h: np.asarray(v, np.float32)
                        for h, v in read_stored(reusable_docs).items() if h in wanted}
+        embedded: set[str] = set()
         new_texts: dict[str, str] = {}
         for chunk in chunks:
+            if chunk.content_hash in self._carried:
+                vectors[chunk.content_hash] = self._carried.pop(chunk.content_hash)
+                embedded.add(chunk.content_hash)
             if chunk.content_hash not in vectors:
                 new_texts.setdefault(chunk.content_hash, chunk.text)
+        embedded |= new_texts.keys()
         failed: dict[str, Failure] = {}
         if new_texts:
             with self._metrics.embed_seconds.time():
-                rows = self._embed_halving(list(new_texts.values()))
+                try:
+                    rows = self._embed_halving(list(new_texts.values()))
+                except EmbedderUnavailable as outage:
+                    self._carry(list(new_texts), outage)
+                    raise
             for content_hash, row in zip(new_texts, rows, strict=True):
                 if isinstance(row, tuple):
                     failed[content_hash] = row
                 else:
                     vectors[content_hash] = row
-        self._count(chunks, set(new_texts) - failed.keys(), failed.keys())
+        self._count(chunks, embedded - failed.keys(), failed.keys())
         return vectors, failed
+
+    def _carry(self, hashes: list[str], outage: EmbedderUnavailable) -> None:
+        if len(self._carried) + len(outage.partial) > _CARRY_LIMIT:
+            self._carried.clear()  # batches that were dropped (e.g. partitions revoked)
+        for index, row in outage.partial.items():
+            self._carried[hashes[index]] = row
 
     def for_winners(self, winners: Sequence[Folded], stored: Mapping[str, DocState],
                     read_stored: ReadStored) -> tuple[dict[str, Matrix], dict[str, Failure]]:
@@ -111,7 +134,11 @@ class ChunkVectors:
             return [_OUT_OF_MEMORY]
         self._metrics.embed_splits.inc()
         middle = len(texts) // 2
-        return self._embed_halving(texts[:middle]) + self._embed_halving(texts[middle:])
+        try:
+            return self._embed_halving(texts[:middle]) + self._embed_halving(texts[middle:])
+        except EmbedderUnavailable as outage:
+            outage.partial = {}  # indexes into a part, not the whole list: keep none
+            raise
 
     def _observe_padding(self) -> None:
         # Only embedders that measure it (SentenceTransformerEmbedder) say how much of

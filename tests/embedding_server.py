@@ -11,7 +11,8 @@ demand it misbehaves the way providers do:
   next one would be admitted (a "429 storm" for a client sending faster);
 * ``reject_marker``: a request with an input containing it gets 400 (like an
   input over the model's context length); ``fail_marker``: 500 every time;
-* ``api_key``: requests without ``Authorization: Bearer <key>`` get 401.
+* ``api_key``: requests without ``Authorization: Bearer <key>`` get 401;
+* ``delay_s``: every answer comes that much later (a slow provider).
 
 It is a plain ``http.server.ThreadingHTTPServer`` on a loopback port, serving
 from a thread of the test process; every answered request is recorded in
@@ -62,6 +63,7 @@ class EmbeddingServer:
         self.reject_marker: str | None = None
         self.fail_marker: str | None = None
         self.api_key: str | None = None
+        self.delay_s = 0.0  # added to every answer: a slow provider
         self.log: list[Answered] = []
         self._httpd = _QuietServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -110,6 +112,7 @@ class EmbeddingServer:
             self._scripted.clear()
             self._per_second = None
             self.reject_marker = self.fail_marker = self.api_key = None
+            self.delay_s = 0.0
             self.log = []
 
     def count(self, status: int) -> int:
@@ -171,6 +174,7 @@ class EmbeddingServer:
                     self._reply(400, {"error": {"message": "input must be a non-empty list"}})
                     return
                 status, retry_after, message = server._admit(self.headers, texts)
+                time.sleep(server.delay_s)
                 if status == 200:
                     with server._encode_lock:
                         vectors, tokens = server._encode(texts)

@@ -298,3 +298,66 @@ def test_nothing_is_left_running_and_no_thread_is_started(api: EmbeddingServer) 
     started = [t.name for t in threading.enumerate() if t.ident not in before
                and "process_request_thread" not in t.name]
     assert not started
+
+
+def test_a_text_always_getting_500_is_found_within_the_streams_budget(
+        api: EmbeddingServer) -> None:
+    settings = EmbedSettings(provider="openai", model=MODEL, api_base=api.url,
+                             request_max_inputs=8, backoff_initial_s=0.1, backoff_max_s=0.3)
+    embedder = OpenAIEmbedder(settings, call_budget_s=1.5)  # default max_retries (8)
+    api.fail_marker = "CRASH"
+    try:
+        started = time.monotonic()
+        with pytest.raises(EmbedFailures) as caught:
+            embedder.embed([*TEXTS[:3], "CRASH the server", *TEXTS[3:8]])
+        elapsed = time.monotonic() - started
+    finally:
+        embedder.close()
+    # Retried within the budget, then (the probe answering) split without retries.
+    assert list(caught.value.failed) == [3] and caught.value.failed[3][0] == "embed_failed"
+    assert elapsed < 4.0
+
+
+def test_a_provider_refusing_everything_is_a_configuration_error(api: EmbeddingServer) -> None:
+    api.reject_marker = "dimension probe"  # the start-up probe is refused
+    with pytest.raises(EmbedderError, match="one-line probe"):
+        remote(api)
+    api.reject_marker = None
+    embedder = remote(api)
+    try:
+        api.reject_marker = " "  # now every text (e.g. a gateway answering 400 to all)
+        with pytest.raises(EmbedderError, match="refuses even a one-line probe"):
+            embedder.embed(TEXTS[:4])
+    finally:
+        embedder.close()
+
+
+def test_a_slow_provider_makes_progress_across_budgeted_calls(
+        api: EmbeddingServer, minilm: Any) -> None:
+    from stream.chunking import Chunk
+    from stream.vectors import ChunkVectors
+
+    settings = EmbedSettings(provider="openai", model=MODEL, api_base=api.url,
+                             request_max_inputs=2, max_concurrency=1)
+    embedder = OpenAIEmbedder(settings, call_budget_s=1.0)
+    api.delay_s = 0.3  # 5 requests need 1.5 s: more than one call's budget
+    texts = TEXTS[:10]
+    chunks = [Chunk(i, 0, len(t), t, 10, f"hash-{i}") for i, t in enumerate(texts)]
+    vectors = ChunkVectors(embedder, Metrics())
+    try:
+        with pytest.raises(EmbedderUnavailable) as caught:
+            embedder.embed(texts)
+        assert 2 <= len(caught.value.partial) < 10
+        outages = 0
+        while True:  # as the consumer retries a batch after backing off
+            try:
+                found, failed = vectors.for_chunks(chunks, [], lambda ids: {})
+                break
+            except EmbedderUnavailable:
+                outages += 1
+                assert outages < 5
+    finally:
+        embedder.close()
+    assert outages >= 1 and not failed
+    stored = np.asarray([found[c.content_hash] for c in chunks])
+    assert np.sum(stored * minilm.embed(texts), axis=1).min() >= 0.9999
