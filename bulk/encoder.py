@@ -165,6 +165,9 @@ class BulkEncoder:
             out[batch] = self.encode([ids[i] for i in batch])
         return out
 
+    def close(self) -> None:
+        """Nothing to release (the model goes with the object); as RemoteEncoder does."""
+
     def encode(self, batch: Sequence[list[int]]) -> npt.NDArray[np.float32]:
         """Vectors of one batch of token id lists, padded to its longest row."""
         if not batch:
@@ -211,18 +214,14 @@ class RemoteEncoder:
         self.calibration: dict[str, float] = {}
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        ids: list[list[int]] = self.tokenizer(
-            list(texts), add_special_tokens=False, verbose=False,
-            return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-        return ids
+        return self.embedder.token_ids(texts)
 
     def calibrate(self, sample: Sequence[list[int]]) -> str:
         return self.precision
 
-    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        return self.embedder.embed(texts)
+    def embed(self, texts: Sequence[str],
+              token_counts: Sequence[int] | None = None) -> npt.NDArray[np.float32]:
+        return self.embedder.embed(texts, token_counts)
 
     def close(self) -> None:
         self.embedder.close()

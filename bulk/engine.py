@@ -89,14 +89,6 @@ class EmbeddedUnit(Generic[R, P]):
         return [self.flat[lo:hi] for lo, hi in itertools.pairwise(bounds)]
 
 
-def _remote_embed(encoder: RemoteEncoder, texts: list[str]
-                  ) -> tuple[npt.NDArray[np.float32], dict[int, tuple[str, str]]]:
-    try:
-        return encoder.embed(texts), {}
-    except EmbedFailures as partial:
-        return partial.vectors, partial.failed
-
-
 class _Done:
     """End of a queue's stream."""
 
@@ -264,10 +256,15 @@ class BulkEngine(Generic[R, P]):
     @staticmethod
     def _remote(encoder: RemoteEncoder, units: list[EmbeddedUnit[R, P]]
                 ) -> tuple[npt.NDArray[np.float32], dict[int, tuple[str, str]], float]:
-        """The units' texts through the API at once (it packs its own requests)."""
+        """The units' texts through the API at once (it packs its own requests), with
+        the token counts the tokenizer threads found; the texts that failed, by index."""
         texts = [text for unit in units for record_texts in unit.texts for text in record_texts]
+        counts = [len(seq) for unit in units for seq in unit.ids]
         started = time.perf_counter()
-        out, failed = _remote_embed(encoder, texts)
+        try:
+            out, failed = encoder.embed(texts, counts), {}
+        except EmbedFailures as partial:
+            out, failed = partial.vectors, partial.failed
         return out, failed, time.perf_counter() - started
 
     def _forward(self, encoder: AnyEncoder, units: list[EmbeddedUnit[R, P]]) -> None:

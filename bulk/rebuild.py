@@ -183,8 +183,7 @@ def rebuild(settings: Settings, options: RebuildOptions, *,
                         metrics, health)
     finally:
         for encoder in built:
-            if isinstance(encoder, RemoteEncoder):
-                encoder.close()
+            encoder.close()
 
 
 def _rebuild(settings: Settings, options: RebuildOptions, encoders: list[AnyEncoder],

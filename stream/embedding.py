@@ -259,6 +259,9 @@ class SentenceTransformerEmbedder:
             self.last_padded_tokens += len(batch) * max(1, max(lengths[i] for i in batch))
         return out
 
+    def close(self) -> None:
+        """Nothing to release (the model goes with the object); as remote embedders do."""
+
     def _forward(self, batch: list[list[int]]) -> npt.NDArray[np.float32]:
         import torch
 

@@ -175,19 +175,26 @@ class OpenAIEmbedder:
         assert self._dimension is not None  # set by the probe at start
         return self._dimension
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens per text with the local tokenizer (an estimate for other models)."""
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text with the local tokenizer, no special tokens, untruncated."""
         if not texts:
             return []
-        ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False,
-                             return_attention_mask=False, return_token_type_ids=False)
-        return [max(1, len(seq)) for seq in ids["input_ids"]]
+        ids: list[list[int]] = self.tokenizer(
+            list(texts), add_special_tokens=False, verbose=False,
+            return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return ids
 
-    def embed(self, texts: Sequence[str]) -> Matrix:
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text with the local tokenizer (an estimate for other models)."""
+        return [len(seq) for seq in self.token_ids(texts)]
+
+    def embed(self, texts: Sequence[str], token_counts: Sequence[int] | None = None) -> Matrix:
         """Vectors of ``texts`` in input order; raises :class:`EmbedFailures` (with
-        the others) when some fail for good (see the module docstring)."""
+        the others) when some fail for good (see the module docstring).
+        ``token_counts``: :meth:`count_tokens` of ``texts``, when the caller has them."""
+        counts = list(token_counts) if token_counts is not None else self.count_tokens(texts)
         with self._lock:
-            return self._loop.run_until_complete(self._embed(list(texts)))
+            return self._loop.run_until_complete(self._embed(list(texts), counts))
 
     def close(self) -> None:
         if not self._loop.is_closed():
@@ -203,8 +210,8 @@ class OpenAIEmbedder:
 
     # -- one call --------------------------------------------------------------
 
-    async def _embed(self, texts: list[str]) -> Matrix:
-        tokens = self.count_tokens(texts)
+    async def _embed(self, texts: list[str], counts: list[int]) -> Matrix:
+        tokens = [max(1, count) for count in counts]  # an empty text still costs a slot
         budget = self._call_budget_s
         call = _Call(texts, tokens, [None] * len(texts), {},
                      self._clock() + budget if budget is not None else math.inf)

@@ -85,8 +85,7 @@ class Pipeline:
         try:
             self.sink.close()
         finally:
-            if isinstance(self.embedder, OpenAIEmbedder):
-                self.embedder.close()
+            self.embedder.close()
 
 
 def build_embedder(settings: Settings,
@@ -122,8 +121,7 @@ def build_pipeline(settings: Settings, sink: Sink | None = None,
         )
         sink = sink or build_sink(settings.sink)
     except BaseException:
-        if isinstance(embedder, OpenAIEmbedder):
-            embedder.close()
+        embedder.close()
         raise
     pipeline = Pipeline(settings, embedder, chunker, fingerprint, sink)
     try:
