@@ -4,8 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch is pinned here (not for users): 2.13.0 is the CPU build this machine carries.
 TORCH_PIN ?= torch==2.13.0
+# The demo replays real page revisions when the shared data is beside the checkout,
+# else the built-in sample pages.
+REVISIONS ?= ../shared/data/revisions/doc-revisions.jsonl
 
-.PHONY: setup demo test lint typecheck bench clean
+.PHONY: setup demo test lint typecheck fast-test bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -21,15 +24,28 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 setup: $(VENV)/.installed
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/embedstream dev
+	HF_HUB_OFFLINE=1 $(BIN)/embedstream dev $(if $(wildcard $(REVISIONS)),--revisions $(REVISIONS))
 
-test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/ruff check stream sinks bulk tests bench
+# mypy cannot follow setuptools' package-dir mapping (stream/ -> embedstream.stream):
+# it reads the folders through links under .typecheck/embedstream/.
+typecheck: setup
+	mkdir -p .typecheck/embedstream
+	for d in stream sinks bulk; do ln -sfn ../../$$d .typecheck/embedstream/$$d; done
 	HF_HUB_OFFLINE=1 $(BIN)/mypy
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check stream sinks bulk tests bench
+	$(BIN)/lint-imports
+
+test: lint typecheck
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=15
+
+# The quick loop while editing: no broker, no real model (under a minute).
+fast-test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow" --durations=15
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/stream_freshness.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .typecheck .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bulk.encoder import BulkEncoder
-from bulk.engine import BulkEngine, EmbeddedUnit
-from stream.embedding import resolve_model_path
+from embedstream.bulk.encoder import BulkEncoder
+from embedstream.bulk.engine import BulkEngine, EmbeddedUnit
+from embedstream.stream.embedding import resolve_model_path
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared/data/msmarco-sample/passages.tsv"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"

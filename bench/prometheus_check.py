@@ -39,8 +39,8 @@ from confluent_kafka.admin import AdminClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stream.broker import LocalBroker  # noqa: E402
-from stream.dead_letters import ensure_topics  # noqa: E402
+from embedstream.stream.app.broker import LocalBroker  # noqa: E402
+from embedstream.stream.dead_letters import ensure_topics  # noqa: E402
 
 TOPIC = "docs"
 _FRESHNESS = "sum(rate(embedstream_freshness_seconds_bucket[30s])) by (le)"
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             }))
             embedstream = Path(sys.executable).with_name("embedstream")
             command = [str(embedstream)] if embedstream.exists() \
-                else [sys.executable, "-m", "stream.cli"]
+                else [sys.executable, "-m", "embedstream.stream.app.cli"]
             consumer = subprocess.Popen(
                 [*command, "consume", "--config", str(config)], cwd=ROOT,
                 env={**os.environ, "HF_HUB_OFFLINE": "1"},

@@ -2,7 +2,7 @@
 
 Starts the OpenAI-compatible test server (:mod:`tests.embedding_server`, the
 local all-MiniLM-L6-v2 behind ``POST /v1/embeddings``) on a loopback port and
-embeds MS MARCO passages through :class:`~stream.remote_embedding.OpenAIEmbedder`:
+embeds MS MARCO passages through :class:`~embedstream.stream.remote_embedding.OpenAIEmbedder`:
 
 1. ``stock``: ``SentenceTransformer.encode`` in process, the reference (same run);
 2. ``open``: through the API with no limits (HTTP and JSON overhead on top of the model);
@@ -34,10 +34,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bulk import DEFAULT, read_passages
-from stream.config import EmbedSettings
-from stream.embedding import resolve_model_path
-from stream.metrics import Metrics
-from stream.remote_embedding import OpenAIEmbedder
+from embedstream.stream.config import EmbedSettings
+from embedstream.stream.embedding import resolve_model_path
+from embedstream.stream.metrics import Metrics
+from embedstream.stream.remote_embedding import OpenAIEmbedder
 from tests.embedding_server import EmbeddingServer
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"

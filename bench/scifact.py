@@ -1,12 +1,12 @@
 """Retrieval benchmark: BEIR SciFact nDCG@10 through embedstream's chunks.
 
 The corpus (``corpus.jsonl``: ``_id``, ``title``, ``text``) is indexed with the real
-pipeline from :func:`stream.service.build_pipeline` (default settings: chunker with
+pipeline from :func:`embedstream.stream.app.service.build_pipeline` (default settings: chunker with
 ``chunk.max_tokens`` 256 capped to the model's 254, all-MiniLM-L6-v2 on the CPU, a
 Qdrant Edge store in a temporary directory). A document's text follows the stream's
 convention for several text fields: ``"\\n\\n".join`` of the non-empty title and text.
 Its chunks are embedded with the pipeline's embedder and written through the sink with
-:func:`stream.plan.build_write`, as the consumer writes them (Kafka is left out: it
+:func:`embedstream.stream.plan.build_write`, as the consumer writes them (Kafka is left out: it
 changes nothing about what is stored).
 
 Search: each test query (``qrels/test.tsv``, 300 queries) is embedded with the same
@@ -39,11 +39,11 @@ import numpy.typing as npt
 # The repository root first, so `python bench/scifact.py` imports this checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bulk.rebuild import RebuildOptions, rebuild
-from stream.config import MetricsSettings, Settings, SinkSettings, SourceSettings
-from stream.events import ChangeEvent, Op, Position
-from stream.plan import PreparedEvent, build_write, fold
-from stream.service import Pipeline, build_pipeline
+from embedstream.bulk.rebuild import RebuildOptions, rebuild
+from embedstream.stream.app.service import Pipeline, build_pipeline
+from embedstream.stream.config import MetricsSettings, Settings, SinkSettings, SourceSettings
+from embedstream.stream.events import ChangeEvent, Op, Position
+from embedstream.stream.plan import PreparedEvent, build_write, fold
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared/data/beir/scifact"
 DOCS_PER_WRITE = 500

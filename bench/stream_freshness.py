@@ -1,7 +1,7 @@
 """Streaming benchmark: freshness at a fixed event rate, and backlog drain rate.
 
 Everything runs against the real pieces: the bundled Tansu broker, the consumer
-(:class:`stream.consumer.StreamConsumer`), all-MiniLM-L6-v2 on the CPU and a
+(:class:`embedstream.stream.consumer.StreamConsumer`), all-MiniLM-L6-v2 on the CPU and a
 Qdrant Edge store in a temporary directory. Documents are MS MARCO passages.
 
 1. Freshness. A producer thread sends Debezium creates at ``--rate`` events/s
@@ -50,14 +50,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _load import OtherLoad  # bench/_load.py (this script's folder is on sys.path)
 
-from stream.broker import LocalBroker
-from stream.config import KafkaSettings, MetricsSettings, Settings, SinkSettings, SourceSettings
-from stream.consumer import StreamConsumer
-from stream.dead_letters import ensure_topics
-from stream.devdata import debezium_value
-from stream.events import ChangeEvent
-from stream.metrics import Metrics
-from stream.service import Pipeline, build_consumer, build_pipeline, kafka_client_config
+from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.devdata import debezium_value
+from embedstream.stream.app.service import Pipeline, build_consumer, build_pipeline
+from embedstream.stream.config import (
+    KafkaSettings,
+    MetricsSettings,
+    Settings,
+    SinkSettings,
+    SourceSettings,
+)
+from embedstream.stream.consumer import StreamConsumer
+from embedstream.stream.dead_letters import ensure_topics
+from embedstream.stream.events import ChangeEvent
+from embedstream.stream.kafka_config import kafka_client_config
+from embedstream.stream.metrics import Metrics
 
 DEFAULT_PASSAGES = (
     Path(__file__).resolve().parents[1].parent / "shared/data/msmarco-sample/passages.tsv"

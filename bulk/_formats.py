@@ -1,9 +1,9 @@
-"""File-level plumbing for :mod:`bulk.sources`: which format a name means, opening
+"""File-level plumbing for :mod:`embedstream.bulk.sources`: which format a name means, opening
 (and decompressing) a file, reading bounded lines, and making Parquet values plain.
 
 Every read error that means the rest of a file cannot be trusted (truncated or
 corrupt compressed data, an I/O error) leaves here as
-:class:`~stream.errors.SourceError` naming the path.
+:class:`~embedstream.stream.errors.SourceError` naming the path.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 import zstandard
 
-from stream.errors import ConfigError, SourceError
+from embedstream.stream.errors import ConfigError, SourceError
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer

@@ -1,7 +1,7 @@
-"""The stages of :class:`~bulk.ray_engine.RayEngine` that run on the cluster.
+"""The stages of :class:`~embedstream.bulk.ray_engine.RayEngine` that run on the cluster.
 
 They live at module level, in a module of their own, so Ray workers import them
-by name; the driver side is :mod:`bulk.ray_engine`.
+by name; the driver side is :mod:`embedstream.bulk.ray_engine`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any, cast
 import numpy as np
 import pyarrow as pa
 
-from bulk.encoder import BulkEncoder
-from stream.embedding import pack_batches
+from embedstream.bulk.encoder import BulkEncoder
+from embedstream.stream.embedding import pack_batches
 
 __all__ = ["CALIBRATION_TEXTS", "EmbedActor", "TokenizerSpec", "feed_datasource",
            "tokenize_batch"]

@@ -1,6 +1,6 @@
 """The rebuild's engine callbacks: what each record becomes, how units are written,
 and the checkpoints and failure list that make a rebuild resumable (see
-:mod:`bulk.rebuild`)."""
+:mod:`embedstream.bulk.rebuild`)."""
 
 from __future__ import annotations
 
@@ -11,23 +11,22 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from sinks.base import DocState, DocumentWrite, Sink, chunk_point_id
-from stream.chunking import Chunk, TokenChunker
-from stream.config import Settings
-from stream.events import ChangeEvent, Op, Position
-from stream.metrics import Metrics
-from stream.plan import Folded, PreparedEvent, build_write
-
-from .checkpoint import Checkpoint, CheckpointStore
-from .encoder import AnyEncoder
-from .engine import EmbeddedUnit, EngineStats
-from .kafka_source import BulkEvent, BulkFailure, BulkSkip
-from .outputs import VectorFileWriter, VectorRow
-from .progress import Progress
-from .sources import RowFailure, SourceRow
+from embedstream.bulk.checkpoint import Checkpoint, CheckpointStore
+from embedstream.bulk.encoder import AnyEncoder
+from embedstream.bulk.engine import EmbeddedUnit, EngineStats
+from embedstream.bulk.kafka_source import BulkEvent, BulkFailure, BulkSkip
+from embedstream.bulk.outputs import VectorFileWriter, VectorRow
+from embedstream.bulk.progress import Progress
+from embedstream.bulk.sources import RowFailure, SourceRow
+from embedstream.stream.chunking import Chunk, TokenChunker
+from embedstream.stream.config import Settings
+from embedstream.stream.events import ChangeEvent, Op, Position
+from embedstream.stream.metrics import Metrics
+from embedstream.stream.plan import Folded, PreparedEvent, build_write
+from embedstream.stream.store import DocState, DocumentWrite, Sink, chunk_point_id
 
 if TYPE_CHECKING:
-    from .rebuild import RebuildReport
+    from embedstream.bulk.rebuild import RebuildReport
 
 __all__ = ["Prepared", "RebuildRun", "Record"]
 

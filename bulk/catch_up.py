@@ -28,17 +28,21 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from sinks.base import Sink
-from stream.chunking import Chunker
-from stream.config import Settings
-from stream.embedding import Embedder
-from stream.events import Position, Skipped
-from stream.intake import Rejected, take_in
-from stream.metrics import Metrics
-from stream.plan import PreparedEvent, build_write, fold, group_by_document
-from stream.vectors import ChunkVectors, failure_of
-
-from .kafka_source import Partition, partition_ends, snapshot_consumer, topic_partitions
+from embedstream.bulk.kafka_source import (
+    Partition,
+    partition_ends,
+    snapshot_consumer,
+    topic_partitions,
+)
+from embedstream.stream.chunking import Chunker
+from embedstream.stream.config import Settings
+from embedstream.stream.embedding import Embedder
+from embedstream.stream.events import Position, Skipped
+from embedstream.stream.intake import Rejected, take_in
+from embedstream.stream.metrics import Metrics
+from embedstream.stream.plan import PreparedEvent, build_write, fold, group_by_document
+from embedstream.stream.store import Sink
+from embedstream.stream.vectors import ChunkVectors, failure_of
 
 __all__ = ["CatchUpReport", "catch_up"]
 

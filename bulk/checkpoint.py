@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stream.errors import ConfigError
+from embedstream.stream.errors import ConfigError
 
 __all__ = ["Checkpoint", "CheckpointStore"]
 

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stream.embedding import pack_batches, pad_batch, resolve_model_path, weights_digest
-from stream.errors import ConfigError
-from stream.remote_embedding import OpenAIEmbedder
+from embedstream.stream.embedding import pack_batches, pad_batch, resolve_model_path, weights_digest
+from embedstream.stream.errors import ConfigError
+from embedstream.stream.remote_embedding import OpenAIEmbedder
 
 __all__ = ["AnyEncoder", "BulkEncoder", "RemoteEncoder"]
 
@@ -155,7 +155,7 @@ class BulkEncoder:
     # -- forward -----------------------------------------------------------------
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """The :class:`~stream.embedding.Embedder` call: vectors of ``texts`` in
+        """The :class:`~embedstream.stream.embedding.Embedder` call: vectors of ``texts`` in
         input order, packed by length (the handover's catch-up uses this)."""
         ids = self.tokenize(texts)
         if ids:
@@ -195,10 +195,10 @@ class BulkEncoder:
 class RemoteEncoder:
     """A remote embedding API (``embed.provider: openai``) in the bulk engine's place of
     a model: the engine hands it whole texts (it batches, limits and retries them itself,
-    :class:`~stream.remote_embedding.OpenAIEmbedder`); token ids only count tokens.
+    :class:`~embedstream.stream.remote_embedding.OpenAIEmbedder`); token ids only count tokens.
 
-    ``embed`` raises :class:`~stream.errors.EmbedFailures` when some texts fail for good;
-    the engine routes their records to the rebuild's failure list."""
+    ``embed`` raises :class:`~embedstream.stream.errors.EmbedFailures` when some texts fail
+    for good; the engine routes their records to the rebuild's failure list."""
 
     device = "remote"
     precision = "remote"

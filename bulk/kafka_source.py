@@ -4,7 +4,7 @@ A compacted CDC topic holds the latest state of each key, so reading it from
 the start rebuilds the corpus. :class:`KafkaSnapshot` captures each
 partition's high watermark when it opens and reads every partition from its
 start (or from resume offsets) up to that mark, decoding each message exactly
-as the stream does (:func:`stream.decode.decode_message` under the same
+as the stream does (:func:`embedstream.stream.decode.decode_message` under the same
 ``source`` settings and limits).
 
 Guaranteed:
@@ -14,7 +14,7 @@ Guaranteed:
   stream's dead-letter reasons) or a :class:`BulkSkip` (schema changes,
   heartbeats), each with its position, so a caller can resume per partition.
 * Of a document's events only those that pass the stream's version guard
-  (:func:`stream.plan.fold`) against the events read before them in this run
+  (:func:`embedstream.stream.plan.fold`) against the events read before them in this run
   are yielded, so a later write of a document never carries an older version.
 * ``covered`` holds, per partition, the offset the snapshot reads up to: every
   event before it is in the snapshot; the stream must apply everything from it.
@@ -32,13 +32,13 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from sinks.base import DocState
-from stream.config import Settings
-from stream.errors import KafkaUnavailable
-from stream.events import ChangeEvent, Position, Skipped
-from stream.intake import Rejected, take_in
-from stream.plan import fold
-from stream.service import kafka_client_config
+from embedstream.stream.config import Settings
+from embedstream.stream.errors import KafkaUnavailable
+from embedstream.stream.events import ChangeEvent, Position, Skipped
+from embedstream.stream.intake import Rejected, take_in
+from embedstream.stream.kafka_config import kafka_client_config
+from embedstream.stream.plan import fold
+from embedstream.stream.store import DocState
 
 __all__ = [
     "BulkEvent",

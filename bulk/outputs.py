@@ -29,7 +29,7 @@ Guaranteed:
 Not guaranteed: that a token fits different input (the writer cannot tell
 whether the rows added after a resume are the right ones); that a resume after
 ``close`` completed works (the partial files are gone, it raises
-:class:`~stream.errors.ConfigError`); durability of rows added after the last
+:class:`~embedstream.stream.errors.ConfigError`); durability of rows added after the last
 checkpoint; a usable writer after ``add`` raised (abort, then resume).
 """
 
@@ -48,7 +48,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stream.errors import ConfigError
+from embedstream.stream.errors import ConfigError
 
 __all__ = ["SUFFIXES", "VectorFileWriter", "VectorRow"]
 

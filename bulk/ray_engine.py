@@ -1,8 +1,8 @@
 """The bulk embedding engine on Ray Data, so a rebuild spreads over a cluster.
 
-:class:`RayEngine` has the contract of :class:`~bulk.engine.BulkEngine`:
+:class:`RayEngine` has the contract of :class:`~embedstream.bulk.engine.BulkEngine`:
 ``run(source, prepare, write) -> EngineStats``, with the same
-:class:`~bulk.engine.EmbeddedUnit` objects handed to ``write`` in source order,
+:class:`~embedstream.bulk.engine.EmbeddedUnit` objects handed to ``write`` in source order,
 so ``embedstream rebuild --engine ray`` swaps one for the other. The stages:
 
 1. **driver, feeder thread**: cuts ``source`` into units of ``unit_records``
@@ -16,9 +16,9 @@ so ``embedstream rebuild --engine ray`` swaps one for the other. The stages:
    :meth:`BulkEncoder.tokenize <bulk.encoder.BulkEncoder.tokenize>`;
 4. **a fixed pool of ``actors`` embed actors** (``map_batches`` with a callable
    class, ``gpus_per_actor`` / ``cpus_per_actor`` each): each builds one
-   :class:`~bulk.encoder.BulkEncoder` and calibrates its precision once, on its
+   :class:`~embedstream.bulk.encoder.BulkEncoder` and calibrates its precision once, on its
    first batch (bf16 only where faster and cosine-safe), then packs each batch's
-   texts by length into token-budgeted batches (:func:`~bulk.encoder.pack_batches`)
+   texts by length into token-budgeted batches (:func:`~embedstream.bulk.encoder.pack_batches`)
    and returns vectors with real and padded token counts;
 5. **driver, calling thread**: collects results (``iter_batches``), restores
    source order by ``seq``, fills each unit's ``flat`` (its vectors in text
@@ -55,10 +55,10 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from bulk._ray_stages import EmbedActor, TokenizerSpec, feed_datasource, tokenize_batch
-from bulk.encoder import BulkEncoder
-from bulk.engine import EmbeddedUnit, EngineStats
-from stream.errors import ConfigError
+from embedstream.bulk._ray_stages import EmbedActor, TokenizerSpec, feed_datasource, tokenize_batch
+from embedstream.bulk.encoder import BulkEncoder
+from embedstream.bulk.engine import EmbeddedUnit, EngineStats
+from embedstream.stream.errors import ConfigError
 
 __all__ = ["RayEngine"]
 

@@ -8,11 +8,11 @@ Steps, each surviving a kill (a rerun resumes from the last checkpoint):
 2. **Record the covered offsets**: for ``--source kafka``, the high watermarks
    the snapshot reads up to; for files, the topics' ends when the rebuild
    starts (the files are taken to reflect the corpus as of then).
-3. **Embed** with the bulk engine (:mod:`bulk.engine`, or Ray Data), writing in
-   source order. Every ``bulk.checkpoint_interval_s`` the store is flushed and a
+3. **Embed** with the bulk engine (:mod:`embedstream.bulk.engine`, or Ray Data), writing in
+   source order. Every ``embedstream.bulk.checkpoint_interval_s`` the store is flushed and a
    checkpoint records how far the source is written, so a resumed run skips
    exactly that: only what was written after the last checkpoint is embedded again.
-4. **Catch up** (:mod:`bulk.catch_up`): apply what arrived after the covered
+4. **Catch up** (:mod:`embedstream.bulk.catch_up`): apply what arrived after the covered
    offsets, store the offsets reached as the collection's handover record.
 5. **Swap**: point the alias at the new collection in one atomic step. The live
    consumer follows the alias and moves each partition to the handover offset,
@@ -35,25 +35,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from sinks.base import Sink, SinkAdmin
-from sinks.factory import build_admin, build_sink
-from stream.chunking import TokenChunker
-from stream.config import Settings
-from stream.errors import ConfigError, KafkaUnavailable
-from stream.fingerprint import Fingerprint
-from stream.health import Health, serve_http
-from stream.metrics import Metrics
-from stream.remote_embedding import OpenAIEmbedder
-
-from ._run import Prepared, RebuildRun, Record
-from .catch_up import catch_up
-from .checkpoint import Checkpoint, CheckpointStore
-from .encoder import AnyEncoder, BulkEncoder, RemoteEncoder
-from .engine import BulkEngine, EngineStats
-from .kafka_source import KafkaSnapshot, Partition, topic_ends
-from .outputs import VectorFileWriter
-from .progress import Progress
-from .sources import count_rows, expand_files, read_rows
+from embedstream.bulk._run import Prepared, RebuildRun, Record
+from embedstream.bulk.catch_up import catch_up
+from embedstream.bulk.checkpoint import Checkpoint, CheckpointStore
+from embedstream.bulk.encoder import AnyEncoder, BulkEncoder, RemoteEncoder
+from embedstream.bulk.engine import BulkEngine, EngineStats
+from embedstream.bulk.kafka_source import KafkaSnapshot, Partition, topic_ends
+from embedstream.bulk.outputs import VectorFileWriter
+from embedstream.bulk.progress import Progress
+from embedstream.bulk.sources import count_rows, expand_files, read_rows
+from embedstream.sinks.factory import build_admin, build_sink
+from embedstream.stream.chunking import TokenChunker
+from embedstream.stream.config import Settings
+from embedstream.stream.errors import ConfigError, KafkaUnavailable
+from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.health import Health, serve_http
+from embedstream.stream.metrics import Metrics
+from embedstream.stream.remote_embedding import OpenAIEmbedder
+from embedstream.stream.store import Sink, SinkAdmin
 
 __all__ = ["RebuildOptions", "RebuildReport", "rebuild"]
 
@@ -345,7 +344,7 @@ def _engine(settings: Settings, options: RebuildOptions,
             encoders: list[AnyEncoder]) -> Any:
     bulk = settings.bulk
     if options.engine == "ray":
-        from .ray_engine import RayEngine
+        from embedstream.bulk.ray_engine import RayEngine
 
         return RayEngine(settings.embed.model, device=settings.embed.device,
                          precision=bulk.precision, batch_tokens=bulk.batch_tokens,

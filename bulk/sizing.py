@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from stream.config import Settings
-from stream.errors import ConfigError
+from embedstream.stream.config import Settings
+from embedstream.stream.errors import ConfigError
 
 __all__ = ["Calibration", "Estimate", "calibrate", "estimate", "run_plan"]
 
@@ -83,10 +83,10 @@ def estimate(docs: int, chunks_per_doc: float, chunks_per_s: float, fleet: Seque
 
 def calibrate(settings: Settings, sample: str, docs: int = _SAMPLE_DOCS) -> Calibration:
     """Chunk and embed up to ``docs`` documents of ``sample`` with the bulk engine."""
-    from bulk.engine import BulkEngine, EmbeddedUnit
-    from bulk.rebuild import build_encoders
-    from bulk.sources import SourceRow, read_rows
-    from stream.chunking import TokenChunker
+    from embedstream.bulk.engine import BulkEngine, EmbeddedUnit
+    from embedstream.bulk.rebuild import build_encoders
+    from embedstream.bulk.sources import SourceRow, read_rows
+    from embedstream.stream.chunking import TokenChunker
 
     if settings.embed.provider != "local":
         # A provider's rate limits, not devices, decide: nothing to calibrate here.
@@ -128,7 +128,7 @@ def calibrate(settings: Settings, sample: str, docs: int = _SAMPLE_DOCS) -> Cali
 
 
 def run_plan(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    """The ``plan`` command (arguments as ``stream.cli`` defines them)."""
+    """The ``plan`` command (arguments as ``embedstream.stream.app.cli`` defines them)."""
     try:
         fleet = [int(g) for g in str(args.gpus).split(",") if g.strip()]
     except ValueError:

@@ -3,7 +3,7 @@
 :func:`read_rows` turns one path or glob of JSONL/NDJSON, TSV or Parquet files
 (JSONL and TSV optionally ``.gz`` or ``.zst``) into one item per row, in file
 order, files in sorted path order. Each row's ``(doc_id, text, metadata)`` comes
-from :func:`stream.decode.decode_row`, so ids, text and metadata follow exactly
+from :func:`embedstream.stream.decode.decode_row`, so ids, text and metadata follow exactly
 the stream's rules (``source.id_fields``, ``text_fields``, ``metadata_fields``).
 
 Guaranteed:
@@ -12,22 +12,22 @@ Guaranteed:
   so a caller that counts items can resume with ``skip=count``, provided the
   files (the glob's matches and their bytes) have not changed in between.
   Rows are: the non-blank lines of a JSONL file; the non-blank lines of a TSV
-  file after its header line (none when ``bulk.tsv_columns`` names the columns);
+  file after its header line (none when ``embedstream.bulk.tsv_columns`` names the columns);
   the rows of a Parquet file. Lines holding only whitespace are not rows.
 * A bad row (invalid UTF-8, invalid JSON, a JSON value that is not an object, a
   TSV row with the wrong number of columns, a line over ``source.max_message_bytes``,
-  anything :func:`~stream.decode.decode_row` refuses) never stops the read and is
+  anything :func:`~embedstream.stream.decode.decode_row` refuses) never stops the read and is
   never dropped: it is a :class:`RowFailure`.
 * Memory is bounded by ``source.max_message_bytes`` (one line) or one Parquet
   record batch, whatever the file size.
 * A file that cannot be read on (truncated or corrupt ``.gz``/``.zst`` data, an
   unreadable Parquet file, an unusable TSV header, an I/O error) raises
-  :class:`~stream.errors.SourceError` naming the path; rows before the damage
+  :class:`~embedstream.stream.errors.SourceError` naming the path; rows before the damage
   have already been yielded.
 
 Not guaranteed: that corruption inside compressed data is noticed (zstd frames
 carry a checksum only if their writer added one); that a TSV file really has
-the header this configuration assumes (with ``bulk.tsv_columns`` set, a header
+the header this configuration assumes (with ``embedstream.bulk.tsv_columns`` set, a header
 line is read as a row); limits on document length (``source.max_document_chars``
 is for the caller, as in the stream).
 """
@@ -45,12 +45,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stream._json_input import loads
-from stream.config import Settings
-from stream.decode import decode_row
-from stream.errors import ConfigError, DecodeError, SourceError
-
-from ._formats import Compression, Kind, NotUtf8, detect, plain, read_lines
+from embedstream.bulk._formats import Compression, Kind, NotUtf8, detect, plain, read_lines
+from embedstream.stream.config import Settings
+from embedstream.stream.decode import decode_row
+from embedstream.stream.errors import ConfigError, DecodeError, SourceError
+from embedstream.stream.strict_json import loads
 
 __all__ = ["RowFailure", "SourceRow", "count_rows", "expand_files", "read_rows"]
 
@@ -295,7 +294,7 @@ def count_rows(spec: str, settings: Settings) -> int | None:
     """A cheap total for progress: None if any file is compressed (unknown without
     reading it all). Exact for Parquet (from the footer). For JSONL and TSV, the
     number of lines (a last line without a newline counts), less one header line
-    per TSV file without ``bulk.tsv_columns``: an upper bound of what
+    per TSV file without ``embedstream.bulk.tsv_columns``: an upper bound of what
     :func:`read_rows` yields, exact when no line is blank."""
     files = [(path, *detect(path)) for path in expand_files(spec)]
     if any(compression is not None for _, _, compression in files):

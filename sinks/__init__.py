@@ -1,4 +1,5 @@
-"""Vector stores that embedstream writes to.
+"""Vector stores that embedstream writes to: implementations of the store
+protocol of :mod:`embedstream.stream.store`.
 
 :func:`build_sink` makes the configured one; :func:`build_admin` the admin of
 its store (collections and aliases). ``QdrantServerSink`` is imported
@@ -10,49 +11,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sinks.base import (
-    ChunkPoint,
-    CollectionInfo,
-    DocState,
-    DocumentWrite,
-    Handover,
-    Hit,
-    Sink,
-    SinkAdmin,
-    StoredPoint,
-    Vector,
-    chunk_point_id,
-    doc_state_point_id,
-)
-from sinks.factory import build_admin, build_sink
-from sinks.qdrant_edge import QdrantEdgeSink
+from embedstream.sinks.factory import build_admin, build_sink
+from embedstream.sinks.qdrant_edge import QdrantEdgeSink
 
 if TYPE_CHECKING:
-    from sinks.qdrant_server import QdrantServerSink
+    from embedstream.sinks.qdrant_server import QdrantServerSink
 
 __all__ = [
-    "ChunkPoint",
-    "CollectionInfo",
-    "DocState",
-    "DocumentWrite",
-    "Handover",
-    "Hit",
     "QdrantEdgeSink",
     "QdrantServerSink",
-    "Sink",
-    "SinkAdmin",
-    "StoredPoint",
-    "Vector",
     "build_admin",
     "build_sink",
-    "chunk_point_id",
-    "doc_state_point_id",
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name == "QdrantServerSink":
-        from sinks.qdrant_server import QdrantServerSink
+        from embedstream.sinks.qdrant_server import QdrantServerSink
 
         return QdrantServerSink
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """Collections and aliases of a Qdrant Edge store (files described in
-:mod:`sinks._edge_files`).
+:mod:`embedstream.sinks._edge_files`).
 
 What is read and when: an Edge shard can be open in one process only, and
 loading one that another sink holds fails, so the admin takes a collection's
@@ -27,8 +27,14 @@ from pathlib import Path
 
 import qdrant_edge as qe
 
-from sinks._edge_files import AliasRegistry, ProcessLock, holder_text, is_shard, lock_path
-from sinks._layout import (
+from embedstream.sinks._edge_files import (
+    AliasRegistry,
+    ProcessLock,
+    holder_text,
+    is_shard,
+    lock_path,
+)
+from embedstream.sinks._layout import (
     FINGERPRINT_POINT_ID,
     STATE_SUFFIX,
     listed_names,
@@ -36,10 +42,10 @@ from sinks._layout import (
     parse_fingerprint,
     valid_name,
 )
-from sinks.base import CollectionInfo
-from sinks.qdrant_edge import open_fingerprint
-from stream.errors import FingerprintMismatch, SinkError
-from stream.fingerprint import Fingerprint
+from embedstream.sinks.qdrant_edge import open_fingerprint
+from embedstream.stream.errors import FingerprintMismatch, SinkError
+from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.store import CollectionInfo
 
 __all__ = ["QdrantEdgeAdmin"]
 
@@ -55,7 +61,7 @@ class _Look:
 
 
 class QdrantEdgeAdmin:
-    """:class:`~sinks.base.SinkAdmin` of the Edge store at ``path`` (see the
+    """:class:`~embedstream.sinks.base.SinkAdmin` of the Edge store at ``path`` (see the
     module docstring)."""
 
     def __init__(self, path: Path | str) -> None:

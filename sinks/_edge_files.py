@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from stream.errors import SinkError
+from embedstream.stream.errors import SinkError
 
 __all__ = ["ALIASES_FILE", "AliasRegistry", "ProcessLock", "holder_text", "is_shard", "lock_path"]
 

@@ -1,7 +1,7 @@
-"""The handover record both Qdrant sinks store (see :class:`~sinks.base.Handover`).
+"""The handover record both Qdrant sinks store (see :class:`~embedstream.sinks.base.Handover`).
 
 It is one point in the state collection, with the fixed id
-:data:`~sinks._layout.HANDOVER_POINT_ID` and the payload
+:data:`~embedstream.sinks._layout.HANDOVER_POINT_ID` and the payload
 ``{"handover": {"offsets": [[topic, partition, offset], ...],
 "acknowledged": {group_id: [[topic, partition], ...]}}}``. It has no
 ``doc_id``, so no read of document states ever takes it for a document.
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from sinks.base import Handover
-from stream.errors import SinkError
+from embedstream.stream.errors import SinkError
+from embedstream.stream.store import Handover
 
 __all__ = ["HandoverMethods", "handover_payload", "parse_handover"]
 
@@ -43,7 +43,7 @@ def parse_handover(payload: Mapping[str, Any] | None, where: str) -> Handover | 
 
 
 class HandoverMethods:
-    """The handover methods of :class:`~sinks.base.Sink`, over three a sink
+    """The handover methods of :class:`~embedstream.sinks.base.Sink`, over three a sink
     provides: where it is (for messages), reading the handover point's payload,
     and replacing it durably."""
 

@@ -1,9 +1,9 @@
 """The store layout both Qdrant sinks share.
 
 Both sinks keep two collections: the chunk collection ``<collection>`` (one
-point per chunk, id :func:`~sinks.base.chunk_point_id`) and the state
+point per chunk, id :func:`~embedstream.sinks.base.chunk_point_id`) and the state
 collection ``<collection>_state`` (one point per document, id
-:func:`~sinks.base.doc_state_point_id`, payload ``doc_id``, ``version``,
+:func:`~embedstream.sinks.base.doc_state_point_id`, payload ``doc_id``, ``version``,
 ``offset``, ``deleted``; plus the fingerprint point and, once a rebuild has
 written one, the handover point). The helpers here are that shared layout,
 independent of the client library.
@@ -24,9 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from sinks.base import DocState, DocumentWrite, Vector, chunk_point_id, doc_state_point_id
-from stream.errors import FingerprintMismatch, SinkError
-from stream.fingerprint import Fingerprint
+from embedstream.stream.errors import FingerprintMismatch, SinkError
+from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.store import (
+    DocState,
+    DocumentWrite,
+    Vector,
+    chunk_point_id,
+    doc_state_point_id,
+)
 
 STATE_SUFFIX = "_state"
 # Fixed id of the fingerprint point in the state collection (uuid5 of

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from qdrant_client import QdrantClient, models
 
-from sinks._layout import (
+from embedstream.sinks._layout import (
     FINGERPRINT_POINT_ID,
     STATE_SUFFIX,
     listed_names,
@@ -30,11 +30,11 @@ from sinks._layout import (
     parse_fingerprint,
     valid_name,
 )
-from sinks._server_errors import translate
-from sinks.base import CollectionInfo
-from stream.config import SinkSettings
-from stream.errors import FingerprintMismatch, SinkError
-from stream.fingerprint import Fingerprint
+from embedstream.sinks._server_errors import translate
+from embedstream.stream.config import SinkSettings
+from embedstream.stream.errors import FingerprintMismatch, SinkError
+from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.store import CollectionInfo
 
 __all__ = [
     "QdrantServerAdmin",
@@ -70,14 +70,14 @@ def read_fingerprint(client: QdrantClient, collection: str) -> Fingerprint | Non
 
 
 class QdrantServerAdmin:
-    """:class:`~sinks.base.SinkAdmin` of a Qdrant server (see the module docstring).
+    """:class:`~embedstream.sinks.base.SinkAdmin` of a Qdrant server (see the module docstring).
 
     ``client`` shares an existing client (tests use it for an in-memory store);
     a shared client is not closed by :meth:`close`. Nothing here can tell
     whether a consumer is using a collection: ``drop`` trusts the aliases."""
 
     def __init__(self, settings: SinkSettings, *, client: QdrantClient | None = None) -> None:
-        from sinks.qdrant_server import QdrantServerSink
+        from embedstream.sinks.qdrant_server import QdrantServerSink
 
         self._api_key = settings.api_key
         self._where = f"Qdrant at {settings.url}"

@@ -1,8 +1,8 @@
 """Turning qdrant-client's exceptions into embedstream's (server sink and admin).
 
-:class:`~stream.errors.SinkUnavailable` for what waiting may cure (connection
+:class:`~embedstream.stream.errors.SinkUnavailable` for what waiting may cure (connection
 failures, timeouts, 408, 429, 5xx, transient gRPC codes), with the server's
-``Retry-After`` when it gives one; :class:`~stream.errors.SinkError` for the
+``Retry-After`` when it gives one; :class:`~embedstream.stream.errors.SinkError` for the
 rest. Messages never contain the API key.
 """
 
@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from stream.errors import SinkError, SinkUnavailable
+from embedstream.stream.errors import SinkError, SinkUnavailable
 
 __all__ = ["grpc_code", "is_conflict", "translate"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import assert_never
 
-from sinks.base import Sink, SinkAdmin
-from stream.config import SinkSettings
-from stream.errors import ConfigError
+from embedstream.stream.config import SinkSettings
+from embedstream.stream.errors import ConfigError
+from embedstream.stream.store import Sink, SinkAdmin
 
 __all__ = ["build_admin", "build_sink"]
 
@@ -21,16 +21,17 @@ def build_sink(settings: SinkSettings, physical: str | None = None) -> Sink:
 
     It opens ``settings.collection`` through the alias of that name, or, given
     ``physical``, exactly that physical collection, never touching the alias
-    (see :mod:`sinks.base`). Raises :class:`~stream.errors.ConfigError` naming
+    (see :mod:`embedstream.stream.store`). Raises
+    :class:`~embedstream.stream.errors.ConfigError` naming
     the field when the settings cannot describe a working sink. Nothing is
     connected or created until ``open``."""
     if settings.kind == "qdrant-edge":
-        from sinks.qdrant_edge import QdrantEdgeSink
+        from embedstream.sinks.qdrant_edge import QdrantEdgeSink
 
         return QdrantEdgeSink(settings.path, settings.collection, physical=physical)
     if settings.kind == "qdrant":
         _require_url(settings)
-        from sinks.qdrant_server import QdrantServerSink
+        from embedstream.sinks.qdrant_server import QdrantServerSink
 
         return QdrantServerSink.from_settings(settings, physical=physical)
     assert_never(settings.kind)
@@ -39,16 +40,16 @@ def build_sink(settings: SinkSettings, physical: str | None = None) -> Sink:
 def build_admin(settings: SinkSettings) -> SinkAdmin:
     """The admin (collections and aliases) of the store ``settings`` describe.
 
-    Raises :class:`~stream.errors.ConfigError` like :func:`build_sink`. Close
+    Raises :class:`~embedstream.stream.errors.ConfigError` like :func:`build_sink`. Close
     it when done. Nothing is created; a server client is made but not yet
     contacted."""
     if settings.kind == "qdrant-edge":
-        from sinks._edge_admin import QdrantEdgeAdmin
+        from embedstream.sinks._edge_admin import QdrantEdgeAdmin
 
         return QdrantEdgeAdmin(settings.path)
     if settings.kind == "qdrant":
         _require_url(settings)
-        from sinks._server_admin import QdrantServerAdmin
+        from embedstream.sinks._server_admin import QdrantServerAdmin
 
         return QdrantServerAdmin(settings)
     assert_never(settings.kind)

@@ -3,11 +3,11 @@
 Layout under ``path``, for each physical collection: the chunk collection
 ``<collection>/`` (one point per chunk, the default dense vector, cosine), the
 state collection ``<collection>_state/`` (one point per document holding its
-:class:`~sinks.base.DocState`, plus the fingerprint point and maybe the
+:class:`~embedstream.sinks.base.DocState`, plus the fingerprint point and maybe the
 handover point) and the lock file ``.<collection>.lock``; for the store, the
-aliases (``aliases.json``, see :mod:`sinks._edge_files`).
+aliases (``aliases.json``, see :mod:`embedstream.sinks._edge_files`).
 
-``open`` takes the alias's target (see :mod:`sinks.base`); else a collection
+``open`` takes the alias's target (see :mod:`embedstream.stream.store`); else a collection
 named like the alias (made before aliases); else, given a fingerprint, creates
 ``<alias>_<UTC timestamp>`` and then the alias, under the aliases lock (two
 processes creating a store at once end up on one collection, the second
@@ -15,7 +15,7 @@ refused its lock). The alias is written last: an interrupted creation leaves
 an unaliased collection (``collections list`` shows it), never an alias to
 nothing.
 
-Guarantees, beyond those of :mod:`sinks.base`:
+Guarantees, beyond those of :mod:`embedstream.stream.store`:
 
 * ``apply`` survives a crash of this process (SIGKILL included) when it
   returns: every update goes through the shard's write-ahead log, which Edge
@@ -26,7 +26,7 @@ Guarantees, beyond those of :mod:`sinks.base`:
   consumer calls ``flush`` once per ``sink.flush_interval_ms``, before it
   commits offsets.
 * One process at a time per physical collection: ``open`` takes an exclusive
-  ``flock`` on its lock file and raises :class:`~stream.errors.SinkError`
+  ``flock`` on its lock file and raises :class:`~embedstream.stream.errors.SinkError`
   naming the holder's pid otherwise. The lock dies with its process, so no
   stale lock survives a crash.
 
@@ -44,9 +44,9 @@ from typing import Any
 
 import qdrant_edge as qe
 
-from sinks._edge_files import AliasRegistry, ProcessLock, lock_path
-from sinks._handover import HandoverMethods
-from sinks._layout import (
+from embedstream.sinks._edge_files import AliasRegistry, ProcessLock, lock_path
+from embedstream.sinks._handover import HandoverMethods
+from embedstream.sinks._layout import (
     FINGERPRINT_POINT_ID,
     HANDOVER_POINT_ID,
     SCROLL_PAGE,
@@ -61,9 +61,9 @@ from sinks._layout import (
     state_from_payload,
     valid_name,
 )
-from sinks.base import DocState, DocumentWrite, Hit, StoredPoint, doc_state_point_id
-from stream.errors import ConfigError, FingerprintMismatch, SinkError
-from stream.fingerprint import Fingerprint
+from embedstream.stream.errors import ConfigError, FingerprintMismatch, SinkError
+from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.store import DocState, DocumentWrite, Hit, StoredPoint, doc_state_point_id
 
 __all__ = ["QdrantEdgeSink", "open_fingerprint"]
 

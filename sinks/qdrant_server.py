@@ -1,14 +1,14 @@
 """Qdrant server sink: chunk points in a Qdrant server (or cluster) over HTTP/gRPC.
 
 Layout: the chunk collection ``<collection>`` and the state collection
-``<collection>_state`` (see :mod:`sinks._layout`), where ``<collection>`` is
+``<collection>_state`` (see :mod:`embedstream.sinks._layout`), where ``<collection>`` is
 a physical collection; the configured name is a Qdrant alias pointing at one
-(see :mod:`sinks.base`). ``open`` takes its target; else a collection named
+(see :mod:`embedstream.stream.store`). ``open`` takes its target; else a collection named
 like the alias (made before aliases); else, given a fingerprint, creates
 ``<alias>_<UTC timestamp>`` and then the alias, last, so an interrupted
 creation leaves an unaliased collection, never an alias to nothing.
 
-Guarantees, beyond those of :mod:`sinks.base`:
+Guarantees, beyond those of :mod:`embedstream.stream.store`:
 
 * Every write is sent with ``wait=True``: when ``apply`` returns, the server has
   applied it (to ``write_consistency_factor`` replicas) and it is in the
@@ -17,9 +17,9 @@ Guarantees, beyond those of :mod:`sinks.base`:
   ``batch_update_points`` request (split only when the vectors are too large for
   one request), then one request upserts the states: three round trips at most
   in the usual case, however many documents the call holds.
-* Errors are :class:`~stream.errors.SinkUnavailable` (connection failures,
+* Errors are :class:`~embedstream.stream.errors.SinkUnavailable` (connection failures,
   timeouts, 408, 429, 5xx; ``retry_after`` from the server when it says) or
-  :class:`~stream.errors.SinkError` (everything else). Messages never contain
+  :class:`~embedstream.stream.errors.SinkError` (everything else). Messages never contain
   the API key.
 
 Not guaranteed: detection of two consumers with different fingerprints
@@ -45,8 +45,8 @@ from typing import Any
 from pydantic import SecretStr
 from qdrant_client import QdrantClient, models
 
-from sinks._handover import HandoverMethods
-from sinks._layout import (
+from embedstream.sinks._handover import HandoverMethods
+from embedstream.sinks._layout import (
     FINGERPRINT_POINT_ID,
     HANDOVER_POINT_ID,
     SCROLL_PAGE,
@@ -59,12 +59,17 @@ from sinks._layout import (
     plan_writes,
     state_from_payload,
 )
-from sinks._server_admin import aliases_of, create_alias, physical_names, read_fingerprint
-from sinks._server_errors import is_conflict, translate
-from sinks.base import DocState, DocumentWrite, Hit, StoredPoint, doc_state_point_id
-from stream.config import SinkSettings
-from stream.errors import ConfigError, FingerprintMismatch, SinkError
-from stream.fingerprint import Fingerprint
+from embedstream.sinks._server_admin import (
+    aliases_of,
+    create_alias,
+    physical_names,
+    read_fingerprint,
+)
+from embedstream.sinks._server_errors import is_conflict, translate
+from embedstream.stream.config import SinkSettings
+from embedstream.stream.errors import ConfigError, FingerprintMismatch, SinkError
+from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.store import DocState, DocumentWrite, Hit, StoredPoint, doc_state_point_id
 
 __all__ = ["QdrantServerSink"]
 

@@ -1,6 +1,6 @@
 """The OpenAI embeddings API on the wire: request planning and reading answers.
 
-Pure functions over ``httpx.Response`` objects; :mod:`stream.remote_embedding`
+Pure functions over ``httpx.Response`` objects; :mod:`embedstream.stream.remote_embedding`
 does the sending, waiting and retrying.
 """
 
@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
-from .errors import EmbedderError
+from embedstream.stream.errors import EmbedderError
 
 __all__ = ["Answer", "Ok", "Rejected", "Retry", "classify", "plan_requests"]
 

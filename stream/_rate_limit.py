@@ -23,7 +23,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from .errors import EmbedderUnavailable
+from embedstream.stream.errors import EmbedderUnavailable
 
 __all__ = ["ConcurrencyWindow", "RateLimiter", "TokenBucket"]
 

@@ -1,6 +1,6 @@
 """Token offsets of document text: one batched tokenizer call per window of
 paragraphs, read back as character spans, and the cut points that never split
-a token or a pre-tokenizer word (see the design notes in :mod:`stream.chunking`).
+a token or a pre-tokenizer word (see the design notes in :mod:`embedstream.stream.chunking`).
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ from collections.abc import Callable, Collection
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from .errors import SinkUnavailable, Unavailable
-from .health import Health
-from .metrics import Metrics
+from embedstream.stream.errors import SinkUnavailable, Unavailable
+from embedstream.stream.health import Health
+from embedstream.stream.metrics import Metrics
 
 __all__ = ["Backpressure"]
 

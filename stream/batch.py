@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Message
 
-from .events import Position
-from .plan import PreparedEvent
+from embedstream.stream.events import Position
+from embedstream.stream.plan import PreparedEvent
 
 __all__ = ["MicroBatch"]
 

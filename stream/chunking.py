@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ._token_table import TokenTable, trimmed, word_cut
+from embedstream.stream._token_table import TokenTable, trimmed, word_cut
 
 __all__ = ["Chunk", "Chunker", "TokenChunker", "content_hash"]
 

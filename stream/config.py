@@ -3,7 +3,7 @@
 Environment variables override the file and nest with ``__``
 (``EMBEDSTREAM_KAFKA__BOOTSTRAP_SERVERS``). The tree is frozen: it is built once
 at start and passed to whatever needs it. An invalid value fails at start with
-:class:`~stream.errors.ConfigError` naming the field.
+:class:`~embedstream.stream.errors.ConfigError` naming the field.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from .errors import ConfigError
+from embedstream.stream.errors import ConfigError
 
 __all__ = [
     "RESERVED_PAYLOAD_FIELDS",

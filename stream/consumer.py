@@ -8,7 +8,7 @@ One thread runs the loop; nothing here starts another. What is guaranteed:
   replays, never skips. Writes are searchable as soon as they are applied; the
   flush and commit (a checkpoint) follow at most ``sink.flush_interval_ms``
   later, so a crash replays at most that much work.
-* Replays are harmless: the version guard in :mod:`stream.plan` makes an
+* Replays are harmless: the version guard in :mod:`embedstream.stream.plan` makes an
   already-applied event a no-op, so a restart reaches the same final state as
   an uninterrupted run.
 * While the store is unavailable, the consumer pauses its partitions and keeps
@@ -36,23 +36,22 @@ import numpy as np
 import numpy.typing as npt
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from sinks.base import DocState, Sink
-
-from .backpressure import Backpressure
-from .batch import MicroBatch
-from .chunking import Chunker
-from .config import Settings
-from .dead_letters import DeadLetters
-from .embedding import Embedder
-from .errors import EmbedderUnavailable, SinkError, SinkUnavailable
-from .events import ChangeEvent, Position, Skipped
-from .handover import AliasFollower
-from .health import Health
-from .intake import Rejected, take_in
-from .metrics import Metrics
-from .offsets import commit_offsets, report_lag
-from .plan import Folded, build_write, fold, group_by_document
-from .vectors import ChunkVectors, Failure, failure_of
+from embedstream.stream.backpressure import Backpressure
+from embedstream.stream.batch import MicroBatch
+from embedstream.stream.chunking import Chunker
+from embedstream.stream.config import Settings
+from embedstream.stream.dead_letters import DeadLetters
+from embedstream.stream.embedding import Embedder
+from embedstream.stream.errors import EmbedderUnavailable, SinkError, SinkUnavailable
+from embedstream.stream.events import ChangeEvent, Position, Skipped
+from embedstream.stream.handover import AliasFollower
+from embedstream.stream.health import Health
+from embedstream.stream.intake import Rejected, take_in
+from embedstream.stream.metrics import Metrics
+from embedstream.stream.offsets import commit_offsets, report_lag
+from embedstream.stream.plan import Folded, build_write, fold, group_by_document
+from embedstream.stream.store import DocState, Sink
+from embedstream.stream.vectors import ChunkVectors, Failure, failure_of
 
 __all__ = ["AppliedCallback", "StreamConsumer"]
 

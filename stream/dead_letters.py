@@ -26,7 +26,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from .config import KafkaSettings
+from embedstream.stream.config import KafkaSettings
 
 __all__ = [
     "DETAIL_HEADER",

@@ -1,7 +1,7 @@
 """Turn one Kafka message (key and value bytes) into a change event.
 
 :func:`decode_message` is pure (no I/O, no Kafka client) and, for *any* bytes,
-raises nothing but :class:`~stream.errors.DecodeError`, with ``reason`` one of
+raises nothing but :class:`~embedstream.stream.errors.DecodeError`, with ``reason`` one of
 ``not_utf8``, ``invalid_json``, ``bad_type``, ``missing_id``, ``unknown_op``,
 ``missing_after``, ``missing_version``, ``unavailable_value`` or ``unexpected``
 (a bug here, never a valid input): the sets ``REASONS`` and ``SKIP_REASONS``
@@ -68,7 +68,10 @@ import json
 import math
 from typing import Any
 
-from ._json_input import (
+from embedstream.stream.config import RESERVED_PAYLOAD_FIELDS, SourceSettings
+from embedstream.stream.errors import DecodeError
+from embedstream.stream.events import ChangeEvent, Op, Position, Skipped
+from embedstream.stream.strict_json import (
     INT64_MAX,
     REASONS,
     check_utf8,
@@ -80,9 +83,6 @@ from ._json_input import (
     unwrap_ext,
     utf8,
 )
-from .config import RESERVED_PAYLOAD_FIELDS, SourceSettings
-from .errors import DecodeError
-from .events import ChangeEvent, Op, Position, Skipped
 
 __all__ = ["REASONS", "SKIP_REASONS", "decode_message", "decode_row"]
 

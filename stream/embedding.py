@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ConfigError
+from embedstream.stream.errors import ConfigError
 
 __all__ = ["Embedder", "SentenceTransformerEmbedder", "pack_batches", "pad_batch",
            "resolve_model_path", "weights_digest"]

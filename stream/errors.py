@@ -53,12 +53,8 @@ class FingerprintMismatch(EmbedstreamError):
     """
 
 
-class KafkaUnavailable(EmbedstreamError):
-    """Kafka could not be reached, or refused us (authentication, authorisation)."""
-
-
 class Unavailable(EmbedstreamError):
-    """A service the pipeline needs (the store, a remote embedder) is, probably
+    """A service the pipeline needs (Kafka, the store, a remote embedder) is, probably
     for a while only, unreachable or overloaded.
 
     ``retry_after`` is the suggested wait in seconds before trying again; the
@@ -68,6 +64,10 @@ class Unavailable(EmbedstreamError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class KafkaUnavailable(Unavailable):
+    """Kafka could not be reached, or refused us (authentication, authorisation)."""
 
 
 class SinkError(EmbedstreamError):

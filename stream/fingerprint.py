@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import FingerprintMismatch
+from embedstream.stream.errors import FingerprintMismatch
 
 __all__ = ["Fingerprint"]
 

@@ -20,7 +20,7 @@ it. :class:`AliasFollower` is how the live consumer takes over from there:
 Together with the rebuild this applies every event to the new collection
 once: the rebuild applied everything below the handover offset, the stream
 applies everything from it. A consumer whose fingerprint differs from the new
-collection's (a model change) stops with :class:`~stream.errors.FingerprintMismatch`
+collection's (a model change) stops with :class:`~embedstream.stream.errors.FingerprintMismatch`
 when it tries to follow; restarted with the new model it resumes at the
 handover offsets, so nothing is lost in between.
 """
@@ -32,9 +32,8 @@ from collections.abc import Callable, Collection
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from sinks.base import Sink, SinkAdmin
-
-from .errors import FingerprintMismatch, SinkError
+from embedstream.stream.errors import FingerprintMismatch, SinkError
+from embedstream.stream.store import Sink, SinkAdmin
 
 __all__ = ["AliasFollower"]
 

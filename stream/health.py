@@ -29,7 +29,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import Gauge, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from .metrics import Metrics
+from embedstream.stream.metrics import Metrics
 
 __all__ = ["Health", "serve_http"]
 

@@ -3,7 +3,7 @@
 The live consumer, the rebuild's Kafka snapshot and its catch-up all take
 messages in through :func:`take_in`, so a message is accepted, skipped or
 rejected for the same reasons everywhere: over ``source.max_message_bytes``
-(``message_too_large``), undecodable (a :data:`stream.decode.REASONS` code),
+(``message_too_large``), undecodable (a :data:`embedstream.stream.decode.REASONS` code),
 a document over ``source.max_document_chars`` (``document_too_large``), or one
 the chunker fails on (``chunk_failed``).
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .chunking import Chunker
-from .config import SourceSettings
-from .decode import decode_message
-from .errors import DecodeError
-from .events import Op, Position, Skipped
-from .plan import PreparedEvent
+from embedstream.stream.chunking import Chunker
+from embedstream.stream.config import SourceSettings
+from embedstream.stream.decode import decode_message
+from embedstream.stream.errors import DecodeError
+from embedstream.stream.events import Op, Position, Skipped
+from embedstream.stream.plan import PreparedEvent
 
 __all__ = ["Rejected", "take_in"]
 
@@ -35,7 +35,7 @@ class Rejected:
 def take_in(key: bytes | None, value: bytes | None, position: Position,
             source: SourceSettings, chunker: Chunker | None) -> PreparedEvent | Skipped | Rejected:
     """The message's event with its chunks (none without a ``chunker``, or for a
-    deletion), a :class:`~stream.events.Skipped`, or why it was :class:`Rejected`."""
+    deletion), a :class:`~embedstream.stream.events.Skipped`, or why it was :class:`Rejected`."""
     size = len(value or b"")
     if size > source.max_message_bytes:
         return Rejected("message_too_large",

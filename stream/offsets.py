@@ -8,7 +8,7 @@ from collections.abc import Collection, Mapping
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from .metrics import Metrics
+from embedstream.stream.metrics import Metrics
 
 __all__ = ["commit_offsets", "report_lag"]
 

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from sinks.base import ChunkPoint, DocState, DocumentWrite
-
-from .chunking import Chunk
-from .events import ChangeEvent, Op
+from embedstream.stream.chunking import Chunk
+from embedstream.stream.events import ChangeEvent, Op
+from embedstream.stream.store import ChunkPoint, DocState, DocumentWrite
 
 __all__ = ["Folded", "PreparedEvent", "build_write", "fold", "group_by_document"]
 

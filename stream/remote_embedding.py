@@ -1,6 +1,6 @@
 """Embedding through an OpenAI-compatible ``POST {api_base}/embeddings`` API.
 
-:class:`OpenAIEmbedder` is the :class:`~stream.embedding.Embedder` for
+:class:`OpenAIEmbedder` is the :class:`~embedstream.stream.embedding.Embedder` for
 ``embed.provider: openai`` (OpenAI, Azure OpenAI, TEI, vLLM, Infinity, Ollama).
 One ``embed`` call:
 
@@ -9,7 +9,7 @@ One ``embed`` call:
    inputs and ``request_max_tokens`` tokens (:func:`plan_requests`);
 2. sends them with at most ``max_concurrency`` in flight (fewer after 429s:
    the window adapts), each first admitted by the requests/min and tokens/min
-   buckets (:mod:`stream._rate_limit`);
+   buckets (:mod:`embedstream.stream._rate_limit`);
 3. retries a request that got 429, 408, 5xx, a timeout or no connection, after
    the server's ``Retry-After`` (which also holds back every other request)
    or else an exponential backoff with jitter, while the provider is not
@@ -24,15 +24,15 @@ What fails, and how:
   retries, is checked with a known-good one-line probe. If that is answered,
   the request is split in halves, down to single texts, without more retries,
   so only the texts at fault fail (``embed_rejected``, ``embed_failed``). If
-  the probe is refused too: :class:`~stream.errors.EmbedderError` (the
+  the probe is refused too: :class:`~embedstream.stream.errors.EmbedderError` (the
   provider refuses everything); if it fails too: an outage (below). Failed texts come back in
-  :class:`~stream.errors.EmbedFailures` with every other vector; nothing is
+  :class:`~embedstream.stream.errors.EmbedFailures` with every other vector; nothing is
   ever replaced by zeros;
-* 401, 403, 404 or an exhausted quota: :class:`~stream.errors.EmbedderError`
+* 401, 403, 404 or an exhausted quota: :class:`~embedstream.stream.errors.EmbedderError`
   (nothing will work until the configuration changes);
 * an outage (nothing succeeded for ``give_up_after_s``, or ``max_retries``
   used up, or the call's own time budget spent):
-  :class:`~stream.errors.EmbedderUnavailable` with a ``retry_after``; nothing
+  :class:`~embedstream.stream.errors.EmbedderUnavailable` with a ``retry_after``; nothing
   is failed (the stream pauses and re-reads, a rebuild stops resumably).
 
 ``call_budget_s`` bounds one ``embed`` call, waits included: the stream sets it
@@ -63,12 +63,12 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
-from ._embedding_api import Answer, Ok, Rejected, Retry, classify, plan_requests
-from ._rate_limit import ConcurrencyWindow, RateLimiter
-from .config import EmbedSettings
-from .embedding import resolve_model_path
-from .errors import EmbedderError, EmbedderUnavailable, EmbedFailures
-from .metrics import Metrics
+from embedstream.stream._embedding_api import Answer, Ok, Rejected, Retry, classify, plan_requests
+from embedstream.stream._rate_limit import ConcurrencyWindow, RateLimiter
+from embedstream.stream.config import EmbedSettings
+from embedstream.stream.embedding import resolve_model_path
+from embedstream.stream.errors import EmbedderError, EmbedderUnavailable, EmbedFailures
+from embedstream.stream.metrics import Metrics
 
 __all__ = ["OpenAIEmbedder", "plan_requests"]
 

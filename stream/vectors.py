@@ -4,7 +4,7 @@ text, embedded otherwise, and split in halves when embedding runs out of memory.
 Guarantees: every returned vector is the embedder's vector of exactly its
 chunk's text (reused vectors are keyed by the text's sha256 and were made under
 the collection's fingerprint). A text that cannot be embedded even alone (out of
-memory, or refused by a remote provider: :class:`~stream.errors.EmbedFailures`)
+memory, or refused by a remote provider: :class:`~embedstream.stream.errors.EmbedFailures`)
 is reported as failed with its reason, never given a placeholder vector.
 """
 
@@ -15,13 +15,12 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from sinks.base import DocState
-
-from .chunking import Chunk
-from .embedding import Embedder
-from .errors import EmbedderUnavailable, EmbedFailures
-from .metrics import Metrics
-from .plan import Folded
+from embedstream.stream.chunking import Chunk
+from embedstream.stream.embedding import Embedder
+from embedstream.stream.errors import EmbedderUnavailable, EmbedFailures
+from embedstream.stream.metrics import Metrics
+from embedstream.stream.plan import Folded
+from embedstream.stream.store import DocState
 
 __all__ = ["ChunkVectors", "Failure", "failure_of", "is_out_of_memory"]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from stream.broker import LocalBroker
+from embedstream.stream.app.broker import LocalBroker
 
 # ======================================================================================
 # Model fixtures (embedding / chunking): the real all-MiniLM-L6-v2 and a tiny random BERT
@@ -35,7 +35,7 @@ def minilm_tokenizer(minilm_path: str) -> Any:
 @pytest.fixture(scope="session")
 def minilm() -> Any:
     """A SentenceTransformerEmbedder on the real model, loaded once per session."""
-    from stream.embedding import SentenceTransformerEmbedder
+    from embedstream.stream.embedding import SentenceTransformerEmbedder
 
     return SentenceTransformerEmbedder("sentence-transformers/all-MiniLM-L6-v2", device="cpu")
 

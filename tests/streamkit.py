@@ -14,8 +14,8 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from stream.dead_letters import ensure_topics
-from stream.devdata import DevMessage, load_revisions, revision_events
+from embedstream.stream.app.devdata import DevMessage, load_revisions, revision_events
+from embedstream.stream.dead_letters import ensure_topics
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REVISIONS = DATA / "revisions" / "doc-revisions.jsonl"

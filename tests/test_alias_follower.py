@@ -8,8 +8,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
-from sinks.base import Handover
-from stream.handover import AliasFollower
+from embedstream.stream.handover import AliasFollower
+from embedstream.stream.store import Handover
 
 P0 = ("t", 0)
 
@@ -93,7 +93,7 @@ def test_an_unacknowledged_partition_moves_to_the_handover_offset() -> None:
 
 
 def test_a_store_error_keeps_the_partition_held() -> None:
-    from stream.errors import SinkError
+    from embedstream.stream.errors import SinkError
 
     class Failing(Store):
         def read_handover(self) -> Handover | None:

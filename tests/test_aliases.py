@@ -20,26 +20,16 @@ import qdrant_edge as qe
 import yaml
 from qdrant_client import QdrantClient, models
 
-import sinks.qdrant_server
-from sinks import (
-    ChunkPoint,
-    DocState,
-    DocumentWrite,
-    Handover,
-    QdrantEdgeSink,
-    QdrantServerSink,
-    Sink,
-    SinkAdmin,
-    build_admin,
-    build_sink,
-)
-from sinks._edge_admin import QdrantEdgeAdmin
-from sinks._layout import looks_physical, new_physical_name, state_from_payload
-from sinks._server_admin import QdrantServerAdmin
-from stream import cli
-from stream.config import SinkSettings
-from stream.errors import SinkError
-from stream.fingerprint import Fingerprint
+from embedstream.sinks import QdrantEdgeSink, QdrantServerSink, build_admin, build_sink
+from embedstream.sinks import qdrant_server as qdrant_server_module
+from embedstream.sinks._edge_admin import QdrantEdgeAdmin
+from embedstream.sinks._layout import looks_physical, new_physical_name, state_from_payload
+from embedstream.sinks._server_admin import QdrantServerAdmin
+from embedstream.stream.app import cli
+from embedstream.stream.config import SinkSettings
+from embedstream.stream.errors import SinkError
+from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.store import ChunkPoint, DocState, DocumentWrite, Handover, Sink, SinkAdmin
 
 DIM = 4
 FP = Fingerprint(model="test/model", revision="r1", dimension=DIM, normalized=True,
@@ -188,11 +178,11 @@ def test_server_open_joins_an_alias_made_meanwhile_and_deletes_its_own(
 
     def racing(alias: str, taken: Any, now: float | None = None) -> str:
         if other.collection == "docs":  # first call: not opened yet
-            monkeypatch.setattr(sinks.qdrant_server, "new_physical_name", real)
+            monkeypatch.setattr(qdrant_server_module, "new_physical_name", real)
             other.open(FP)  # another process creates its collection and the alias first
         return "docs_20000101T000000Z"
 
-    monkeypatch.setattr(sinks.qdrant_server, "new_physical_name", racing)
+    monkeypatch.setattr(qdrant_server_module, "new_physical_name", racing)
     sink = QdrantServerSink(":memory:", "docs", client=client)
     sink.open(FP)
     assert sink.collection == other.collection != "docs_20000101T000000Z"

@@ -9,13 +9,13 @@ import random
 from pathlib import Path
 from typing import Any
 
-from stream.broker import LocalBroker
-from stream.config import Settings
-from stream.decode import decode_message
-from stream.errors import DecodeError
-from stream.events import ChangeEvent, Position
-from stream.metrics import Metrics
-from stream.service import build_consumer, build_pipeline
+from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.service import build_consumer, build_pipeline
+from embedstream.stream.config import Settings
+from embedstream.stream.decode import decode_message
+from embedstream.stream.errors import DecodeError
+from embedstream.stream.events import ChangeEvent, Position
+from embedstream.stream.metrics import Metrics
 
 from .streamkit import create_topic, produce, read_all, unique
 

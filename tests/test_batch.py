@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from stream.batch import MicroBatch
-from stream.chunking import Chunk
-from stream.events import ChangeEvent, Op, Position
-from stream.plan import PreparedEvent
+from embedstream.stream.batch import MicroBatch
+from embedstream.stream.chunking import Chunk
+from embedstream.stream.events import ChangeEvent, Op, Position
+from embedstream.stream.plan import PreparedEvent
 
 
 def prepared(offset: int, tokens: int, partition: int = 0) -> PreparedEvent:

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bulk.encoder import BulkEncoder
-from bulk.engine import BulkEngine, EmbeddedUnit
-from stream.embedding import pack_batches
+from embedstream.bulk.encoder import BulkEncoder
+from embedstream.bulk.engine import BulkEngine, EmbeddedUnit
+from embedstream.stream.embedding import pack_batches
 
 PASSAGES = Path(__file__).resolve().parents[1].parent / "shared/data/msmarco-sample/passages.tsv"
 

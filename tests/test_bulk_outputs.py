@@ -16,11 +16,11 @@ import numpy.typing as npt
 import pyarrow.parquet as pq
 import pytest
 
-import bulk.outputs as outputs
-from bulk.outputs import VectorFileWriter, VectorRow
-from bulk.progress import Progress, format_duration
-from sinks.base import chunk_point_id
-from stream.errors import ConfigError
+import embedstream.bulk.outputs as outputs
+from embedstream.bulk.outputs import VectorFileWriter, VectorRow
+from embedstream.bulk.progress import Progress, format_duration
+from embedstream.stream.errors import ConfigError
+from embedstream.stream.store import chunk_point_id
 
 DIM = 384
 N = 3000
@@ -142,7 +142,7 @@ def test_resume_after_abandon_gives_each_row_once(out_path: Path) -> None:
 _KILLED = """
 import json, os, signal, sys
 sys.path[:0] = {paths!r}
-import bulk.outputs as outputs
+import embedstream.bulk.outputs as outputs
 from tests.test_bulk_outputs import ROWS, VECTORS, DIM, feed
 outputs._ROW_GROUP_BYTES = 200_000
 writer = outputs.VectorFileWriter(outputs.Path({path!r}), DIM)

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from bulk.sources import RowFailure, SourceRow, count_rows, expand_files, read_rows
-from stream.config import Settings, load_settings
-from stream.errors import ConfigError, SourceError
+from embedstream.bulk.sources import RowFailure, SourceRow, count_rows, expand_files, read_rows
+from embedstream.stream.config import Settings, load_settings
+from embedstream.stream.errors import ConfigError, SourceError
 
 DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 SCIFACT_ROWS, MSMARCO_ROWS = 5183, 1999

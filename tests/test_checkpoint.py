@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from sinks.base import Sink
-from stream.broker import LocalBroker
-from stream.config import Settings
-from stream.consumer import StreamConsumer
-from stream.errors import SinkUnavailable
-from stream.metrics import Metrics
-from stream.service import Pipeline, build_consumer, build_pipeline
+from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.service import Pipeline, build_consumer, build_pipeline
+from embedstream.stream.config import Settings
+from embedstream.stream.consumer import StreamConsumer
+from embedstream.stream.errors import SinkUnavailable
+from embedstream.stream.metrics import Metrics
+from embedstream.stream.store import Sink
 
 from .streamkit import create_topic, produce, unique
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.chunking import Chunk, TokenChunker, content_hash
+from embedstream.stream.chunking import Chunk, TokenChunker, content_hash
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REVISIONS = DATA / "revisions" / "doc-revisions.jsonl"

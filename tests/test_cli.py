@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import yaml
 
-from stream.broker import LocalBroker, free_port
-from stream.config import Settings
-from stream.metrics import Metrics
-from stream.service import build_consumer, build_pipeline
+from embedstream.stream.app.broker import LocalBroker, free_port
+from embedstream.stream.app.service import build_consumer, build_pipeline
+from embedstream.stream.config import Settings
+from embedstream.stream.metrics import Metrics
 
 from .streamkit import create_topic, produce, unique
 
@@ -63,7 +63,7 @@ def store(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "embedstream.stream.app.cli", *args], capture_output=True, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=120,
     )
 
@@ -114,7 +114,8 @@ def test_consume_serves_metrics_and_stops_cleanly_on_sigterm(store: dict[str, An
            "EMBEDSTREAM_METRICS__HOST": "127.0.0.1", "EMBEDSTREAM_METRICS__PORT": str(port),
            "EMBEDSTREAM_KAFKA__GROUP_ID": unique("replay")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "consume", "--config", str(store["file"])],
+        [sys.executable, "-m", "embedstream.stream.app.cli", "consume",
+         "--config", str(store["file"])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
     )
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from stream.config import load_settings
-from stream.errors import ConfigError
+from embedstream.stream.config import load_settings
+from embedstream.stream.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

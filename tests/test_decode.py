@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.config import SourceSettings
-from stream.decode import decode_message
-from stream.errors import DecodeError
-from stream.events import ChangeEvent, Op, Position, Skipped
+from embedstream.stream.config import SourceSettings
+from embedstream.stream.decode import decode_message
+from embedstream.stream.errors import DecodeError
+from embedstream.stream.events import ChangeEvent, Op, Position, Skipped
 
 SAMPLES = Path(__file__).parents[1] / ".." / "shared" / "data" / "debezium"
 POS = Position("dbserver1.inventory.customers", 0, 42)

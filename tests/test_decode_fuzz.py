@@ -35,10 +35,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.config import RESERVED_PAYLOAD_FIELDS, SourceSettings
-from stream.decode import REASONS, SKIP_REASONS, decode_message
-from stream.errors import DecodeError
-from stream.events import ChangeEvent, Op, Position, Skipped
+from embedstream.stream.config import RESERVED_PAYLOAD_FIELDS, SourceSettings
+from embedstream.stream.decode import REASONS, SKIP_REASONS, decode_message
+from embedstream.stream.errors import DecodeError
+from embedstream.stream.events import ChangeEvent, Op, Position, Skipped
 
 MIN_CASES = 100_000
 CASES: Counter[str] = Counter()  # decode_message calls, per test

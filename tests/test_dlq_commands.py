@@ -22,12 +22,12 @@ import pytest
 import yaml
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from stream import dlq, dlq_read
-from stream.broker import LocalBroker, free_port
-from stream.cli import main
-from stream.config import Settings
-from stream.metrics import Metrics
-from stream.service import build_consumer, build_pipeline
+from embedstream.stream.app import dlq, dlq_read
+from embedstream.stream.app.broker import LocalBroker, free_port
+from embedstream.stream.app.cli import main
+from embedstream.stream.app.service import build_consumer, build_pipeline
+from embedstream.stream.config import Settings
+from embedstream.stream.metrics import Metrics
 
 from .streamkit import create_topic, unique
 

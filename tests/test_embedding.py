@@ -13,8 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream.embedding import SentenceTransformerEmbedder, resolve_model_path, weights_digest
-from stream.errors import ConfigError
+from embedstream.stream.embedding import (
+    SentenceTransformerEmbedder,
+    resolve_model_path,
+    weights_digest,
+)
+from embedstream.stream.errors import ConfigError
 from tests.conftest import build_tiny_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

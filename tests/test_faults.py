@@ -19,16 +19,16 @@ import torch
 from confluent_kafka import Consumer, TopicPartition
 from qdrant_client import QdrantClient
 
-from sinks.base import Sink
-from sinks.qdrant_server import QdrantServerSink
-from stream.broker import LocalBroker, free_port
-from stream.config import Settings
-from stream.consumer import StreamConsumer
-from stream.errors import SinkUnavailable
-from stream.events import ChangeEvent
-from stream.health import Health, serve_http
-from stream.metrics import Metrics
-from stream.service import Pipeline, build_consumer, build_pipeline
+from embedstream.sinks.qdrant_server import QdrantServerSink
+from embedstream.stream.app.broker import LocalBroker, free_port
+from embedstream.stream.app.service import Pipeline, build_consumer, build_pipeline
+from embedstream.stream.config import Settings
+from embedstream.stream.consumer import StreamConsumer
+from embedstream.stream.errors import SinkUnavailable
+from embedstream.stream.events import ChangeEvent
+from embedstream.stream.health import Health, serve_http
+from embedstream.stream.metrics import Metrics
+from embedstream.stream.store import Sink
 
 from .streamkit import create_topic, produce, read_all, unique
 

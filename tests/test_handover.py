@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from bulk.rebuild import RebuildOptions, rebuild
-from sinks.base import Sink
-from sinks.factory import build_admin, build_sink
-from stream import service
-from stream.broker import LocalBroker
-from stream.config import Settings
-from stream.errors import FingerprintMismatch
-from stream.metrics import Metrics
-from stream.service import build_consumer, build_pipeline
+from embedstream.bulk.rebuild import RebuildOptions, rebuild
+from embedstream.sinks.factory import build_admin, build_sink
+from embedstream.stream.app import service
+from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.service import build_consumer, build_pipeline
+from embedstream.stream.config import Settings
+from embedstream.stream.errors import FingerprintMismatch
+from embedstream.stream.metrics import Metrics
+from embedstream.stream.store import Sink
 
 from .streamkit import create_topic, unique, wait_for
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from stream.health import Health
-from stream.metrics import Metrics
+from embedstream.stream.health import Health
+from embedstream.stream.metrics import Metrics
 
 
 def test_ready_only_when_started_assigned_answering_and_turning() -> None:

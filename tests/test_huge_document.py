@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from stream.chunking import TokenChunker, content_hash
+from embedstream.stream.chunking import TokenChunker, content_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSAGES = ROOT.parent / "shared" / "data" / "msmarco-sample" / "passages.tsv"
@@ -49,7 +49,7 @@ def peak_mb():
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 from transformers import AutoTokenizer
-from stream.chunking import TokenChunker
+from embedstream.stream.chunking import TokenChunker
 
 chunker = TokenChunker(AutoTokenizer.from_pretrained(model), max_tokens=int(max_tokens))
 with open(doc, encoding="utf-8") as handle:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stream.broker import LocalBroker
-from stream.config import Settings
-from stream.metrics import Metrics
-from stream.service import build_consumer, build_pipeline
+from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.service import build_consumer, build_pipeline
+from embedstream.stream.config import Settings
+from embedstream.stream.metrics import Metrics
 
 from .streamkit import create_topic, produce, read_all, unique
 

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import yaml
 
-from bulk.rebuild import RebuildOptions, rebuild
-from stream.broker import LocalBroker
-from stream.config import Settings
-from stream.health import Health, serve_http
-from stream.metrics import Metrics
-from stream.service import build_consumer, build_pipeline
+from embedstream.bulk.rebuild import RebuildOptions, rebuild
+from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.service import build_consumer, build_pipeline
+from embedstream.stream.config import Settings
+from embedstream.stream.health import Health, serve_http
+from embedstream.stream.metrics import Metrics
 
 from .streamkit import create_topic, produce, unique
 
@@ -262,7 +262,7 @@ def test_a_rebuild_given_metrics_fills_them_without_serving(tmp_path: Path,
 
 
 def test_the_embedder_counts_the_padding_of_its_forward_passes(tiny_model_dir: Path) -> None:
-    from stream.embedding import SentenceTransformerEmbedder, pack_batches
+    from embedstream.stream.embedding import SentenceTransformerEmbedder, pack_batches
 
     embedder = SentenceTransformerEmbedder(str(tiny_model_dir), device="cpu",
                                            max_batch_tokens=64)

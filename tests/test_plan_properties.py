@@ -28,10 +28,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sinks.base import DocState, DocumentWrite
-from stream.chunking import Chunk, content_hash
-from stream.events import ChangeEvent, Op, Position
-from stream.plan import PreparedEvent, build_write, fold, group_by_document
+from embedstream.stream.chunking import Chunk, content_hash
+from embedstream.stream.events import ChangeEvent, Op, Position
+from embedstream.stream.plan import PreparedEvent, build_write, fold, group_by_document
+from embedstream.stream.store import DocState, DocumentWrite
 
 
 def examples(n: int) -> settings:

@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from bulk.encoder import BulkEncoder
-from bulk.engine import BulkEngine, EmbeddedUnit, EngineStats
-from bulk.ray_engine import RayEngine  # imports without Ray; running needs it
+from embedstream.bulk.encoder import BulkEncoder
+from embedstream.bulk.engine import BulkEngine, EmbeddedUnit, EngineStats
+from embedstream.bulk.ray_engine import RayEngine  # imports without Ray; running needs it
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")

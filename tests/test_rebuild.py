@@ -16,14 +16,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bulk.checkpoint import Checkpoint
-from bulk.rebuild import RebuildOptions, rebuild
-from sinks.base import chunk_point_id
-from sinks.factory import build_admin
-from stream.cli import main
-from stream.config import Settings
-from stream.errors import ConfigError
-from stream.service import build_pipeline
+from embedstream.bulk.checkpoint import Checkpoint
+from embedstream.bulk.rebuild import RebuildOptions, rebuild
+from embedstream.sinks.factory import build_admin
+from embedstream.stream.app.cli import main
+from embedstream.stream.app.service import build_pipeline
+from embedstream.stream.config import Settings
+from embedstream.stream.errors import ConfigError
+from embedstream.stream.store import chunk_point_id
 
 SCIFACT = Path(__file__).resolve().parents[1].parent / "shared/data/beir/scifact/corpus.jsonl"
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_a_killed_rebuild_resumes_without_embedding_again(tmp_path: Path,
         "bulk": {"checkpoint_interval_s": 0.2, "write_documents": 16, "precision": "fp32"}}))
     checkpoint = tmp_path / "store" / ".rebuild" / "docs.json"
     child = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "rebuild", "--config", str(config),
+        [sys.executable, "-m", "embedstream.stream.app.cli", "rebuild", "--config", str(config),
          "--source", str(corpus), "--no-handover"], cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -223,7 +223,7 @@ def test_the_ray_engine_rebuilds_the_same_collection(tmp_path: Path,
         ray_points = {p.id: np.asarray(p.vector) for p in pipeline.sink.points()}
     finally:
         pipeline.close()
-    from sinks.factory import build_sink
+    from embedstream.sinks.factory import build_sink
 
     other = build_sink(settings.sink, physical=local.target)
     other.open(None)
@@ -242,9 +242,9 @@ def test_a_rerun_after_the_swap_only_tidies_up(tmp_path: Path, tiny_model_dir: P
     done = rebuild(settings, RebuildOptions(source=str(corpus), handover=False))
     # As if killed after moving the alias, before removing its checkpoint.
     left = Checkpoint("docs", str(corpus), [], "", None, done.target, done=1, embedded=True)
-    from bulk.checkpoint import CheckpointStore
-    from bulk.rebuild import _files_signature, _identity
-    from stream.service import build_pipeline as pipeline_for
+    from embedstream.bulk.checkpoint import CheckpointStore
+    from embedstream.bulk.rebuild import _files_signature, _identity
+    from embedstream.stream.app.service import build_pipeline as pipeline_for
 
     pipeline = pipeline_for(settings)
     left.fingerprint = _identity(settings, pipeline.fingerprint)
@@ -262,8 +262,8 @@ def test_resuming_into_a_dropped_collection_is_refused(tmp_path: Path,
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"_id": "x", "title": "t"}\n')
     settings = settings_for(tmp_path, str(tiny_model_dir))
-    from bulk.checkpoint import CheckpointStore
-    from bulk.rebuild import _files_signature, _identity
+    from embedstream.bulk.checkpoint import CheckpointStore
+    from embedstream.bulk.rebuild import _files_signature, _identity
 
     pipeline = build_pipeline(settings)
     fingerprint = _identity(settings, pipeline.fingerprint)

@@ -13,16 +13,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream.config import EmbedSettings, Settings
-from stream.errors import (
+from embedstream.stream.app.service import build_pipeline
+from embedstream.stream.config import EmbedSettings, Settings
+from embedstream.stream.errors import (
     EmbedderError,
     EmbedderUnavailable,
     EmbedFailures,
     FingerprintMismatch,
 )
-from stream.metrics import Metrics
-from stream.remote_embedding import OpenAIEmbedder, plan_requests
-from stream.service import build_pipeline
+from embedstream.stream.metrics import Metrics
+from embedstream.stream.remote_embedding import OpenAIEmbedder, plan_requests
 
 from .embedding_server import EmbeddingServer
 
@@ -250,8 +250,8 @@ def test_the_api_key_stays_secret(api: EmbeddingServer, monkeypatch: pytest.Monk
 
 
 def test_the_ray_engine_is_refused_for_a_remote_provider(tmp_path: Path) -> None:
-    from bulk.rebuild import RebuildOptions, rebuild
-    from stream.errors import ConfigError
+    from embedstream.bulk.rebuild import RebuildOptions, rebuild
+    from embedstream.stream.errors import ConfigError
 
     settings = Settings(embed={"provider": "openai"}, sink={"path": str(tmp_path)},
                         metrics={"enabled": False})
@@ -334,8 +334,8 @@ def test_a_provider_refusing_everything_is_a_configuration_error(api: EmbeddingS
 
 def test_a_slow_provider_makes_progress_across_budgeted_calls(
         api: EmbeddingServer, minilm: Any) -> None:
-    from stream.chunking import Chunk
-    from stream.vectors import ChunkVectors
+    from embedstream.stream.chunking import Chunk
+    from embedstream.stream.vectors import ChunkVectors
 
     settings = EmbedSettings(provider="openai", model=MODEL, api_base=api.url,
                              request_max_inputs=2, max_concurrency=1)

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bulk.rebuild import RebuildOptions, rebuild
-from stream.broker import LocalBroker
-from stream.config import Settings
-from stream.metrics import Metrics
-from stream.service import build_consumer, build_pipeline
+from embedstream.bulk.rebuild import RebuildOptions, rebuild
+from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.service import build_consumer, build_pipeline
+from embedstream.stream.config import Settings
+from embedstream.stream.metrics import Metrics
 
 from .embedding_server import EmbeddingServer
 from .streamkit import create_topic, produce, read_all, unique

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import yaml
 
-import sinks.qdrant_server
-from sinks.qdrant_server import QdrantServerSink
-from stream.broker import LocalBroker, free_port
-from stream.config import Settings, load_settings
-from stream.errors import ConfigError
-from stream.service import kafka_client_config
+from embedstream.sinks import qdrant_server as qdrant_server_module
+from embedstream.sinks.qdrant_server import QdrantServerSink
+from embedstream.stream.app.broker import LocalBroker, free_port
+from embedstream.stream.config import Settings, load_settings
+from embedstream.stream.errors import ConfigError
+from embedstream.stream.kafka_config import kafka_client_config
 
 from .streamkit import create_topic, produce, unique
 
@@ -35,7 +35,7 @@ def run_cli(config: dict[str, Any], tmp_path: Path, *args: str,
     config_file = tmp_path / f"{unique('config')}.yaml"
     config_file.write_text(yaml.safe_dump(config))
     return subprocess.run(
-        [sys.executable, "-m", "stream.cli", *args, "--config", str(config_file)],
+        [sys.executable, "-m", "embedstream.stream.app.cli", *args, "--config", str(config_file)],
         capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -88,7 +88,7 @@ def test_qdrant_tls_settings_reach_the_client(monkeypatch: pytest.MonkeyPatch,
     ca = tmp_path / "ca.pem"
     ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n")
     made: list[dict[str, Any]] = []
-    real_client = sinks.qdrant_server.QdrantClient
+    real_client = qdrant_server_module.QdrantClient
 
     def client(**kwargs: Any) -> Any:
         made.append(kwargs)
@@ -102,7 +102,7 @@ def test_qdrant_tls_settings_reach_the_client(monkeypatch: pytest.MonkeyPatch,
         sink = QdrantServerSink.from_settings(Settings(sink={
             "kind": "qdrant", "url": "https://qdrant.example:6333", "api_key": SECRET,
             **settings}).sink)
-        monkeypatch.setattr(sinks.qdrant_server, "QdrantClient", client)
+        monkeypatch.setattr(qdrant_server_module, "QdrantClient", client)
         sink._connect()
         monkeypatch.undo()
         assert {k: made[-1].get(k) for k in expected} == expected
@@ -127,7 +127,7 @@ def test_a_running_service_shows_no_secret_in_logs_metrics_or_probes(
     config_file = tmp_path / "service.yaml"
     config_file.write_text(yaml.safe_dump(config))
     process = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "--log-level", "DEBUG", "consume",
+        [sys.executable, "-m", "embedstream.stream.app.cli", "--log-level", "DEBUG", "consume",
          "--config", str(config_file)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},

@@ -24,19 +24,11 @@ from pydantic import SecretStr
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from sinks import (
-    ChunkPoint,
-    DocState,
-    DocumentWrite,
-    QdrantEdgeSink,
-    QdrantServerSink,
-    Sink,
-    build_sink,
-    chunk_point_id,
-)
-from stream.config import SinkSettings
-from stream.errors import ConfigError, FingerprintMismatch, SinkError, SinkUnavailable
-from stream.fingerprint import Fingerprint
+from embedstream.sinks import QdrantEdgeSink, QdrantServerSink, build_sink
+from embedstream.stream.config import SinkSettings
+from embedstream.stream.errors import ConfigError, FingerprintMismatch, SinkError, SinkUnavailable
+from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.store import ChunkPoint, DocState, DocumentWrite, Sink, chunk_point_id
 
 DIM = 8
 FP = Fingerprint(model="test/model", revision="abc123", dimension=DIM, normalized=True,
@@ -334,8 +326,9 @@ def test_edge_second_opener_in_this_process_is_refused(tmp_path: Path) -> None:
 _WRITER = textwrap.dedent("""
     import sys
     import numpy as np
-    from sinks import ChunkPoint, DocState, DocumentWrite, QdrantEdgeSink
-    from stream.fingerprint import Fingerprint
+    from embedstream.sinks import QdrantEdgeSink
+    from embedstream.stream.store import ChunkPoint, DocState, DocumentWrite
+    from embedstream.stream.fingerprint import Fingerprint
     fp = Fingerprint(**{fp})
     sink = QdrantEdgeSink(sys.argv[1], "docs")  # no flush: the WAL alone
     sink.open(fp)
@@ -400,7 +393,7 @@ def test_server_passes_creation_settings(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_server_batches_writes_and_splits_only_large_ones(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import sinks.qdrant_server as server
+    import embedstream.sinks.qdrant_server as server
 
     client = QdrantClient(":memory:")
     sink = QdrantServerSink(":memory:", "docs", client=client)

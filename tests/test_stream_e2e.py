@@ -25,11 +25,11 @@ import pytest
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
-from sinks.qdrant_edge import QdrantEdgeSink
-from stream.broker import LocalBroker
-from stream.config import Settings, load_settings
-from stream.metrics import Metrics
-from stream.service import build_consumer, build_pipeline
+from embedstream.sinks.qdrant_edge import QdrantEdgeSink
+from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.service import build_consumer, build_pipeline
+from embedstream.stream.config import Settings, load_settings
+from embedstream.stream.metrics import Metrics
 
 from .streamkit import (
     REVISIONS,
@@ -193,7 +193,8 @@ def test_replay_from_offset_zero_changes_nothing(
 def _consume_process(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "consume", "--config", str(config_file)],
+        [sys.executable, "-m", "embedstream.stream.app.cli", "consume",
+         "--config", str(config_file)],
         stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env,
     )
 

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from stream.fingerprint import Fingerprint
+from embedstream.stream.fingerprint import Fingerprint
 
 __all__ = [
     "ChunkPoint",
@@ -170,7 +170,7 @@ class Sink(Protocol):
         fingerprint, payload indexes on ``doc_id`` and ``version``) or check
         that the existing one was made under the same fingerprint.
 
-        Raises :class:`~stream.errors.FingerprintMismatch` when it was not.
+        Raises :class:`~embedstream.stream.errors.FingerprintMismatch` when it was not.
         ``None`` opens an existing collection without checking (for reading
         it, e.g. ``export``); a missing one is a :class:`SinkError`."""
         ...
@@ -223,7 +223,7 @@ class Sink(Protocol):
         return, like :meth:`write_handover`). A read-modify-write: two processes
         acknowledging at the same instant may lose one's change, so each
         partition must be acknowledged by one process at a time (its owner).
-        Raises :class:`~stream.errors.SinkError` when there is no record."""
+        Raises :class:`~embedstream.stream.errors.SinkError` when there is no record."""
         ...
 
     def close(self) -> None:
@@ -233,9 +233,9 @@ class Sink(Protocol):
 
 class SinkAdmin(Protocol):
     """Collections and aliases of one store (built by
-    :func:`sinks.factory.build_admin`). Names are physical collection names
+    :func:`embedstream.sinks.factory.build_admin`). Names are physical collection names
     unless a parameter says ``alias``. Errors are
-    :class:`~stream.errors.SinkError` with a message meant for the user."""
+    :class:`~embedstream.stream.errors.SinkError` with a message meant for the user."""
 
     def resolve(self, alias: str) -> str | None:
         """The collection ``alias`` points at now, or ``None`` when there is no

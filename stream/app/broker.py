@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .errors import EmbedstreamError
+from embedstream.stream.errors import EmbedstreamError
 
 __all__ = ["LocalBroker", "free_port"]
 

@@ -1,8 +1,8 @@
 """Replay the dead-letter topics (``embedstream dlq replay``).
 
-Reading the dead-letter topics (the :class:`~stream.dlq_read.DeadLetter`
+Reading the dead-letter topics (the :class:`~embedstream.stream.app.dlq_read.DeadLetter`
 record, the bounded-range reader and ``dlq list``) lives in
-:mod:`stream.dlq_read`, whose names are re-exported here. Replay reads the
+:mod:`embedstream.stream.app.dlq_read`, whose names are re-exported here. Replay reads the
 same way as ``dlq list`` (see there): a fixed range up to the high watermarks
 captured at the start, never waiting for more records, partitions
 ``assign``-ed without joining a consumer group.
@@ -54,7 +54,7 @@ A record whose value was cut in the dead-letter topic (header
 (``no_source``) or from a topic no longer configured (``source_not_configured``).
 
 Whatever Kafka fails or refuses (metadata, offsets, reading, a delivery, the
-commit) raises :class:`~stream.errors.KafkaUnavailable` saying what failed; the
+commit) raises :class:`~embedstream.stream.errors.KafkaUnavailable` saying what failed; the
 command line prints it and exits 2. Clients are created per call, never at import.
 """
 
@@ -67,9 +67,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from .config import Settings
-from .decode import decode_message
-from .dlq_read import (
+from embedstream.stream.app.dlq_read import (
     DeadLetter,
     Header,
     _batches,
@@ -82,8 +80,11 @@ from .dlq_read import (
     list_dead_letters,
     read_dead_letters,
 )
-from .errors import DecodeError, KafkaUnavailable
-from .events import ChangeEvent
+from embedstream.stream.config import Settings
+from embedstream.stream.decode import decode_message
+from embedstream.stream.errors import DecodeError, KafkaUnavailable
+from embedstream.stream.events import ChangeEvent
+from embedstream.stream.kafka_config import kafka_client_config
 
 # Replay's names, and those of stream.dlq_read re-exported (DeadLetter, dlq_topics,
 # list_dead_letters, read_dead_letters): the module's public names are unchanged.
@@ -160,7 +161,6 @@ class _Resubmitter:
     produced since the last flush was acknowledged."""
 
     def __init__(self, settings: Settings, timeout_s: float) -> None:
-        from .service import kafka_client_config
 
         self._settings = settings
         self._timeout_s = timeout_s

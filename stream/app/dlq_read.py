@@ -2,9 +2,9 @@
 
 The dead-letter topics are ``kafka.dlq_topic_for(t)`` for each configured topic
 (one shared topic when ``kafka.dlq_topic`` is set). A record there holds the
-original key and value and the headers :mod:`stream.dead_letters` adds.
+original key and value and the headers :mod:`embedstream.stream.dead_letters` adds.
 
-Both commands (``dlq list`` here, ``dlq replay`` in :mod:`stream.dlq`) read
+Both commands (``dlq list`` here, ``dlq replay`` in :mod:`embedstream.stream.app.dlq`) read
 through this module a fixed range: from their start offset up to the high
 watermarks captured when they start (or, if higher, the ones their first fetch
 reports). They never wait for more records, so a consumer dead-lettering at the
@@ -16,7 +16,7 @@ consumer group, so neither disturbs the running consumer.
 offset and commits nothing: it shows everything still retained, replayed or not.
 
 Whatever Kafka fails or refuses (metadata, offsets, reading) raises
-:class:`~stream.errors.KafkaUnavailable` saying what failed; the command line
+:class:`~embedstream.stream.errors.KafkaUnavailable` saying what failed; the command line
 prints it and exits 2. Clients are created per call, never at import.
 """
 
@@ -33,8 +33,8 @@ from typing import Any, TextIO
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from .config import Settings
-from .dead_letters import (
+from embedstream.stream.config import Settings
+from embedstream.stream.dead_letters import (
     DETAIL_HEADER,
     REASON_HEADER,
     SOURCE_OFFSET_HEADER,
@@ -42,8 +42,9 @@ from .dead_letters import (
     SOURCE_TOPIC_HEADER,
     TRUNCATED_HEADER,
 )
-from .errors import KafkaUnavailable
-from .events import Position
+from embedstream.stream.errors import KafkaUnavailable
+from embedstream.stream.events import Position
+from embedstream.stream.kafka_config import kafka_client_config
 
 __all__ = [
     "DeadLetter",
@@ -187,7 +188,6 @@ def _broker(settings: Settings, what: str) -> Iterator[None]:
 
 
 def _consumer(settings: Settings, group: str) -> Consumer:
-    from .service import kafka_client_config
 
     # "error": a start out of range must fail, never silently restart from the earliest.
     config = {**kafka_client_config(settings, "consumer"), "group.id": group,

@@ -1,6 +1,6 @@
 """Strict reading of untrusted JSON bytes: the checks every decoder shares.
 
-Everything here fails with :class:`~stream.errors.DecodeError` and a reason
+Everything here fails with :class:`~embedstream.stream.errors.DecodeError` and a reason
 from :data:`REASONS`; nothing else escapes for any input.
 """
 
@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any, NoReturn
 
-from .errors import DecodeError
+from embedstream.stream.errors import DecodeError
 
 __all__ = [
     "INT64_MAX",

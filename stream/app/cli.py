@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import Settings, load_settings
-from .errors import EmbedstreamError
+from embedstream.stream.config import Settings, load_settings
+from embedstream.stream.errors import EmbedstreamError
 
 __all__ = ["main"]
 
@@ -52,13 +52,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
-    from .service import run_consumer
+    from embedstream.stream.app.service import run_consumer
 
     return run_consumer(_settings(args))
 
 
 def _cmd_search(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    from .service import build_pipeline
+    from embedstream.stream.app.service import build_pipeline
 
     pipeline = build_pipeline(_settings(args))
     try:
@@ -79,7 +79,7 @@ def _cmd_search(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 def _cmd_export(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    from sinks.factory import build_sink
+    from embedstream.sinks.factory import build_sink
 
     sink = build_sink(_settings(args).sink)
     count = 0
@@ -96,14 +96,14 @@ def _cmd_export(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 def _cmd_dlq_list(args: argparse.Namespace) -> int:
-    from .dlq import list_dead_letters
+    from embedstream.stream.app.dlq import list_dead_letters
 
     list_dead_letters(_settings(args), sys.stdout, as_json=args.json)
     return 0
 
 
 def _cmd_dlq_replay(args: argparse.Namespace) -> int:
-    from .dlq import replay_dead_letters
+    from embedstream.stream.app.dlq import replay_dead_letters
 
     report = replay_dead_letters(_settings(args), dry_run=args.dry_run)
     print(report.summary(), flush=True)
@@ -111,28 +111,28 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_collections_list(args: argparse.Namespace) -> int:
-    from .collections_cmd import list_collections
+    from embedstream.stream.app.collections_cmd import list_collections
 
     list_collections(_settings(args), sys.stdout, as_json=args.json)
     return 0
 
 
 def _cmd_collections_drop(args: argparse.Namespace) -> int:
-    from .collections_cmd import drop_collection
+    from embedstream.stream.app.collections_cmd import drop_collection
 
     drop_collection(_settings(args), args.name, sys.stdout, force=args.force)
     return 0
 
 
 def _cmd_collections_switch(args: argparse.Namespace) -> int:
-    from .collections_cmd import switch_collection
+    from embedstream.stream.app.collections_cmd import switch_collection
 
     switch_collection(_settings(args), args.name, sys.stdout)
     return 0
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:
-    from bulk.rebuild import RebuildOptions, rebuild
+    from embedstream.bulk.rebuild import RebuildOptions, rebuild
 
     options = RebuildOptions(
         source=args.source, collection=args.collection, output=args.output,
@@ -144,13 +144,13 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from bulk.sizing import run_plan
+    from embedstream.bulk.sizing import run_plan
 
     return run_plan(_settings(args), args, sys.stdout)
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from .dev import run_dev
+    from embedstream.stream.app.dev import run_dev
 
     return run_dev(revisions=args.revisions, data_dir=args.data_dir, pages=args.pages,
                    revisions_per_page=args.revisions_per_page)
@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dev", help="demo: local broker, consumer on an embedded store, real change events"
     )
     dev.add_argument("--revisions", type=Path, default=None,
-                     help="revision history JSONL (default: ../shared/data/revisions, "
-                          "else a built-in sample)")
+                     help="revision history JSONL (default: built-in sample pages; "
+                          "`make demo` passes ../shared/data/revisions when present)")
     dev.add_argument("--data-dir", type=Path, default=None,
                      help="store directory (default: a temporary one)")
     dev.add_argument("--pages", type=int, default=6, help="pages to replay")

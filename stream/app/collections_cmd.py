@@ -14,10 +14,9 @@ import json
 from collections.abc import Sequence
 from typing import TextIO
 
-from sinks.base import CollectionInfo
-from sinks.factory import build_admin
-
-from .config import Settings
+from embedstream.sinks.factory import build_admin
+from embedstream.stream.config import Settings
+from embedstream.stream.store import CollectionInfo
 
 __all__ = ["drop_collection", "list_collections", "switch_collection"]
 

@@ -1,7 +1,7 @@
 """The one place where clients, the model, the store and metrics are built.
 
 Nothing in embedstream creates a client, model or metric at import time; the
-functions here build them from a :class:`~stream.config.Settings` tree and pass
+functions here build them from a :class:`~embedstream.stream.config.Settings` tree and pass
 them in.
 """
 
@@ -18,58 +18,26 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
-from sinks.base import Sink
-from sinks.factory import build_admin, build_sink
+from embedstream.sinks.factory import build_admin, build_sink
+from embedstream.stream import __version__
+from embedstream.stream.chunking import TokenChunker
+from embedstream.stream.config import Settings
+from embedstream.stream.consumer import AppliedCallback, StreamConsumer
+from embedstream.stream.dead_letters import DeadLetters, ensure_topics
+from embedstream.stream.embedding import SentenceTransformerEmbedder
+from embedstream.stream.errors import KafkaUnavailable
+from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.handover import AliasFollower
+from embedstream.stream.health import Health, serve_http
+from embedstream.stream.kafka_config import kafka_client_config
+from embedstream.stream.metrics import Metrics
+from embedstream.stream.remote_embedding import OpenAIEmbedder
+from embedstream.stream.store import Sink
 
-from . import __version__
-from .chunking import TokenChunker
-from .config import Settings
-from .consumer import AppliedCallback, StreamConsumer
-from .dead_letters import DeadLetters, ensure_topics
-from .embedding import SentenceTransformerEmbedder
-from .errors import KafkaUnavailable
-from .fingerprint import Fingerprint
-from .handover import AliasFollower
-from .health import Health, serve_http
-from .metrics import Metrics
-from .remote_embedding import OpenAIEmbedder
-
-__all__ = ["Pipeline", "build_consumer", "build_embedder", "build_pipeline", "kafka_client_config",
-           "run_consumer"]
+__all__ = ["Pipeline", "build_consumer", "build_embedder", "build_pipeline", "run_consumer"]
 
 log = logging.getLogger("embedstream")
 _librdkafka_log = logging.getLogger("embedstream.librdkafka")
-
-# Defaults that embedstream needs for its guarantees; `kafka.options` may not undo them.
-_CONSUMER_REQUIRED = {"enable.auto.commit": False, "enable.auto.offset.store": False}
-# Defaults a user may override through `kafka.options`.
-_CONSUMER_DEFAULTS = {
-    "auto.offset.reset": "earliest",
-    # A short broker wait keeps freshness low on quiet topics.
-    "fetch.wait.max.ms": 100,
-    # Incremental rebalancing: members keep the partitions that do not move.
-    "partition.assignment.strategy": "cooperative-sticky",
-}
-_PRODUCER_DEFAULTS = {"acks": "all", "linger.ms": 5}
-# Consumer-only settings librdkafka would warn about on a producer.
-_CONSUMER_ONLY_PREFIXES = ("session.", "heartbeat.", "fetch.", "auto.offset", "max.poll",
-                           "group.", "partition.assignment", "isolation.", "enable.auto")
-
-
-def kafka_client_config(settings: Settings, role: str) -> dict[str, Any]:
-    """librdkafka configuration for the ``consumer``, ``producer`` or ``admin`` client."""
-    kafka = settings.kafka
-    options = kafka.librdkafka_options()
-    base: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers,
-                            **kafka.security.librdkafka()}
-    if role == "consumer":
-        return {**base, **_CONSUMER_DEFAULTS, **options, "group.id": kafka.group_id,
-                **_CONSUMER_REQUIRED}
-    shared = {k: v for k, v in options.items() if not k.startswith(_CONSUMER_ONLY_PREFIXES)}
-    if role == "producer":
-        return {**base, **_PRODUCER_DEFAULTS, **shared}
-    return {**base, **shared}
-
 
 @dataclass
 class Pipeline:
@@ -139,7 +107,7 @@ def build_consumer(
     """The Kafka side: consumer, dead-letter producer, and the loop around them.
 
     ``follow_alias``: move to the collection a rebuild points ``sink.collection``
-    at, taking over at its handover offsets (:mod:`stream.handover`)."""
+    at, taking over at its handover offsets (:mod:`embedstream.stream.handover`)."""
     settings = pipeline.settings
 
     def config(role: str) -> dict[str, Any]:

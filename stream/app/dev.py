@@ -22,21 +22,31 @@ from typing import Any
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from .broker import LocalBroker
-from .config import KafkaSettings, MetricsSettings, Settings, SinkSettings, SourceSettings
-from .consumer import StreamConsumer
-from .dead_letters import ensure_topics
-from .devdata import BUILTIN_PAGES, DevMessage, debezium_value, load_revisions, revision_events
-from .events import ChangeEvent
-from .metrics import Metrics
-from .service import Pipeline, build_consumer, build_pipeline, kafka_client_config
+from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.devdata import (
+    BUILTIN_PAGES,
+    DevMessage,
+    debezium_value,
+    load_revisions,
+    revision_events,
+)
+from embedstream.stream.app.service import Pipeline, build_consumer, build_pipeline
+from embedstream.stream.config import (
+    KafkaSettings,
+    MetricsSettings,
+    Settings,
+    SinkSettings,
+    SourceSettings,
+)
+from embedstream.stream.consumer import StreamConsumer
+from embedstream.stream.dead_letters import ensure_topics
+from embedstream.stream.events import ChangeEvent
+from embedstream.stream.kafka_config import kafka_client_config
+from embedstream.stream.metrics import Metrics
 
 __all__ = ["run_dev"]
 
 TOPIC = "dev.public.pages"
-_DEFAULT_REVISIONS = (
-    Path(__file__).resolve().parents[2] / "shared/data/revisions/doc-revisions.jsonl"
-)
 # Pages of the shared history that make a small, varied demo (prose and code).
 _DEMO_PAGES = ("operations/logging.adoc", "architecture.adoc", "features.adoc",
                "transformations/index.adoc", "integrations/testcontainers.adoc",
@@ -50,12 +60,13 @@ _NEW_SECTION = (
 
 
 def _select_rows(revisions: Path | None, pages: int, per_page: int) -> list[dict[str, Any]]:
-    path = revisions or _DEFAULT_REVISIONS
-    if revisions is None and not path.is_file():
-        print(f"({path} not found: using the built-in sample pages)")
+    if revisions is None:
+        # The package ships no third-party data: `make demo` passes the shared
+        # revision history with --revisions when it is beside the checkout.
+        print("(no --revisions given: using the built-in sample pages)")
         return [{"doc_id": doc_id, "text": text, "committed_at": "2024-01-01T00:00:00+00:00",
                  "commit": "builtin"} for doc_id, text in BUILTIN_PAGES.items()]
-    rows = load_revisions(path)
+    rows = load_revisions(revisions)
     by_page: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_page[row["doc_id"]].append(row)
@@ -197,7 +208,7 @@ def _rebuild_and_follow(pipeline: Pipeline, stream: StreamConsumer, producer: Pr
                         progress: _Progress, updated: str, question: str) -> bool:
     """Rebuild the topic into a new collection, swap the alias, then show one more
     change reaching the new collection through the stream that followed it."""
-    from bulk.rebuild import RebuildOptions, rebuild
+    from embedstream.bulk.rebuild import RebuildOptions, rebuild
 
     print("\nrebuild: re-embedding the whole topic into a new collection, then moving "
           f"the alias {pipeline.settings.sink.collection!r} ...")
