@@ -37,12 +37,14 @@ lint: setup
 	$(BIN)/ruff check stream sinks bulk tests bench
 	$(BIN)/lint-imports
 
+# Every test, each property test with its full example count (tests/conftest.py profiles).
 test: lint typecheck
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=15 --hypothesis-profile=full
 
-# The quick loop while editing: no broker, no real model (under a minute).
+# The quick loop while editing: no broker, no real model, a tenth of the property
+# examples (under a minute).
 fast-test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow" --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow" --durations=15 --hypothesis-profile=quick
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/stream_freshness.py

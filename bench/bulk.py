@@ -17,7 +17,6 @@ vectors) and the precision and device used.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -26,22 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from embedstream.bulk.encoder import BulkEncoder
 from embedstream.bulk.engine import BulkEngine, EmbeddedUnit
-from embedstream.stream.embedding import resolve_model_path
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared/data/msmarco-sample/passages.tsv"
-MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def read_passages(path: Path, limit: int | None) -> list[str]:
-    csv.field_size_limit(1 << 30)
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        texts = [row[1] for row in rows if len(row) >= 2]
-    return texts[:limit] if limit else texts
+from _common import MODEL, PASSAGES, machine, read_passages, stock_model
 
 
 def engine_pass(engine: BulkEngine[int, None], texts: list[str], dimension: int) -> np.ndarray:
@@ -57,7 +44,7 @@ def engine_pass(engine: BulkEngine[int, None], texts: list[str], dimension: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--passages", type=Path, default=DEFAULT)
+    parser.add_argument("--passages", type=Path, default=PASSAGES)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--device", default="auto")
@@ -67,14 +54,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     import torch
-    from sentence_transformers import SentenceTransformer
 
     texts = read_passages(args.passages, args.limit)
     encoder = BulkEncoder(MODEL, device=args.device, precision=args.precision,
                           batch_tokens=args.batch_tokens)
     engine: BulkEngine[int, None] = BulkEngine([encoder], unit_records=256,
                                                tokenizer_workers=2, bucket_texts=4096)
-    stock = SentenceTransformer(resolve_model_path(MODEL), device=encoder.device)
+    stock = stock_model(encoder.device)
     on_gpu = encoder.device.startswith("cuda")
 
     def sync() -> None:
@@ -112,6 +98,7 @@ def main() -> None:
         "precision": encoder.precision,
         "device": encoder.device,
         "batch_tokens": encoder.batch_tokens,
+        "machine": machine(),
     }
     print(json.dumps(result))
 

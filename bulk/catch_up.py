@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from embedstream.bulk.kafka_source import (
     Partition,
@@ -34,19 +34,23 @@ from embedstream.bulk.kafka_source import (
     snapshot_consumer,
     topic_partitions,
 )
+from embedstream.stream.apply import apply_batch
 from embedstream.stream.chunking import Chunker
 from embedstream.stream.config import Settings
 from embedstream.stream.embedding import Embedder
 from embedstream.stream.events import Position, Skipped
 from embedstream.stream.intake import Rejected, take_in
 from embedstream.stream.metrics import Metrics
-from embedstream.stream.plan import PreparedEvent, build_write, fold, group_by_document
+from embedstream.stream.plan import PreparedEvent
 from embedstream.stream.store import Sink
-from embedstream.stream.vectors import ChunkVectors, failure_of
+from embedstream.stream.vectors import ChunkVectors, Failure
 
 __all__ = ["CatchUpReport", "catch_up"]
 
 log = logging.getLogger("embedstream.bulk")
+
+# Told the position of a message or document left out, with a reason code and detail.
+OnFailure = Callable[[Position, str, str], None]
 
 _BATCH_MESSAGES = 500
 _POLL_S = 0.5
@@ -56,27 +60,34 @@ _POLL_S = 0.5
 class CatchUpReport:
     reached: dict[Partition, int] = field(default_factory=dict)
     messages: int = 0
-    applied: int = 0
-    failed: int = 0
+    applied: int = 0  # documents written
+    failed: int = 0  # messages and documents given to on_failure
     rounds: int = 0
 
 
 def catch_up(settings: Settings, sink: Sink, chunker: Chunker, embedder: Embedder,
              covered: Mapping[Partition, int], *, rounds: int = 2,
-             on_failure: Callable[[Position, str, str], None] | None = None) -> CatchUpReport:
+             on_failure: OnFailure | None = None) -> CatchUpReport:
     """Apply every event from ``covered`` to the partitions' current ends to
     ``sink``, ``rounds`` times over (each round chases the end found when it
     starts); returns the offsets reached (see the module docstring)."""
     if not covered:
         return CatchUpReport()
     consumer = snapshot_consumer(settings)
-    vectors = ChunkVectors(embedder, Metrics())
+    # Counted nowhere that is read: the live consumer's metrics are its own.
+    metrics = Metrics()
+    vectors = ChunkVectors(embedder, metrics)
     try:
         # A partition added since the rebuild started is in none of it: from its start.
         start = {tp: covered.get(tp, 0) for tp in topic_partitions(consumer, settings.kafka.topics)}
         start.update(covered)
         covered = start
         report = CatchUpReport(reached=dict(covered))
+
+        def unembedded(winner: PreparedEvent, failure: Failure) -> None:
+            # Not written, as the stream would dead-letter it: reported like a row that fails.
+            _report(report, on_failure, winner.event.position, failure)
+
         consumer.assign([TopicPartition(t, p, o) for (t, p), o in sorted(covered.items())])
         for _ in range(rounds):
             ends = partition_ends(consumer, sorted(covered))
@@ -92,67 +103,46 @@ def catch_up(settings: Settings, sink: Sink, chunker: Chunker, embedder: Embedde
                     if prepared is not None:
                         batch.append(prepared)
                 if batch:
-                    report.applied += _apply(sink, vectors, batch, report, on_failure)
+                    report.applied += len(apply_batch(batch, sink, vectors, metrics, unembedded))
     finally:
         consumer.close()
-    log.info("catch-up applied %d events from %d messages (%d undecodable) up to %s",
+    log.info("catch-up wrote %d documents from %d messages (%d failed) up to %s",
              report.applied, report.messages, report.failed,
              {f"{t}[{p}]": o for (t, p), o in sorted(report.reached.items())})
     return report
 
 
-def _prepare(settings: Settings, chunker: Chunker, message: object, report: CatchUpReport,
+def _prepare(settings: Settings, chunker: Chunker, message: Message, report: CatchUpReport,
              ends: Mapping[Partition, int], behind: set[Partition],
-             on_failure: Callable[[Position, str, str], None] | None) -> PreparedEvent | None:
-    error = message.error()  # type: ignore[attr-defined]
-    topic, partition = message.topic(), message.partition()  # type: ignore[attr-defined]
-    if error is not None:
-        if error.code() == KafkaError._PARTITION_EOF:
-            behind.discard((topic, partition))
-            return None
+             on_failure: OnFailure | None) -> PreparedEvent | None:
+    error = message.error()
+    if error is not None and error.code() != KafkaError._PARTITION_EOF:
         if error.fatal():
             raise KafkaException(error)
         log.warning("kafka error during the catch-up: %s", error)
         return None
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None and partition is not None  # a record or its partition's end
     tp = (topic, partition)
-    offset = int(message.offset())  # type: ignore[attr-defined]
+    if error is not None:
+        behind.discard(tp)
+        return None
+    assert offset is not None
     # Past this round's end is fine: it is applied and counted like the rest.
     report.reached[tp] = offset + 1
     report.messages += 1
     if offset + 1 >= ends.get(tp, 0):
         behind.discard(tp)
-    taken = take_in(message.key(), message.value(),  # type: ignore[attr-defined]
-                    Position(topic, partition, offset), settings.source, chunker)
+    position = Position(topic, partition, offset)
+    taken = take_in(message.key(), message.value(), position, settings.source, chunker)
     if isinstance(taken, Rejected):  # reported, like a bulk row that fails
-        report.failed += 1
-        if on_failure is not None:
-            on_failure(Position(topic, partition, offset), taken.reason, taken.detail)
+        _report(report, on_failure, position, (taken.reason, taken.detail))
         return None
     return None if isinstance(taken, Skipped) else taken
 
 
-def _apply(sink: Sink, vectors: ChunkVectors, batch: list[PreparedEvent], report: CatchUpReport,
-           on_failure: Callable[[Position, str, str], None] | None) -> int:
-    """The stream's apply step for one batch; returns how many documents were written.
-
-    A document with a chunk that cannot be embedded (out of memory alone, or refused
-    by a remote provider) is reported like a row that fails, as the stream would
-    dead-letter it, and not written."""
-    by_doc = group_by_document(batch)
-    stored = sink.document_states(list(by_doc))
-    folded = [fold(stored.get(doc_id), events) for doc_id, events in by_doc.items()]
-    winners = [item for item in folded if item.winner is not None]
-    found, failed = vectors.for_winners(winners, stored, sink.stored_vectors)
-    writes = []
-    for item in winners:
-        assert item.winner is not None
-        failure = failure_of(item.winner.chunks, failed)
-        if failure is None:
-            writes.append(build_write(item, found))
-            continue
-        report.failed += 1
-        if on_failure is not None:
-            on_failure(item.winner.event.position, *failure)
-    if writes:
-        sink.apply(writes)
-    return len(writes)
+def _report(report: CatchUpReport, on_failure: OnFailure | None, position: Position,
+            failure: Failure) -> None:
+    report.failed += 1
+    if on_failure is not None:
+        on_failure(position, *failure)

@@ -1,6 +1,7 @@
 """``embedstream plan``: size a rebuild before renting hardware.
 
-A short calibration run chunks and embeds a sample of real documents with the
+A short calibration run chunks and embeds a sample of documents (``--sample
+FILE``, else a built-in sample of English prose, :func:`builtin_sample`) with the
 bulk engine on this machine's device (as a rebuild would, precision choice
 included) and measures tokens per second, chunks per document and tokens per
 chunk. :func:`estimate` turns that into device-hours, wall-clock for each fleet
@@ -17,11 +18,12 @@ takes about 25,000 points/s per process) and network transfer.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from importlib import resources
 from typing import Any, TextIO
 
 from embedstream.stream.config import Settings
@@ -29,8 +31,10 @@ from embedstream.stream.errors import ConfigError
 
 __all__ = ["Calibration", "Estimate", "calibrate", "estimate", "run_plan"]
 
-_DEFAULT_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/msmarco-sample/passages.tsv"
 _SAMPLE_DOCS = 600
+# The built-in sample's passages: about the length of a web passage (MS MARCO's mean is
+# about 80 WordPiece tokens), the shape that decides tokens per second.
+_BUILTIN_WORDS = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,7 @@ class Calibration:
     tokens: int
     seconds: float
     startup_s: float
+    sample: str  # the file(s) calibrated on, or "built-in"
 
     @property
     def tokens_per_s(self) -> float:
@@ -81,8 +86,30 @@ def estimate(docs: int, chunks_per_doc: float, chunks_per_s: float, fleet: Seque
     return rows
 
 
-def calibrate(settings: Settings, sample: str, docs: int = _SAMPLE_DOCS) -> Calibration:
-    """Chunk and embed up to ``docs`` documents of ``sample`` with the bulk engine."""
+def builtin_sample(docs: int = _SAMPLE_DOCS) -> list[str]:
+    """Passages of English prose that ship with the package: the docstrings of
+    embedstream's own modules, cut into runs of about sixty words and repeated in
+    order until there are ``docs`` of them. Third-party corpora (MS MARCO, BEIR)
+    may not be redistributed, so the package carries none; ``--sample FILE``
+    calibrates on documents like the user's, which gives truer figures."""
+    words: list[str] = []
+    for package in ("embedstream.stream", "embedstream.sinks", "embedstream.bulk"):
+        for source in sorted(resources.files(package).iterdir(), key=lambda f: f.name):
+            if source.name.endswith(".py"):
+                tree = ast.parse(source.read_text(encoding="utf-8"))
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef):
+                        words.extend((ast.get_docstring(node) or "").split())
+    passages = [" ".join(words[i:i + _BUILTIN_WORDS])
+                for i in range(0, len(words) - _BUILTIN_WORDS + 1, _BUILTIN_WORDS)]
+    if not passages:
+        raise ConfigError("plan: the built-in sample is empty; pass --sample FILE")
+    return [passages[i % len(passages)] for i in range(docs)]
+
+
+def calibrate(settings: Settings, sample: str | None, docs: int = _SAMPLE_DOCS) -> Calibration:
+    """Chunk and embed up to ``docs`` documents of ``sample`` (a corpus file, or
+    ``None`` for :func:`builtin_sample`) with the bulk engine."""
     from embedstream.bulk.engine import BulkEngine, EmbeddedUnit
     from embedstream.bulk.rebuild import build_encoders
     from embedstream.bulk.sources import SourceRow, read_rows
@@ -101,7 +128,10 @@ def calibrate(settings: Settings, sample: str, docs: int = _SAMPLE_DOCS) -> Cali
     chunker = TokenChunker(encoder.tokenizer, max_tokens=min(
         settings.chunk.max_tokens, encoder.max_seq_length - 2))
     rows: list[SourceRow] = []
-    for item in read_rows(sample, settings):
+    if sample is None:
+        rows = [SourceRow(f"builtin-{i}", text, {}, f"builtin#{i}")
+                for i, text in enumerate(builtin_sample(docs))]
+    for item in read_rows(sample, settings) if sample is not None else ():
         if isinstance(item, SourceRow):
             rows.append(item)
         if len(rows) >= docs:
@@ -124,7 +154,8 @@ def calibrate(settings: Settings, sample: str, docs: int = _SAMPLE_DOCS) -> Cali
     measured = rows[warm:] or rows
     stats = engine.run(measured, prepare, ignore)
     return Calibration(encoder.device, encoder.precision, len(measured), stats.texts,
-                       stats.tokens, stats.elapsed_s, startup_s)
+                       stats.tokens, stats.elapsed_s, startup_s,
+                       sample or "built-in")
 
 
 def run_plan(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
@@ -136,15 +167,7 @@ def run_plan(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
             from None
     calibration: Calibration | None = None
     if args.rate is None:
-        sample = args.sample or str(_DEFAULT_SAMPLE)
-        if args.sample is None and not _DEFAULT_SAMPLE.exists():
-            raise ConfigError("plan: pass --sample FILE (documents like yours) or --rate")
-        if args.sample is None:  # the MS MARCO sample: TSV without header, id and text
-            settings = settings.model_copy(update={
-                "source": settings.source.model_copy(
-                    update={"id_fields": ("id",), "text_fields": ("text",)}),
-                "bulk": settings.bulk.model_copy(update={"tsv_columns": ("id", "text")})})
-        calibration = calibrate(settings, sample)
+        calibration = calibrate(settings, args.sample)
     chunks_per_doc = args.chunks_per_doc or (calibration.chunks_per_doc if calibration else 1.0)
     if calibration is not None:
         tokens_per_chunk = args.tokens_per_chunk or calibration.tokens_per_chunk
@@ -168,7 +191,8 @@ def run_plan(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"calibration: {calibration.docs:,} docs, {calibration.chunks:,} chunks, "
                   f"{calibration.tokens_per_chunk:.1f} tokens/chunk, "
                   f"{calibration.tokens_per_s:,.0f} tokens/s on {calibration.device} "
-                  f"({calibration.precision}); start-up {calibration.startup_s:.0f} s\n")
+                  f"({calibration.precision}); start-up {calibration.startup_s:.0f} s; "
+                  f"sample: {calibration.sample}\n")
     out.write(f"corpus: {args.docs:,} docs x {chunks_per_doc:.2f} chunks = "
               f"{result['chunks']:,} chunks at {rate:,.1f} chunks/s per device\n")
     out.write(f"{'devices':>8}  {'wall-clock':>12}  {'device-hours':>12}  {'cost':>10}\n")

@@ -20,13 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import qdrant_edge as qe
 
+from embedstream.sinks._admin_rules import (
+    aliases_by_target,
+    aliases_to_drop,
+    check_names,
+    not_found,
+    refuse_part,
+)
 from embedstream.sinks._edge_files import (
     AliasRegistry,
     ProcessLock,
@@ -40,7 +46,6 @@ from embedstream.sinks._layout import (
     listed_names,
     looks_physical,
     parse_fingerprint,
-    valid_name,
 )
 from embedstream.sinks.qdrant_edge import open_fingerprint
 from embedstream.stream.errors import FingerprintMismatch, SinkError
@@ -61,7 +66,7 @@ class _Look:
 
 
 class QdrantEdgeAdmin:
-    """:class:`~embedstream.sinks.base.SinkAdmin` of the Edge store at ``path`` (see the
+    """:class:`~embedstream.stream.store.SinkAdmin` of the Edge store at ``path`` (see the
     module docstring)."""
 
     def __init__(self, path: Path | str) -> None:
@@ -72,7 +77,7 @@ class QdrantEdgeAdmin:
         return self._aliases.read().get(alias)
 
     def switch(self, alias: str, target: str) -> str | None:
-        _check_names(alias, target)
+        check_names(alias, target)
         with self._aliases.changing() as aliases:
             self._require_collection(target, aliases)
             look, _ = self._look(target)
@@ -89,9 +94,7 @@ class QdrantEdgeAdmin:
         return previous
 
     def collections(self) -> list[CollectionInfo]:
-        pointing: dict[str, list[str]] = defaultdict(list)
-        for alias, target in self._aliases.read().items():
-            pointing[target].append(alias)
+        pointing = aliases_by_target(self._aliases.read())
         try:
             names = {d.name for d in self._path.iterdir()
                      if not d.name.startswith(".") and is_shard(d)}
@@ -102,12 +105,12 @@ class QdrantEdgeAdmin:
         infos = []
         for name in listed_names(names):
             look, _ = self._look(name)
-            infos.append(CollectionInfo(name, look.points, tuple(sorted(pointing[name])),
-                                        look.fingerprint, in_use=look.holder is not None))
+            infos.append(CollectionInfo(name, look.points, pointing(name), look.fingerprint,
+                                        in_use=look.holder is not None))
         return infos
 
     def drop(self, name: str, force: bool = False) -> None:
-        _check_names(name)
+        check_names(name)
         self._require_collection(name, self._aliases.read())
         look, lock = self._look(name, keep_lock=True)
         if lock is None:
@@ -122,14 +125,7 @@ class QdrantEdgeAdmin:
                                 "fingerprint: it was not made by embedstream; refusing to "
                                 "delete it")
             with self._aliases.changing() as aliases:
-                pointing = sorted(a for a, target in aliases.items() if target == name)
-                if pointing and not force:
-                    raise SinkError(
-                        f"collection {name!r} is in use: alias "
-                        f"{', '.join(map(repr, pointing))} points at it. Switch the alias to "
-                        "another collection first, or drop it anyway with --force (which "
-                        "removes the alias too).")
-                for alias in pointing:
+                for alias in aliases_to_drop(name, aliases, force):
                     del aliases[alias]
             # Aliases first (written when the block ended), so none leads to a
             # half-deleted collection; chunks before state, so an interrupted
@@ -149,12 +145,8 @@ class QdrantEdgeAdmin:
 
     def _require_collection(self, name: str, aliases: dict[str, str]) -> None:
         if not (is_shard(self._path / name) or is_shard(self._path / f"{name}{STATE_SUFFIX}")):
-            if name in aliases:
-                raise SinkError(f"{name!r} is an alias (of {aliases[name]!r}), not a collection")
-            raise SinkError(f"no collection named {name!r} at {self._path}")
-        owner = name.removesuffix(STATE_SUFFIX)
-        if owner != name and is_shard(self._path / owner):
-            raise SinkError(f"{name!r} belongs to collection {owner!r}; name that one")
+            raise not_found(name, aliases, f"no collection named {name!r} at {self._path}")
+        refuse_part(name, lambda owner: is_shard(self._path / owner))
 
     def _look(self, name: str, keep_lock: bool = False) -> tuple[_Look, ProcessLock | None]:
         """Read ``name`` under its lock; the lock too with ``keep_lock``. When
@@ -175,9 +167,8 @@ class QdrantEdgeAdmin:
                     found = state.retrieve([FINGERPRINT_POINT_ID], with_payload=True,
                                            with_vector=False)
                     state_points = state.count(qe.CountRequest(exact=True))
-                raw = (found[0].payload or {}).get("fingerprint") if found else None
                 with contextlib.suppress(FingerprintMismatch):  # one this version cannot read
-                    fingerprint = parse_fingerprint(raw, name)
+                    fingerprint = parse_fingerprint(found[0].payload if found else None, name)
             if is_shard(chunk_dir):
                 with self._shard(chunk_dir) as chunks:
                     points = chunks.count(qe.CountRequest(exact=True))
@@ -203,9 +194,3 @@ class QdrantEdgeAdmin:
         finally:
             with contextlib.suppress(Exception):
                 shard.close()
-
-
-def _check_names(*names: str) -> None:
-    for name in names:
-        if not valid_name(name):
-            raise SinkError(f"{name!r} is not a valid collection or alias name")

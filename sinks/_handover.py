@@ -1,4 +1,4 @@
-"""The handover record both Qdrant sinks store (see :class:`~embedstream.sinks.base.Handover`).
+"""The handover record both Qdrant sinks store (see :class:`~embedstream.stream.store.Handover`).
 
 It is one point in the state collection, with the fixed id
 :data:`~embedstream.sinks._layout.HANDOVER_POINT_ID` and the payload
@@ -9,13 +9,13 @@ It is one point in the state collection, with the fixed id
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from embedstream.stream.errors import SinkError
 from embedstream.stream.store import Handover
 
-__all__ = ["HandoverMethods", "handover_payload", "parse_handover"]
+__all__ = ["handover_payload", "parse_handover"]
 
 
 def handover_payload(handover: Handover) -> dict[str, Any]:
@@ -40,36 +40,3 @@ def parse_handover(payload: Mapping[str, Any] | None, where: str) -> Handover | 
         raise SinkError(f"{where} holds a handover record this version cannot read "
                         f"({type(exc).__name__}: {exc})") from exc
     return Handover(offsets, acknowledged)
-
-
-class HandoverMethods:
-    """The handover methods of :class:`~embedstream.sinks.base.Sink`, over three a sink
-    provides: where it is (for messages), reading the handover point's payload,
-    and replacing it durably."""
-
-    @property
-    def _where(self) -> str:
-        raise NotImplementedError
-
-    def _handover_payload(self) -> Mapping[str, Any] | None:
-        raise NotImplementedError
-
-    def _replace_handover_payload(self, payload: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def write_handover(self, offsets: Mapping[tuple[str, int], int]) -> None:
-        record = Handover({(str(t), int(p)): int(o) for (t, p), o in offsets.items()}, {})
-        self._replace_handover_payload(handover_payload(record))
-
-    def read_handover(self) -> Handover | None:
-        return parse_handover(self._handover_payload(), self._where)
-
-    def acknowledge_handover(self, group_id: str,
-                             partitions: Collection[tuple[str, int]]) -> None:
-        current = self.read_handover()
-        if current is None:
-            raise SinkError(f"{self._where} holds no handover record to acknowledge")
-        merged = dict(current.acknowledged)
-        merged[group_id] = merged.get(group_id, frozenset()) | {(str(t), int(p))
-                                                                 for t, p in partitions}
-        self._replace_handover_payload(handover_payload(Handover(current.offsets, merged)))

@@ -1,9 +1,9 @@
 """The store layout both Qdrant sinks share.
 
 Both sinks keep two collections: the chunk collection ``<collection>`` (one
-point per chunk, id :func:`~embedstream.sinks.base.chunk_point_id`) and the state
+point per chunk, id :func:`~embedstream.stream.store.chunk_point_id`) and the state
 collection ``<collection>_state`` (one point per document, id
-:func:`~embedstream.sinks.base.doc_state_point_id`, payload ``doc_id``, ``version``,
+:func:`~embedstream.stream.store.doc_state_point_id`, payload ``doc_id``, ``version``,
 ``offset``, ``deleted``; plus the fingerprint point and, once a rebuild has
 written one, the handover point). The helpers here are that shared layout,
 independent of the client library.
@@ -150,8 +150,11 @@ def state_from_payload(payload: Mapping[str, Any] | None) -> tuple[str, DocState
     return str(payload["doc_id"]), state
 
 
-def parse_fingerprint(raw: object, collection: str) -> Fingerprint | None:
-    """The fingerprint stored in the fingerprint point's payload, if any."""
+def parse_fingerprint(payload: Mapping[str, Any] | None, collection: str) -> Fingerprint | None:
+    """The fingerprint in the fingerprint point's payload; ``None`` for no
+    point (``payload`` None) or no fingerprint in it. Raises
+    FingerprintMismatch for one this version cannot read."""
+    raw = (payload or {}).get("fingerprint")
     if raw is None:
         return None
     try:
@@ -168,4 +171,3 @@ def dense_vector(vector: object) -> list[float]:
     if isinstance(vector, list) and all(isinstance(x, int | float) for x in vector):
         return [float(x) for x in vector]
     raise SinkError(f"expected a single dense vector, got {type(vector).__name__}")
-

@@ -16,82 +16,53 @@ the alias cannot be created until that collection is gone (see ``switch``).
 
 from __future__ import annotations
 
-import contextlib
-from collections import defaultdict
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 from qdrant_client import QdrantClient, models
 
+from embedstream.sinks._admin_rules import (
+    aliases_by_target,
+    aliases_to_drop,
+    check_names,
+    not_found,
+    refuse_part,
+)
 from embedstream.sinks._layout import (
     FINGERPRINT_POINT_ID,
     STATE_SUFFIX,
     listed_names,
     looks_physical,
     parse_fingerprint,
-    valid_name,
 )
-from embedstream.sinks._server_errors import translate
+from embedstream.sinks._server_client import Endpoint, aliases_of, physical_names
 from embedstream.stream.config import SinkSettings
 from embedstream.stream.errors import FingerprintMismatch, SinkError
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.store import CollectionInfo
 
-__all__ = [
-    "QdrantServerAdmin",
-    "aliases_of",
-    "create_alias",
-    "physical_names",
-    "read_fingerprint",
-]
-
-
-def aliases_of(client: QdrantClient) -> dict[str, str]:
-    """Every alias and the collection it points at."""
-    return {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
-
-
-def physical_names(client: QdrantClient) -> set[str]:
-    """Every collection's name (aliases not included)."""
-    return {c.name for c in client.get_collections().collections}
-
-
-def create_alias(client: QdrantClient, alias: str, target: str) -> None:
-    client.update_collection_aliases([models.CreateAliasOperation(
-        create_alias=models.CreateAlias(collection_name=target, alias_name=alias))])
-
-
-def read_fingerprint(client: QdrantClient, collection: str) -> Fingerprint | None:
-    """The fingerprint in ``collection``'s state collection (which must exist).
-    Raises FingerprintMismatch for one this version cannot read."""
-    found = client.retrieve(f"{collection}{STATE_SUFFIX}", [FINGERPRINT_POINT_ID],
-                            with_payload=True)
-    raw = (found[0].payload or {}).get("fingerprint") if found else None
-    return parse_fingerprint(raw, collection)
+__all__ = ["QdrantServerAdmin"]
 
 
 class QdrantServerAdmin:
-    """:class:`~embedstream.sinks.base.SinkAdmin` of a Qdrant server (see the module docstring).
+    """:class:`~embedstream.stream.store.SinkAdmin` of a Qdrant server (see the module
+    docstring).
 
     ``client`` shares an existing client (tests use it for an in-memory store);
     a shared client is not closed by :meth:`close`. Nothing here can tell
     whether a consumer is using a collection: ``drop`` trusts the aliases."""
 
     def __init__(self, settings: SinkSettings, *, client: QdrantClient | None = None) -> None:
-        from embedstream.sinks.qdrant_server import QdrantServerSink
-
-        self._api_key = settings.api_key
+        self._endpoint = Endpoint.from_settings(settings)
         self._where = f"Qdrant at {settings.url}"
         self._owns_client = client is None
-        # The sink knows how to connect (TLS, API key, gRPC); it is never opened.
-        self._client: QdrantClient | None = (
-            client or QdrantServerSink.from_settings(settings)._connect())
+        self._client: QdrantClient | None = client or self._endpoint.connect(self._where)
 
     def resolve(self, alias: str) -> str | None:
         with self._errors("read the aliases"):
             return aliases_of(self._open()).get(alias)
 
     def switch(self, alias: str, target: str) -> str | None:
-        _check_names(alias, target)
+        check_names(alias, target)
         client = self._open()
         with self._errors(f"point alias {alias!r} at {target!r}"):
             names, aliases = physical_names(client), aliases_of(client)
@@ -114,27 +85,19 @@ class QdrantServerAdmin:
     def collections(self) -> list[CollectionInfo]:
         client = self._open()
         with self._errors("list the collections"):
-            names, aliases = physical_names(client), aliases_of(client)
-            pointing: dict[str, list[str]] = defaultdict(list)
-            for alias, target in aliases.items():
-                pointing[target].append(alias)
-            return [CollectionInfo(name, client.count(name, exact=True).count,
-                                   tuple(sorted(pointing[name])),
-                                   self._fingerprint(client, name, names))
+            names = physical_names(client)
+            pointing = aliases_by_target(aliases_of(client))
+            return [CollectionInfo(name, client.count(name, exact=True).count, pointing(name),
+                                   _fingerprint(client, name, names))
                     for name in listed_names(names)]
 
     def drop(self, name: str, force: bool = False) -> None:
-        _check_names(name)
+        check_names(name)
         client = self._open()
         with self._errors(f"drop {name!r}"):
             names, aliases = physical_names(client), aliases_of(client)
             self._require_ours(client, name, names, aliases)
-            pointing = sorted(a for a, target in aliases.items() if target == name)
-            if pointing and not force:
-                raise SinkError(
-                    f"collection {name!r} is in use: alias {', '.join(map(repr, pointing))} "
-                    "points at it. Switch the alias to another collection first, or drop it "
-                    "anyway with --force (which removes the alias too).")
+            pointing = aliases_to_drop(name, aliases, force)
             if pointing:  # first, so no alias ever leads to a half-deleted collection
                 client.update_collection_aliases([
                     models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=a))
@@ -156,13 +119,9 @@ class QdrantServerAdmin:
         """Refuse ``name`` unless it is an embedstream collection: one with a
         fingerprint, or an empty leftover of an interrupted creation."""
         if name not in names:
-            if name in aliases:
-                raise SinkError(f"{name!r} is an alias (of {aliases[name]!r}), not a collection")
-            raise SinkError(f"{self._where} has no collection named {name!r}")
-        owner = name.removesuffix(STATE_SUFFIX)
-        if owner != name and owner in names:
-            raise SinkError(f"{name!r} belongs to collection {owner!r}; name that one")
-        if self._fingerprint(client, name, names) is not None:
+            raise not_found(name, aliases, f"{self._where} has no collection named {name!r}")
+        refuse_part(name, names.__contains__)
+        if _fingerprint(client, name, names) is not None:
             return
         state = f"{name}{STATE_SUFFIX}"
         if looks_physical(name) and client.count(name, exact=True).count == 0 and (
@@ -171,31 +130,22 @@ class QdrantServerAdmin:
         raise SinkError(f"collection {name!r} holds no embedstream fingerprint: it was not "
                         "made by embedstream; refusing to touch it")
 
-    @staticmethod
-    def _fingerprint(client: QdrantClient, name: str, names: set[str]) -> Fingerprint | None:
-        if f"{name}{STATE_SUFFIX}" not in names:
-            return None
-        try:
-            return read_fingerprint(client, name)
-        except FingerprintMismatch:  # a fingerprint this version cannot read
-            return None
-
     def _open(self) -> QdrantClient:
         if self._client is None:
             raise SinkError(f"{self._where}: the admin is closed")
         return self._client
 
-    @contextlib.contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except SinkError:
-            raise
-        except Exception as exc:
-            raise translate(exc, f"{self._where}: {what} failed", self._api_key) from None
+    def _errors(self, what: str) -> AbstractContextManager[None]:
+        return self._endpoint.errors(self._where, what)
 
 
-def _check_names(*names: str) -> None:
-    for name in names:
-        if not valid_name(name):
-            raise SinkError(f"{name!r} is not a valid collection or alias name")
+def _fingerprint(client: QdrantClient, name: str, names: set[str]) -> Fingerprint | None:
+    """The fingerprint of collection ``name``; None when it has none, or one
+    this version cannot read."""
+    if f"{name}{STATE_SUFFIX}" not in names:
+        return None
+    found = client.retrieve(f"{name}{STATE_SUFFIX}", [FINGERPRINT_POINT_ID], with_payload=True)
+    try:
+        return parse_fingerprint(found[0].payload if found else None, name)
+    except FingerprintMismatch:
+        return None

@@ -3,7 +3,7 @@
 Layout under ``path``, for each physical collection: the chunk collection
 ``<collection>/`` (one point per chunk, the default dense vector, cosine), the
 state collection ``<collection>_state/`` (one point per document holding its
-:class:`~embedstream.sinks.base.DocState`, plus the fingerprint point and maybe the
+:class:`~embedstream.stream.store.DocState`, plus the fingerprint point and maybe the
 handover point) and the lock file ``.<collection>.lock``; for the store, the
 aliases (``aliases.json``, see :mod:`embedstream.sinks._edge_files`).
 
@@ -38,42 +38,28 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import qdrant_edge as qe
 
+from embedstream.sinks._collection import CHUNKS, STATE, CollectionSink, Part, Schema
 from embedstream.sinks._edge_files import AliasRegistry, ProcessLock, lock_path
-from embedstream.sinks._handover import HandoverMethods
 from embedstream.sinks._layout import (
-    FINGERPRINT_POINT_ID,
-    HANDOVER_POINT_ID,
     SCROLL_PAGE,
-    STATE_SUFFIX,
     STATE_VECTOR,
-    as_floats,
-    dense_vector,
+    WritePlan,
     new_physical_name,
     not_ours_message,
-    parse_fingerprint,
-    plan_writes,
-    state_from_payload,
     valid_name,
 )
 from embedstream.stream.errors import ConfigError, FingerprintMismatch, SinkError
 from embedstream.stream.fingerprint import Fingerprint
-from embedstream.stream.store import DocState, DocumentWrite, Hit, StoredPoint, doc_state_point_id
 
 __all__ = ["QdrantEdgeSink", "open_fingerprint"]
 
-_CHUNK_INDEXES = (
-    ("doc_id", qe.PayloadSchemaType.Keyword),
-    ("version", qe.PayloadSchemaType.Integer),
-    ("chunk_index", qe.PayloadSchemaType.Integer),
-)
-# How often open resolves the alias again when it moved while opening.
-_RESOLVE_ATTEMPTS = 5
+_SCHEMAS = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer}
 # Lock file (real path) -> fingerprint of each collection open in this process:
 # another process's shard cannot be read, and neither can our own from a second
 # handle, so the admin asks here.
@@ -86,8 +72,10 @@ def open_fingerprint(lock_file: Path) -> Fingerprint | None:
     return _OPEN.get(os.path.realpath(lock_file))
 
 
-class QdrantEdgeSink(HandoverMethods):
+class QdrantEdgeSink(CollectionSink):
     """Chunk points in a local Qdrant Edge shard (see the module docstring)."""
+
+    _STORE = "Qdrant Edge"
 
     def __init__(self, path: Path | str, collection: str, *,
                  physical: str | None = None) -> None:
@@ -99,9 +87,7 @@ class QdrantEdgeSink(HandoverMethods):
             if name is not None and not valid_name(name):
                 raise ConfigError(f"{what} {name!r} is not a valid collection name")
         self._path = Path(path)
-        self._alias = collection
-        self._forced = physical
-        self._collection = physical or collection
+        super().__init__(collection, physical, str(self._path))
         self._aliases = AliasRegistry(self._path)
         self._lock: ProcessLock | None = None
         self._lock_file: str | None = None
@@ -109,46 +95,23 @@ class QdrantEdgeSink(HandoverMethods):
         self._state: qe.EdgeShard | None = None
 
     @property
-    def collection(self) -> str:
-        return self._collection
-
-    @property
-    def _where(self) -> str:
-        alias = f" (alias {self._alias!r})" if self._collection != self._alias else ""
-        return f"Qdrant Edge collection {self._collection!r}{alias} at {self._path}"
+    def _chunks_where(self) -> str:
+        return f"{self._where}: {self._path / self._collection}"
 
     # -- lifecycle ---------------------------------------------------------
 
-    def open(self, fingerprint: Fingerprint | None) -> None:
+    def _start(self) -> None:
         if self._lock is not None:
             raise SinkError(f"{self._where} is already open")
         with self._errors("open"):
             self._path.mkdir(parents=True, exist_ok=True)
-        if self._forced is not None:
-            if self._forced in self._aliases.read():
-                raise SinkError(f"{self._forced!r} at {self._path} is an alias, not a "
-                                "physical collection")
-            self._open_physical(self._forced, fingerprint, via_alias=False)
-            return
-        for _ in range(_RESOLVE_ATTEMPTS):
-            target = self._aliases.read().get(self._alias)
-            if target is not None:
-                if self._open_physical(target, fingerprint, via_alias=True):
-                    return
-                continue  # switched while we were opening: resolve again
-            if self._exists(self._alias):  # a store made before aliases
-                self._open_physical(self._alias, fingerprint, via_alias=False)
-                return
-            if fingerprint is None:
-                raise SinkError(f"{self._where} does not exist (or was not made by embedstream)")
-            if self._create_behind_alias(fingerprint):
-                return
-        raise SinkError(f"alias {self._alias!r} at {self._path} kept changing while opening; "
-                        "try again")
+
+    def _read_aliases(self) -> Mapping[str, str]:
+        return self._aliases.read()
 
     def _create_behind_alias(self, fingerprint: Fingerprint) -> bool:
-        """Create ``<alias>_<timestamp>`` and then the alias; False when another
-        process created the alias first (the caller resolves it again)."""
+        """Under the aliases lock, so two processes creating a store at once
+        end up on one collection."""
         try:
             with self._aliases.changing() as aliases:
                 if self._alias in aliases:
@@ -165,9 +128,8 @@ class QdrantEdgeSink(HandoverMethods):
 
     def _open_physical(self, name: str, fingerprint: Fingerprint | None,
                        via_alias: bool) -> bool:
-        """Lock and open (or create) the physical collection ``name``. With
-        ``via_alias``, False when the alias no longer points at ``name`` once
-        the lock is held (nothing stays open then)."""
+        """Lock it first; with ``via_alias``, check once the lock is held that
+        the alias still points at ``name`` (nothing stays open when not)."""
         self._collection = name
         file = lock_path(self._path, name)
         lock = ProcessLock.take(file, self._where)
@@ -176,12 +138,12 @@ class QdrantEdgeSink(HandoverMethods):
                 if self._aliases.read().get(self._alias) != name:
                     lock.release()
                     return False
-                if not self._exists(name):
+                if not (self._has(name) or self._has(self._name(STATE))):
                     raise SinkError(
                         f"alias {self._alias!r} at {self._path} points at {name!r}, which does "
                         f"not exist; point it at another collection or remove it from "
                         f"{self._path / 'aliases.json'}")
-            stored = self._open_shards(fingerprint)
+            stored = self._open_collection(fingerprint)
         except BaseException:
             self._close_shards()
             lock.release()
@@ -191,63 +153,16 @@ class QdrantEdgeSink(HandoverMethods):
         _OPEN[self._lock_file] = stored
         return True
 
-    def _exists(self, name: str) -> bool:
-        return _has_files(self._path / name) or _has_files(self._path / f"{name}{STATE_SUFFIX}")
-
-    def _open_shards(self, fingerprint: Fingerprint | None) -> Fingerprint:
-        """Open (or create) both shards; the fingerprint the collection holds."""
-        chunk_dir = self._path / self._collection
-        state_dir = self._path / f"{self._collection}{STATE_SUFFIX}"
-        stored: Fingerprint | None = None
-        if _has_files(state_dir):
-            self._state = self._load(state_dir)
-            stored = self._read_fingerprint(self._state)
-        if stored is None and fingerprint is None:
-            raise SinkError(f"{self._where} does not exist (or was not made by embedstream)")
-        if stored is not None:
-            if fingerprint is not None:
-                fingerprint.require_compatible(stored, self._collection)
-            if not _has_files(chunk_dir):
-                raise SinkError(f"{self._where}: {chunk_dir} is missing although its state "
-                                "collection exists; delete both to rebuild")
-            self._chunks = self._load(chunk_dir)
-            return stored
-        # No fingerprint: a new store, or a creation interrupted before its last
-        # step (writing the fingerprint). An empty leftover is adopted; one with
-        # points was not made by embedstream and is refused.
-        assert fingerprint is not None
-        chunk_config = qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=fingerprint.dimension, distance=qe.Distance.Cosine))
-        if _has_files(chunk_dir):
-            self._chunks = self._load(chunk_dir, chunk_config)  # refuses another dimension
-            self._refuse_points(self._chunks)
-        else:
-            with self._errors("create"):
-                self._chunks = qe.EdgeShard.create(str(chunk_dir), chunk_config)
-        if self._state is not None:
-            self._refuse_points(self._state)
-        else:
-            with self._errors("create"):
-                self._state = qe.EdgeShard.create(str(state_dir), qe.EdgeConfig(
-                    vectors=qe.EdgeVectorParams(size=1, distance=qe.Distance.Cosine)))
-        with self._errors("create"):
-            for name, schema in _CHUNK_INDEXES:
-                self._chunks.update(qe.UpdateOperation.create_field_index(name, schema))
-            self._state.update(
-                qe.UpdateOperation.create_field_index("doc_id", qe.PayloadSchemaType.Keyword))
-            # Written last: its presence marks the creation as complete. Like
-            # every update it is in the WAL once update() returns.
-            self._state.update(qe.UpdateOperation.upsert_points([qe.Point(
-                FINGERPRINT_POINT_ID, STATE_VECTOR, {"fingerprint": fingerprint.to_json()})]))
-        return fingerprint
+    def flush(self) -> None:
+        self._check_open()
+        with self._errors("flush"):
+            self._flush_shards()
 
     def close(self) -> None:
         """Flush and close both shards and release the lock. Safe to call twice."""
         try:
             with self._errors("flush"):
-                for shard in (self._chunks, self._state):
-                    if shard is not None:
-                        shard.flush()
+                self._flush_shards()
         finally:
             self._close_shards()
             if self._lock_file is not None:
@@ -257,6 +172,11 @@ class QdrantEdgeSink(HandoverMethods):
                 self._lock.release()
                 self._lock = None
 
+    def _flush_shards(self) -> None:
+        for shard in (self._chunks, self._state):
+            if shard is not None:
+                shard.flush()
+
     def _close_shards(self) -> None:
         for shard in (self._chunks, self._state):
             if shard is not None:
@@ -264,150 +184,106 @@ class QdrantEdgeSink(HandoverMethods):
                     shard.close()
         self._chunks = self._state = None
 
-    # -- reads and writes --------------------------------------------------
+    # -- the primitives of CollectionSink ------------------------------------
 
-    def document_states(self, doc_ids: Collection[str]) -> dict[str, DocState]:
-        state = self._open_state()
-        if not doc_ids:
-            return {}
-        wanted = set(doc_ids)
-        with self._errors("retrieve"):
-            records = state.retrieve([doc_state_point_id(d) for d in wanted],
-                                     with_payload=True, with_vector=False)
-        found = (state_from_payload(r.payload) for r in records)
-        return {doc_id: s for doc_id, s in filter(None, found) if doc_id in wanted}
+    def _check_open(self) -> None:
+        self._shard(CHUNKS)
+        self._shard(STATE)
 
-    def apply(self, writes: Sequence[DocumentWrite]) -> None:
-        chunks, state = self._open_chunks(), self._open_state()
-        plan = plan_writes(writes)
-        with self._errors("write"):
-            # Order is the crash-safety argument of sinks.base: chunks, then
-            # leftovers, then state (so a crash in between is replayed).
-            if plan.chunks:
-                chunks.update(qe.UpdateOperation.upsert_points(
-                    [qe.Point(pid, vector, payload) for pid, vector, payload in plan.chunks]))
-            for keep, doc_ids in plan.trims.items():
-                chunks.update(
-                    qe.UpdateOperation.delete_points_by_filter(_trim_filter(doc_ids, keep)))
-            if plan.states:
-                state.update(qe.UpdateOperation.upsert_points(
-                    [qe.Point(pid, STATE_VECTOR, payload) for pid, payload in plan.states]))
-
-    def flush(self) -> None:
-        chunks, state = self._open_chunks(), self._open_state()
-        with self._errors("flush"):
-            chunks.flush()
-            state.flush()
-
-    def stored_vectors(self, doc_ids: Collection[str]) -> dict[str, list[float]]:
-        if not doc_ids:
-            return {}
-        only = qe.Filter(must=[qe.FieldCondition("doc_id", match=qe.MatchAny(sorted(doc_ids)))])
-        return {
-            digest: dense_vector(record.vector)
-            for record in self._scroll(only, ["content_hash"])
-            if isinstance(digest := (record.payload or {}).get("content_hash"), str)
-        }
-
-    def search(self, vector: Sequence[float], limit: int) -> list[Hit]:
-        chunks = self._open_chunks()
-        if limit <= 0:
-            return []
-        request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(as_floats(vector)),
-                                  with_payload=True)
-        with self._errors("search"):
-            found = chunks.query(request)
-        return [Hit(str(p.id), p.score, p.payload or {}) for p in found]
-
-    def points(self) -> Iterator[StoredPoint]:
-        for record in self._scroll(None, True):
-            yield StoredPoint(str(record.id), dense_vector(record.vector), record.payload or {})
-
-    # -- handover (the record's logic is in HandoverMethods) ----------------
-
-    def _handover_payload(self) -> Mapping[str, Any] | None:
-        state = self._open_state()
-        with self._errors("read the handover record"):
-            found = state.retrieve([HANDOVER_POINT_ID], with_payload=True, with_vector=False)
-        return found[0].payload if found else None
-
-    def _replace_handover_payload(self, payload: dict[str, Any]) -> None:
-        state = self._open_state()
-        with self._errors("write the handover record"):
-            state.update(qe.UpdateOperation.upsert_points(
-                [qe.Point(HANDOVER_POINT_ID, STATE_VECTOR, payload)]))
-            state.flush()  # a rare control record: durable at once, not at the next flush
-
-    def _scroll(self, only: qe.Filter | None, payload: bool | list[str]) -> Iterator[qe.Record]:
-        """Every chunk record (matching ``only``), with its vector, page by page."""
-        chunks = self._open_chunks()
-        offset: Any = None
-        while True:
-            request = qe.ScrollRequest(offset=offset, limit=SCROLL_PAGE, filter=only,
-                                       with_payload=payload, with_vector=True)
-            with self._errors("scroll"):
-                records, offset = chunks.scroll(request)
-            yield from records
-            if offset is None:
-                return
-
-    # -- helpers -----------------------------------------------------------
-
-    def _open_chunks(self) -> qe.EdgeShard:
-        if self._chunks is None:
+    def _shard(self, part: Part) -> qe.EdgeShard:
+        shard = self._chunks if part == CHUNKS else self._state
+        if shard is None:
             raise SinkError(f"{self._where} is not open")
-        return self._chunks
+        return shard
 
-    def _open_state(self) -> qe.EdgeShard:
-        if self._state is None:
-            raise SinkError(f"{self._where} is not open")
-        return self._state
+    def _has(self, name: str) -> bool:
+        # EdgeShard.load on an empty directory fails after creating files in it,
+        # so only directories with content count as existing shards.
+        directory = self._path / name
+        return directory.is_dir() and any(directory.iterdir())
 
-    def _load(self, directory: Path, config: qe.EdgeConfig | None = None) -> qe.EdgeShard:
+    def _load(self, part: Part) -> None:
+        self._loaded(part, None)
+
+    def _loaded(self, part: Part, size: int | None) -> qe.EdgeShard:
+        directory = self._path / self._name(part)
         try:
-            return qe.EdgeShard.load(str(directory), config)
+            shard = qe.EdgeShard.load(str(directory), None if size is None else _config(size))
         except Exception as exc:
-            if "incompatible" in str(exc).lower():
+            if "incompatible" in str(exc).lower():  # another vector size
                 raise FingerprintMismatch(not_ours_message(self._collection, str(exc))) from exc
-            raise self._error("open", exc) from exc
+            raise self._translate("open", exc) from exc
+        self._keep(part, shard)
+        return shard
 
-    def _read_fingerprint(self, state: qe.EdgeShard) -> Fingerprint | None:
-        with self._errors("open"):
-            found = state.retrieve([FINGERPRINT_POINT_ID], with_payload=True, with_vector=False)
-        raw = (found[0].payload or {}).get("fingerprint") if found else None
-        return parse_fingerprint(raw, self._collection)
-
-    def _refuse_points(self, shard: qe.EdgeShard) -> None:
-        """A shard with points but no fingerprint was not made by embedstream."""
+    def _adopt(self, part: Part, size: int) -> None:
+        # The state shard is open already (its fingerprint was looked for), and
+        # loaded without a size: a leftover's state vectors are not checked.
+        shard = (self._state if part == STATE and self._state is not None
+                 else self._loaded(part, size))
         with self._errors("open"):
             held = shard.count(qe.CountRequest(exact=True))
         if held:
             raise FingerprintMismatch(not_ours_message(self._collection, f"{held} points"))
 
-    @contextlib.contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except (SinkError, FingerprintMismatch):
-            raise
-        except Exception as exc:
-            raise self._error(what, exc) from exc
+    def _make(self, part: Part, size: int) -> None:
+        self._keep(part, qe.EdgeShard.create(str(self._path / self._name(part)), _config(size)))
 
-    def _error(self, what: str, exc: Exception) -> SinkError:
+    def _keep(self, part: Part, shard: qe.EdgeShard) -> None:
+        if part == CHUNKS:
+            self._chunks = shard
+        else:
+            self._state = shard
+
+    def _index(self, part: Part, field: str, schema: Schema) -> None:
+        self._shard(part).update(qe.UpdateOperation.create_field_index(field, _SCHEMAS[schema]))
+
+    def _state_payloads(self, ids: Sequence[str]) -> list[Mapping[str, Any] | None]:
+        found = self._shard(STATE).retrieve(list(ids), with_payload=True, with_vector=False)
+        return [record.payload for record in found]
+
+    def _put_states(self, points: list[tuple[str, dict[str, Any]]],
+                    durable: bool = False) -> None:
+        # Like every update, in the WAL once update() returns (see the module docstring).
+        state = self._shard(STATE)
+        state.update(qe.UpdateOperation.upsert_points(
+            [qe.Point(pid, STATE_VECTOR, payload) for pid, payload in points]))
+        if durable:
+            state.flush()
+
+    def _write_chunks(self, plan: WritePlan) -> None:
+        chunks = self._shard(CHUNKS)
+        if plan.chunks:
+            chunks.update(qe.UpdateOperation.upsert_points(
+                [qe.Point(pid, vector, payload) for pid, vector, payload in plan.chunks]))
+        for keep, doc_ids in plan.trims.items():
+            chunks.update(qe.UpdateOperation.delete_points_by_filter(_chunk_filter(doc_ids, keep)))
+
+    def _scroll_page(self, doc_ids: list[str] | None, payload: bool | list[str],
+                     offset: Any) -> tuple[list[qe.Record], Any]:
+        only = None if doc_ids is None else _chunk_filter(doc_ids)
+        return self._shard(CHUNKS).scroll(qe.ScrollRequest(
+            offset=offset, limit=SCROLL_PAGE, filter=only, with_payload=payload,
+            with_vector=True))
+
+    def _nearest(self, vector: list[float], limit: int) -> list[qe.ScoredPoint]:
+        return self._shard(CHUNKS).query(qe.QueryRequest(
+            limit=limit, query=qe.Query.Nearest(vector), with_payload=True))
+
+    def _translate(self, what: str, exc: Exception) -> SinkError:
         if "WouldBlock" in str(exc):  # the shard's own WAL lock, held without ours
             return SinkError(f"{self._where} is in use by another process; a Qdrant Edge "
                              "store can be opened by one process at a time")
         return SinkError(f"{self._where}: {what} failed: {exc}")
 
 
-def _has_files(directory: Path) -> bool:
-    # EdgeShard.load on an empty directory fails after creating files in it, so
-    # only directories with content count as existing shards.
-    return directory.is_dir() and any(directory.iterdir())
+def _config(size: int) -> qe.EdgeConfig:
+    return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=size, distance=qe.Distance.Cosine))
 
 
-def _trim_filter(doc_ids: list[str], keep: int) -> qe.Filter:
+def _chunk_filter(doc_ids: list[str], from_index: int = 0) -> qe.Filter:
+    """The chunks of ``doc_ids`` (at ``from_index`` or above)."""
     must: list[Any] = [qe.FieldCondition("doc_id", match=qe.MatchAny(doc_ids))]
-    if keep > 0:
-        must.append(qe.FieldCondition("chunk_index", range=qe.RangeFloat(gte=keep)))
+    if from_index > 0:
+        must.append(qe.FieldCondition("chunk_index", range=qe.RangeFloat(gte=from_index)))
     return qe.Filter(must=must)

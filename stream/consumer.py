@@ -30,28 +30,26 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from embedstream.stream.apply import apply_batch, call_sink
 from embedstream.stream.backpressure import Backpressure
 from embedstream.stream.batch import MicroBatch
 from embedstream.stream.chunking import Chunker
 from embedstream.stream.config import Settings
 from embedstream.stream.dead_letters import DeadLetters
 from embedstream.stream.embedding import Embedder
-from embedstream.stream.errors import EmbedderUnavailable, SinkError, SinkUnavailable
+from embedstream.stream.errors import EmbedderUnavailable, SinkUnavailable
 from embedstream.stream.events import ChangeEvent, Position, Skipped
 from embedstream.stream.handover import AliasFollower
 from embedstream.stream.health import Health
 from embedstream.stream.intake import Rejected, take_in
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.offsets import commit_offsets, report_lag
-from embedstream.stream.plan import Folded, build_write, fold, group_by_document
-from embedstream.stream.store import DocState, Sink
-from embedstream.stream.vectors import ChunkVectors, Failure, failure_of
+from embedstream.stream.plan import PreparedEvent
+from embedstream.stream.store import Sink
+from embedstream.stream.vectors import ChunkVectors, Failure
 
 __all__ = ["AppliedCallback", "StreamConsumer"]
 
@@ -276,8 +274,7 @@ class StreamConsumer:
             self._checkpoint_at = None
             return True
         try:
-            with self._metrics.sink_seconds.labels(op="flush").time():
-                self._sink_call("flush", self._sink.flush)
+            call_sink(self._metrics, "flush", self._sink.flush)
         except SinkUnavailable as error:
             self._pressure.back_off(error)
             return False
@@ -289,55 +286,15 @@ class StreamConsumer:
         return True
 
     def _apply(self, batch: MicroBatch) -> tuple[float, list[ChangeEvent]]:
-        by_doc = group_by_document(batch.events)
-        with self._metrics.sink_seconds.labels(op="read_state").time():
-            stored = self._sink_call("read_state", self._sink.document_states, by_doc)
-        folded = {doc_id: fold(stored.get(doc_id), doc_events)
-                  for doc_id, doc_events in by_doc.items()}
-        winners = [item for item in folded.values() if item.winner is not None]
-        vectors, failed = self._vectors(winners, stored)
-        for doc_id, doc_events in by_doc.items():
-            winner = folded[doc_id].winner
-            failure = winner and (failure_of(winner.chunks, failed)
-                                  or batch.dead_lettered.get(winner.event.position))
-            if winner is not None and failure:
-                if winner.event.position not in batch.dead_lettered:  # not again on a retry
-                    # Also not written on a retry that embeds it: dead-lettered means not applied.
-                    batch.dead_lettered[winner.event.position] = failure
-                    self._dead_letter(batch.raw[winner.event.position], *failure,
-                                      kind=winner.event.kind)
-                winners.remove(folded[doc_id])
-                winner = None
-            for prepared in doc_events:
-                if prepared is not folded[doc_id].winner:
-                    self._metrics.events.labels(op=prepared.event.kind, outcome="stale").inc()
-                elif winner is not None:
-                    self._metrics.events.labels(op=prepared.event.kind, outcome="applied").inc()
-        writes = [build_write(item, vectors) for item in winners]
-        if writes:
-            with self._metrics.sink_seconds.labels(op="apply").time():
-                self._sink_call("apply", self._sink.apply, writes)
-        return time.time(), [item.winner.event for item in winners if item.winner]
+        """Apply the batch; returns when the store acknowledged it and what it applied."""
 
-    def _sink_call(self, op: str, call: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return call(*args)
-        except SinkError:
-            self._metrics.sink_errors.labels(op=op).inc()
-            raise
+        def dead_letter(winner: PreparedEvent, failure: Failure) -> None:
+            self._dead_letter(batch.raw[winner.event.position], *failure, kind=winner.event.kind)
 
-    def _vectors(
-        self, winners: list[Folded], stored: dict[str, DocState]
-    ) -> tuple[dict[str, npt.NDArray[np.float32]], dict[str, Failure]]:
-        """Vectors by content hash for the winners' chunks, and why the hashes that failed did."""
-
-        def read_stored(doc_ids: Sequence[str]) -> dict[str, list[float]]:
-            with self._metrics.sink_seconds.labels(op="read_vectors").time():
-                held: dict[str, list[float]] = self._sink_call(
-                    "read_vectors", self._sink.stored_vectors, doc_ids)
-            return held
-
-        return self._chunk_vectors.for_winners(winners, stored, read_stored)
+        # Kept on the batch, so a retry of it neither dead-letters nor writes them again.
+        applied = apply_batch(batch.events, self._sink, self._chunk_vectors, self._metrics,
+                              dead_letter, batch.dead_lettered)
+        return time.time(), applied
 
     def _observe(self, batch: MicroBatch, applied: list[ChangeEvent], acked_at: float) -> None:
         self._metrics.batch_events.observe(batch.messages)

@@ -28,6 +28,11 @@ __all__ = ["Embedder", "SentenceTransformerEmbedder", "pack_batches", "pad_batch
 
 
 class Embedder(Protocol):
+    """Turns chunk texts into unit vectors: the local model or a remote API.
+
+    Everything the stream, the rebuild's catch-up and the commands use is here, so
+    callers type against this protocol, never a concrete class."""
+
     @property
     def model_name(self) -> str: ...
 
@@ -39,9 +44,25 @@ class Embedder(Protocol):
     @property
     def dimension(self) -> int: ...
 
+    @property
+    def max_seq_length(self) -> int:
+        """Longest input in tokens, special tokens included; the chunker cuts below it."""
+        ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer that decides where chunks are cut (shared with
+        the chunker; a remote embedder's local stand-in for the API's)."""
+        ...
+
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Vectors for ``texts`` in input order, shape (len(texts), dimension),
         float32, each row of unit L2 norm."""
+        ...
+
+    def close(self) -> None:
+        """Release what the embedder holds (connections, a private event loop). Safe
+        to call twice."""
         ...
 
 

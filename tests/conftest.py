@@ -8,8 +8,59 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from embedstream.stream.app.broker import LocalBroker
+
+# ======================================================================================
+# The slow mark: a test that starts the broker or loads the real model must carry it
+# ======================================================================================
+
+# Fixtures that start the real broker or load the real model. A test using one, itself
+# or through another fixture, without @pytest.mark.slow fails collection: it would make
+# `make fast-test` (-m "not slow") slow. Tests that do the same without these fixtures
+# (their own LocalBroker, a subprocess of the CLI, build_pipeline on the default model)
+# are marked by hand.
+SLOW_FIXTURES = {
+    "broker": "starts the real Kafka broker",
+    "minilm": "loads the real all-MiniLM-L6-v2",
+    "embedding_server": "serves the real all-MiniLM-L6-v2 over HTTP",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m/-k deselect: every test is checked
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = []
+    for item in items:
+        used = [f"{name} ({why})" for name, why in SLOW_FIXTURES.items()
+                if name in getattr(item, "fixturenames", ())]
+        if used and item.get_closest_marker("slow") is None:
+            unmarked.append(f"  {item.nodeid}: uses {', '.join(used)}")
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that start the broker or load the real model must be marked "
+            "@pytest.mark.slow (else `make fast-test` runs them):\n" + "\n".join(unmarked))
+
+
+# ======================================================================================
+# Hypothesis profiles: every example in `make test`, fewer in the quick loop
+# ======================================================================================
+
+# "full" (`make test` passes --hypothesis-profile=full) runs each property test with the
+# example count written at the test; "quick" (the default: `make fast-test`, a bare
+# pytest) runs a tenth of them. Tests with an explicit count pass it through
+# hypothesis_examples(); tests without one follow the profile's max_examples.
+FULL_EXAMPLES = 100  # Hypothesis' own default: the counts written in the tests mean this
+hypothesis_settings.register_profile("full", max_examples=FULL_EXAMPLES)
+hypothesis_settings.register_profile("quick", max_examples=FULL_EXAMPLES // 10)
+hypothesis_settings.load_profile("quick")  # --hypothesis-profile loads another after this
+
+
+def hypothesis_examples(full: int) -> int:
+    """A test's example count, written as ``full`` (its count in the "full" profile),
+    scaled to the loaded profile. Call it at import: profiles load before collection."""
+    return max(1, full * hypothesis_settings.default.max_examples // FULL_EXAMPLES)
+
 
 # ======================================================================================
 # Model fixtures (embedding / chunking): the real all-MiniLM-L6-v2 and a tiny random BERT
@@ -74,6 +125,16 @@ def build_tiny_model(directory: Path, tokenizer_dir: str, seed: int = 0) -> Path
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         (directory / name).write_text(json.dumps(content, indent=2))
     return directory
+
+
+@pytest.fixture(scope="session")
+def embedding_server(minilm_path: str) -> Iterator[Any]:
+    """The OpenAI-compatible embeddings API on a free port, serving the real model
+    (an ``embedstream.stream.app.embedding_server.EmbeddingServer``); reset it before use."""
+    from embedstream.stream.app.embedding_server import EmbeddingServer
+
+    with EmbeddingServer.with_model(minilm_path) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

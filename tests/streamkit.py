@@ -15,6 +15,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
 from embedstream.stream.app.devdata import DevMessage, load_revisions, revision_events
+from embedstream.stream.consumer import StreamConsumer
 from embedstream.stream.dead_letters import ensure_topics
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -61,12 +62,46 @@ def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30) -
     return got
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+def before_deadline(condition: Callable[[], bool], timeout_s: float, what: str,
+                    progress: Callable[[], str] | None = None) -> Callable[[], bool]:
+    """``condition`` as a predicate that raises AssertionError (naming ``what``, and
+    ``progress()`` when given) once ``timeout_s`` seconds pass with it still false.
+    For loops that would otherwise spin forever: ``while not check(): ...``."""
     deadline = time.monotonic() + timeout_s
-    while not predicate():
+
+    def check() -> bool:
+        if condition():
+            return True
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            got = f"; {progress()}" if progress else ""
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}{got}")
+        return False
+
+    return check
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    check = before_deadline(predicate, timeout_s, what)
+    while not check():
         time.sleep(0.2)
+
+
+def committed_so_far(consumer: StreamConsumer) -> str:
+    """The offsets ``consumer`` has committed, per partition and in all."""
+    offsets = dict(sorted(consumer.committed.items()))
+    per_partition = ", ".join(f"{topic}[{p}]={o}" for (topic, p), o in offsets.items())
+    return (f"committed offsets so far: {per_partition or 'none'} "
+            f"({sum(offsets.values())} in all), {len(consumer.assigned)} partitions assigned")
+
+
+def run_until(consumer: StreamConsumer, until: Callable[[], bool], deadline_s: float,
+              what: str = "the stop condition") -> None:
+    """``consumer.run(until=until)``, failing instead of hanging: when ``until()`` is
+    still false ``deadline_s`` seconds on, the loop stops with an AssertionError that
+    names ``what`` and the offsets committed so far (nothing more is committed: the
+    consumer treats the error as a failed run)."""
+    consumer.run(until=before_deadline(until, deadline_s, what,
+                                       progress=lambda: committed_so_far(consumer)))
 
 
 @dataclass

@@ -9,6 +9,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from embedstream.stream.app.broker import LocalBroker
 from embedstream.stream.app.service import build_consumer, build_pipeline
 from embedstream.stream.config import Settings
@@ -17,7 +19,7 @@ from embedstream.stream.errors import DecodeError
 from embedstream.stream.events import ChangeEvent, Position
 from embedstream.stream.metrics import Metrics
 
-from .streamkit import create_topic, produce, read_all, unique
+from .streamkit import create_topic, produce, read_all, run_until, unique
 
 DEBEZIUM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "debezium"
 
@@ -76,6 +78,7 @@ def mutations(rng: random.Random, n: int) -> list[tuple[bytes | None, bytes]]:
     return out
 
 
+@pytest.mark.slow
 def test_a_stream_of_malformed_messages_is_dead_lettered_and_never_stops_the_loop(
         broker: LocalBroker, tmp_path: Path, tiny_model_dir: Path) -> None:
     rng = random.Random(2026)
@@ -111,7 +114,8 @@ def test_a_stream_of_malformed_messages_is_dead_lettered_and_never_stops_the_loo
     metrics = Metrics()
     stream = build_consumer(pipeline, metrics)
     try:
-        stream.run(until=lambda: sum(stream.committed.values()) >= len(messages))
+        run_until(stream, lambda: sum(stream.committed.values()) >= len(messages), 90,
+                  f"all {len(messages)} messages to be committed")
         stored = pipeline.sink.document_states(sorted(live | {f"g{i}" for i in range(40)}))
     finally:
         stream.close()

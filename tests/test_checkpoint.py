@@ -5,7 +5,6 @@ after the store has made them durable (``Sink.flush``), at most
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,9 @@ from embedstream.stream.errors import SinkUnavailable
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.store import Sink
 
-from .streamkit import create_topic, produce, unique
+from .streamkit import create_topic, produce, run_until, unique
+
+pytestmark = pytest.mark.slow  # every test runs the real broker
 
 
 class RecordingSink:
@@ -118,8 +119,7 @@ def test_applied_writes_are_searchable_before_their_checkpoint(rig_factory: Any)
             return True
         return False
 
-    deadline = time.monotonic() + 60
-    rig.stream.run(until=lambda: all_stored() or time.monotonic() > deadline)
+    run_until(rig.stream, all_stored, 60, "the 5 documents to be stored")
     assert seen_uncommitted == [0], "every write was readable before anything was committed"
     # Stopping checkpoints: flush first, then the commit reaches the broker.
     assert rig.sink.log[-1] == ("flush", 0)
@@ -130,16 +130,15 @@ def test_applied_writes_are_searchable_before_their_checkpoint(rig_factory: Any)
 def test_checkpoints_follow_within_the_interval_and_only_after_a_flush(rig_factory: Any) -> None:
     rig = rig_factory(300)
     produce(rig.bootstrap, rig.topic, docs(5))
-    deadline = time.monotonic() + 60
     # Without leaving run(): only the timer can commit here.
-    rig.stream.run(until=lambda: sum(rig.stream.committed.values()) >= 5
-                   or time.monotonic() > deadline)
+    run_until(rig.stream, lambda: sum(rig.stream.committed.values()) >= 5, 60,
+              "a timed checkpoint of the 5 documents")
     assert rig.stream.committed == {(rig.topic, 0): 5}
     kinds = [kind for kind, _ in rig.sink.log]
     assert "apply" in kinds and kinds[-1] == "flush"
     produce(rig.bootstrap, rig.topic, docs(5, version=2))
-    rig.stream.run(until=lambda: sum(rig.stream.committed.values()) >= 10
-                   or time.monotonic() > deadline)
+    run_until(rig.stream, lambda: sum(rig.stream.committed.values()) >= 10, 60,
+              "a timed checkpoint of the second versions")
     assert rig.stream.committed == {(rig.topic, 0): 10}
     # Every commit came after a flush that followed the last apply before it.
     for (kind, committed), (_, later) in zip(rig.sink.log, rig.sink.log[1:], strict=False):
@@ -158,8 +157,7 @@ def test_nothing_is_committed_while_the_store_cannot_flush(rig_factory: Any) -> 
             commits_while_failing.append(rig.sink.committed())
         return sum(rig.stream.committed.values()) >= 5
 
-    deadline = time.monotonic() + 60
-    rig.stream.run(until=lambda: done() or time.monotonic() > deadline)
+    run_until(rig.stream, done, 60, "a checkpoint once the store flushes again")
     assert rig.sink.flush_failures == 0 and commits_while_failing
     assert set(commits_while_failing) == {0}
     assert rig.stream.committed == {(rig.topic, 0): 5}

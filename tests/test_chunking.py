@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from embedstream.stream.chunking import Chunk, TokenChunker, content_hash
 
+from .conftest import hypothesis_examples
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REVISIONS = DATA / "revisions" / "doc-revisions.jsonl"
 SCIFACT = DATA / "beir" / "scifact" / "corpus.jsonl"
@@ -337,7 +339,8 @@ def _bulk(seed: int, n: int) -> str:
 
 
 @settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=hypothesis_examples(300), deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     parts=st.lists(_pieces, max_size=300),

@@ -21,7 +21,7 @@ from embedstream.stream.app.service import build_consumer, build_pipeline
 from embedstream.stream.config import Settings
 from embedstream.stream.metrics import Metrics
 
-from .streamkit import create_topic, produce, unique
+from .streamkit import create_topic, produce, run_until, unique
 
 DOCS = {
     "otters": "Sea otters hold hands while they sleep so that they do not drift apart.",
@@ -52,7 +52,8 @@ def store(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> dict
     pipeline = build_pipeline(Settings(**config))
     try:
         stream = build_consumer(pipeline, Metrics())
-        stream.run(until=lambda: sum(stream.committed.values()) >= len(DOCS))
+        run_until(stream, lambda: sum(stream.committed.values()) >= len(DOCS), 60,
+                  "the documents to be committed")
         stream.close()
     finally:
         pipeline.close()
@@ -68,6 +69,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+@pytest.mark.slow
 def test_search_returns_the_relevant_document_first(store: dict[str, Any]) -> None:
     result = cli("search", "why do otters hold hands?", "-k", "2", "--json",
                  "--config", str(store["file"]))
@@ -78,6 +80,7 @@ def test_search_returns_the_relevant_document_first(store: dict[str, Any]) -> No
     assert hits[0]["score"] > hits[1]["score"]
 
 
+@pytest.mark.slow
 def test_export_writes_every_point_as_a_json_line(store: dict[str, Any]) -> None:
     result = cli("export", "--format", "jsonl", "--config", str(store["file"]))
     assert result.returncode == 0, result.stderr
@@ -91,6 +94,7 @@ def test_export_writes_every_point_as_a_json_line(store: dict[str, Any]) -> None
         assert point["payload"]["text"] == DOCS[point["payload"]["doc_id"]]
 
 
+@pytest.mark.slow
 def test_a_consumer_with_another_fingerprint_refuses_to_start(store: dict[str, Any]) -> None:
     result = cli("consume", "--config", str(store["file"]),
                  env={"EMBEDSTREAM_CHUNK__MAX_TOKENS": "64"})
@@ -106,6 +110,7 @@ def test_invalid_config_fails_at_start_naming_the_field(tmp_path: Path) -> None:
     assert "sink.kind" in result.stderr
 
 
+@pytest.mark.slow
 def test_consume_serves_metrics_and_stops_cleanly_on_sigterm(store: dict[str, Any]) -> None:
     """A second group replays the topic through the service: every event is stale
     (the store already has it), offsets are committed, and SIGTERM exits 0."""

@@ -15,6 +15,8 @@ from embedstream.stream.decode import decode_message
 from embedstream.stream.errors import DecodeError
 from embedstream.stream.events import ChangeEvent, Op, Position, Skipped
 
+from .conftest import hypothesis_examples
+
 SAMPLES = Path(__file__).parents[1] / ".." / "shared" / "data" / "debezium"
 POS = Position("dbserver1.inventory.customers", 0, 42)
 CUSTOMERS = SourceSettings(
@@ -479,7 +481,8 @@ configs = st.sampled_from(
 )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=hypothesis_examples(400), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(key=raw, value=raw, cfg=configs, offset=st.integers(min_value=0, max_value=2**40))
 def test_any_bytes_decode_or_raise_decode_error_only(
     key: bytes | None, value: bytes | None, cfg: SourceSettings, offset: int

@@ -29,7 +29,7 @@ from embedstream.stream.app.service import build_consumer, build_pipeline
 from embedstream.stream.config import Settings
 from embedstream.stream.metrics import Metrics
 
-from .streamkit import create_topic, unique
+from .streamkit import create_topic, run_until, unique
 
 SMALL_LIMIT = 2000
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
@@ -162,22 +162,17 @@ class Scenario:
         try:
             stream = build_consumer(pipeline, Metrics())
 
-            def run_until(target: dict[int, int]) -> None:
-                deadline = time.monotonic() + 60
-
-                def caught_up() -> bool:
-                    return all(stream.committed.get((self.topic, p), 0) >= o
-                               for p, o in target.items())
-
-                stream.run(until=lambda: caught_up() or time.monotonic() > deadline)
-                assert caught_up(), (stream.committed, target)
+            def catch_up(target: dict[int, int]) -> None:
+                run_until(stream, lambda: all(stream.committed.get((self.topic, p), 0) >= o
+                                              for p, o in target.items()),
+                          60, f"the committed offsets per partition to reach {target}")
 
             try:
                 # One partition at a time, so the dead letters come in a known order.
                 for partition, records in (produce or {}).items():
                     produce_to(self.bootstrap, self.topic, partition, records)
-                    run_until({p: o for p, o in until_offsets.items() if p <= partition})
-                run_until(until_offsets)
+                    catch_up({p: o for p, o in until_offsets.items() if p <= partition})
+                catch_up(until_offsets)
             finally:
                 stream.close()
             return {str(p.payload["doc_id"]) for p in pipeline.sink.points()}
@@ -292,12 +287,14 @@ def test_replay_resubmits_what_now_decodes_once(
     assert len(out.splitlines()) == len(EXPECTED_DLQ)
 
 
+@pytest.mark.slow
 def test_replay_keeps_its_progress_in_its_own_group(scenario: Scenario) -> None:
     settings = Settings(**yaml.safe_load((scenario.tmp / "strict.yaml").read_text()))
     assert dlq.replay_group(settings) == f"{settings.kafka.group_id}.dlq-replay"
     assert dlq.dlq_topics(settings) == [scenario.dlq_topic]
 
 
+@pytest.mark.slow
 def test_a_missing_dead_letter_topic_is_empty(
         broker: LocalBroker, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         cli_logging: None) -> None:
@@ -327,6 +324,7 @@ def test_an_unreachable_broker_is_a_clear_error(
         in err
 
 
+@pytest.mark.slow
 def test_nothing_is_committed_when_resubmitting_fails(
         broker: LocalBroker, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         cli_logging: None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -60,25 +61,31 @@ def varied(minilm: SentenceTransformerEmbedder) -> tuple[list[str], np.ndarray]:
     return texts, minilm.embed(texts)
 
 
-def test_properties(minilm: SentenceTransformerEmbedder) -> None:
+@pytest.mark.slow
+def test_properties(minilm: SentenceTransformerEmbedder, minilm_path: str) -> None:
     assert minilm.model_name == "sentence-transformers/all-MiniLM-L6-v2"
     assert minilm.dimension == 384
     assert minilm.max_seq_length == 256
     assert minilm.tokenizer.is_fast
-    assert len(minilm.revision) == 64 and int(minilm.revision, 16) >= 0
+    # The revision is the sha256 of the bundled model's weight files, as lowercase hex.
+    assert re.fullmatch(r"[0-9a-f]{64}", minilm.revision), minilm.revision
+    assert minilm.revision == weights_digest(minilm_path)
 
 
+@pytest.mark.slow
 def test_unit_norm_float32(minilm: SentenceTransformerEmbedder) -> None:
     vectors = minilm.embed(["one", "two words", "", "three words here"])
     assert vectors.shape == (4, 384) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_empty_input(minilm: SentenceTransformerEmbedder) -> None:
     vectors = minilm.embed([])
     assert vectors.shape == (0, 384) and vectors.dtype == np.float32
 
 
+@pytest.mark.slow
 def test_matches_stock_encode(varied: tuple[list[str], np.ndarray], stock: Any) -> None:
     texts, ours = varied
     assert len(texts) >= 40
@@ -87,6 +94,7 @@ def test_matches_stock_encode(varied: tuple[list[str], np.ndarray], stock: Any) 
     assert cosines.min() >= 0.999, cosines.argmin()
 
 
+@pytest.mark.slow
 def test_input_order_preserved(
     minilm: SentenceTransformerEmbedder, varied: tuple[list[str], np.ndarray]
 ) -> None:
@@ -100,6 +108,7 @@ def test_input_order_preserved(
     assert float(distinct[0] @ distinct[1]) < 0.9
 
 
+@pytest.mark.slow
 def test_revision_stable_across_loads(minilm: SentenceTransformerEmbedder) -> None:
     again = SentenceTransformerEmbedder("all-MiniLM-L6-v2", device="cpu")
     assert again.revision == minilm.revision
@@ -113,6 +122,7 @@ def test_revision_is_fast(minilm_path: str) -> None:
     assert time.perf_counter() - started < 2.0
 
 
+@pytest.mark.slow
 def test_revision_differs_with_weights(
     minilm: SentenceTransformerEmbedder, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

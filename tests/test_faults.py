@@ -9,7 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,9 @@ from embedstream.stream.health import Health, serve_http
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.store import Sink
 
-from .streamkit import create_topic, produce, read_all, unique
+from .streamkit import before_deadline, create_topic, produce, read_all, run_until, unique
+
+pytestmark = pytest.mark.slow  # every test runs the real broker
 
 
 def native(doc: str, text: str, version: int) -> tuple[bytes, bytes]:
@@ -56,19 +58,6 @@ def settings_for(bootstrap: str, topic: str, group: str, store: Path | None, mod
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-def until(condition: Callable[[], bool], timeout_s: float, what: str) -> Callable[[], bool]:
-    deadline = time.monotonic() + timeout_s
-
-    def check() -> bool:
-        if condition():
-            return True
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        return False
-
-    return check
 
 
 def stored_docs(sink: Sink, n: int) -> dict[str, int]:
@@ -132,7 +121,7 @@ def test_store_outage_pauses_reports_not_ready_and_resumes(
     stream = build_consumer(pipeline, metrics, health=health)
     try:
         produce(broker.bootstrap_servers, topic, docs(range(10)))
-        stream.run(until=until(lambda: sum(stream.committed.values()) >= 10, 60, "first docs"))
+        run_until(stream, lambda: sum(stream.committed.values()) >= 10, 60, "the first docs")
         assert http_status(port, "/readyz") == 200
 
         start = time.monotonic()
@@ -150,12 +139,13 @@ def test_store_outage_pauses_reports_not_ready_and_resumes(
                 return False
             return True
 
-        stream.run(until=during_outage)
+        run_until(stream, during_outage, 60, "the outage to end")
         assert sink.failed_calls >= 4, "the consumer retried throughout the outage"
         assert seen and all(ready == 503 and live == 200 for ready, live, _ in seen)
         assert max(paused for _, _, paused in seen) >= 1
 
-        stream.run(until=until(lambda: sum(stream.committed.values()) >= 30, 60, "recovery"))
+        run_until(stream, lambda: sum(stream.committed.values()) >= 30, 60,
+                  "the recovery after the outage")
         assert http_status(port, "/readyz") == 200
         assert sample(metrics, "embedstream_paused_partitions") == 0
         assert len(stored_docs(sink.real, 30)) == 30
@@ -171,6 +161,7 @@ def test_store_outage_pauses_reports_not_ready_and_resumes(
 # -- broker freeze ------------------------------------------------------------------
 
 
+@pytest.mark.timeout(240)  # 30 s frozen by design; ~50 s in all
 def test_broker_frozen_for_30s_recovers_with_nothing_lost_or_applied_twice(
         tmp_path: Path, tiny_model_dir: Path) -> None:
     with LocalBroker(log_file=tmp_path / "tansu.log") as frozen:
@@ -187,15 +178,16 @@ def test_broker_frozen_for_30s_recovers_with_nothing_lost_or_applied_twice(
         stream = build_consumer(pipeline, Metrics(), on_applied=applied)
         try:
             produce(frozen.bootstrap_servers, topic, docs(range(20)))
-            stream.run(until=until(lambda: sum(stream.committed.values()) >= 20, 60, "start"))
+            run_until(stream, lambda: sum(stream.committed.values()) >= 20, 60,
+                      "the first 20 docs")
             frozen.pause()
             thawed = threading.Event()
             # A test thread, not the consumer's: it thaws the broker 30 s on.
             threading.Timer(30, lambda: (frozen.resume(), thawed.set())).start()
-            stream.run(until=until(thawed.is_set, 60, "the thaw"))  # the loop survives
+            run_until(stream, thawed.is_set, 60, "the thaw")  # the loop survives
             produce(frozen.bootstrap_servers, topic, docs(range(20), 2) + docs(range(20, 30)))
-            stream.run(until=until(lambda: sum(stream.committed.values()) >= 50, 120,
-                                   "the consumer to recover"))
+            run_until(stream, lambda: sum(stream.committed.values()) >= 50, 120,
+                      "the consumer to recover")
         finally:
             stream.close()
         versions = stored_docs(pipeline.sink, 30)
@@ -240,7 +232,8 @@ def test_a_member_joins_and_another_leaves_mid_stream_and_nothing_is_lost(
     total = n_docs * rounds
     try:
         first.start()
-        while not applications:
+        started = before_deadline(lambda: bool(applications), 60, "the first member to apply")
+        while not started():
             first.step()
         second.start()  # joins: the partitions are shared out
         deadline = time.monotonic() + 60
@@ -250,8 +243,8 @@ def test_a_member_joins_and_another_leaves_mid_stream_and_nothing_is_lost(
             second.step()
         second.run(until=lambda: True)  # apply and checkpoint what it holds ...
         second.close()  # ... and leave: its partitions go back to the first
-        first.run(until=until(lambda: producer_done.is_set() and sum(
-            read_committed(broker, group, topic)) >= total, 120, "the stream to drain"))
+        run_until(first, lambda: producer_done.is_set() and sum(
+            read_committed(broker, group, topic)) >= total, 90, "the stream to drain")
         versions = stored_docs(pa.sink, n_docs)
     finally:
         feeder.join()
@@ -320,7 +313,7 @@ def test_out_of_memory_halves_the_batch_and_dead_letters_what_fails_alone(
     messages = [*docs(range(5)), poison, *docs(range(6, 12))]
     # One batch: the consumer is behind, so everything is read before the first flush.
     produce(broker.bootstrap_servers, topic, messages)
-    stream.run(until=until(lambda: sum(stream.committed.values()) >= 12, 60, "the batch"))
+    run_until(stream, lambda: sum(stream.committed.values()) >= 12, 60, "the batch")
 
     assert sample(metrics, "embedstream_embed_splits_total") >= 2
     assert set(stored_docs(pipeline.sink, 12)) == {f"d{i}" for i in range(12)} - {"d5"}
@@ -351,7 +344,8 @@ def test_partitions_lost_past_max_poll_interval_are_dropped_uncommitted_and_repl
     try:
         produce(broker.bootstrap_servers, topic, docs(range(10)))
         stream.start()
-        applied = until(lambda: len(stored_docs(pipeline.sink, 10)) == 10, 60, "apply")
+        applied = before_deadline(lambda: len(stored_docs(pipeline.sink, 10)) == 10, 60,
+                                  "the 10 docs to be applied")
         while not applied():  # step, not run: run() checkpoints when it returns
             stream.step()
         # A stall longer than max.poll.interval.ms: the client leaves the group.

@@ -24,7 +24,7 @@ from embedstream.stream.errors import FingerprintMismatch
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.store import Sink
 
-from .streamkit import create_topic, unique, wait_for
+from .streamkit import create_topic, run_until, unique, wait_for
 
 DOCS = 60
 
@@ -129,7 +129,7 @@ def test_rebuild_from_kafka_hands_over_with_no_event_lost_or_applied_twice(
 
     def run_live() -> None:
         try:
-            live.run(until=stop_live.is_set)
+            run_until(live, stop_live.is_set, 100, "the test to stop the live consumer")
         except BaseException as error:
             errors.append(error)
 
@@ -231,6 +231,7 @@ class FailingAfter:
         return getattr(self.sink, name)
 
 
+@pytest.mark.slow
 def test_a_rebuild_from_kafka_resumes_per_partition(broker: LocalBroker, tmp_path: Path,
                                                     tiny_model_dir: Path) -> None:
     topic = unique("resume")

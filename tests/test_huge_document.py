@@ -138,6 +138,7 @@ def assert_exact_chunks(
     assert counts == [c[3] for c in chunks]  # exact for WordPiece
 
 
+@pytest.mark.slow  # a fresh interpreter chunks 10 MB: ~15 s
 def test_ten_megabytes_in_bounded_memory(
     tmp_path: Path, minilm_path: str, minilm_tokenizer: Any
 ) -> None:
@@ -154,6 +155,7 @@ def test_ten_megabytes_in_bounded_memory(
     assert 25 < mean < 80, mean  # sentence-sized chunks, as on smaller documents
 
 
+@pytest.mark.slow  # a fresh interpreter, 1.6 MB re-tokenised: ~7 s
 def test_a_long_run_without_whitespace_in_bounded_memory(
     tmp_path: Path, minilm_path: str, minilm_tokenizer: Any
 ) -> None:

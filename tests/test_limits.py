@@ -6,18 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from embedstream.stream.app.broker import LocalBroker
 from embedstream.stream.app.service import build_consumer, build_pipeline
 from embedstream.stream.config import Settings
 from embedstream.stream.metrics import Metrics
 
-from .streamkit import create_topic, produce, read_all, unique
+from .streamkit import create_topic, produce, read_all, run_until, unique
 
 
 def native(doc: str, text: str) -> tuple[bytes, bytes]:
     return doc.encode(), json.dumps({"id": doc, "text": text, "version": 1}).encode()
 
 
+@pytest.mark.slow
 def test_oversized_messages_and_documents_are_dead_lettered_and_the_stream_goes_on(
         broker: LocalBroker, tmp_path: Path, tiny_model_dir: Path) -> None:
     topic = unique("limits")
@@ -40,7 +43,8 @@ def test_oversized_messages_and_documents_are_dead_lettered_and_the_stream_goes_
     metrics = Metrics()
     stream = build_consumer(pipeline, metrics)
     try:
-        stream.run(until=lambda: sum(stream.committed.values()) >= len(messages))
+        run_until(stream, lambda: sum(stream.committed.values()) >= len(messages), 60,
+                  f"all {len(messages)} messages to be committed")
         stored = pipeline.sink.document_states(["a", "b", "huge", "long"])
     finally:
         stream.close()

@@ -25,7 +25,7 @@ from embedstream.stream.config import Settings
 from embedstream.stream.health import Health, serve_http
 from embedstream.stream.metrics import Metrics
 
-from .streamkit import create_topic, produce, unique
+from .streamkit import create_topic, produce, run_until, unique
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ROOT / "helm" / "embedstream" / "files"
@@ -180,21 +180,20 @@ def consumer_exposition(broker: LocalBroker, tmp_path: Path,
                                                "version": 1, "ts_ms": int(time.time() * 1000)})
                  .encode()) for i in range(4)]
         produce(broker.bootstrap_servers, topic, [*good, (b"bad", b"\xff\xfe not json")])
-        deadline = time.monotonic() + 60
-
         def done() -> bool:
             text = scrape(port)
             return ((sample_value(text, "embedstream_events_total") or 0) >= 5
                     and (sample_value(text, "embedstream_commits_total") or 0) >= 1
                     and sample_value(text, "embedstream_consumer_lag_messages") is not None)
 
-        stream.run(until=lambda: done() or time.monotonic() > deadline)
+        run_until(stream, done, 60, "the events, a commit and the lag on /metrics")
         yield scrape(port)
     finally:
         stream.close()
         pipeline.close()
 
 
+@pytest.mark.slow
 def test_every_metric_the_dashboard_and_alerts_use_is_exported(
         consumer_exposition: str) -> None:
     text = consumer_exposition

@@ -13,6 +13,8 @@ from embedstream.stream.events import ChangeEvent, Op, Position
 from embedstream.stream.plan import PreparedEvent, build_write, fold, group_by_document
 from embedstream.stream.store import DocState
 
+from .conftest import hypothesis_examples
+
 _offsets = itertools.count()
 
 
@@ -84,7 +86,7 @@ def test_group_by_document_keeps_log_order() -> None:
     assert group_by_document([a1, b1, a2]) == {"a": [a1, a2], "b": [b1]}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=hypothesis_examples(300), deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 6), st.booleans()), min_size=1, max_size=12),
        st.randoms(use_true_random=False))
 def test_any_interleaving_of_replays_reaches_the_newest_state(

@@ -33,10 +33,13 @@ from embedstream.stream.events import ChangeEvent, Op, Position
 from embedstream.stream.plan import PreparedEvent, build_write, fold, group_by_document
 from embedstream.stream.store import DocState, DocumentWrite
 
+from .conftest import hypothesis_examples
+
 
 def examples(n: int) -> settings:
-    return settings(max_examples=n, deadline=None, database=None, derandomize=True,
-                    suppress_health_check=list(HealthCheck))
+    """``n`` examples in the "full" hypothesis profile, scaled to the loaded one."""
+    return settings(max_examples=hypothesis_examples(n), deadline=None, database=None,
+                    derandomize=True, suppress_health_check=list(HealthCheck))
 DOCS = ("a", "b", "c")
 VECTOR = np.zeros(2, np.float32)
 

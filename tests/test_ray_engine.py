@@ -25,14 +25,14 @@ from embedstream.bulk.encoder import BulkEncoder
 from embedstream.bulk.engine import BulkEngine, EmbeddedUnit, EngineStats
 from embedstream.bulk.ray_engine import RayEngine  # imports without Ray; running needs it
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.data")
-pytestmark = pytest.mark.slow
+DEADLINE_S = 100.0  # one run takes ~20 s here, most of it starting the actor
+# Imports Ray in the engine fixture, not at collection. A test makes up to two runs,
+# each failing at its deadline: pytest-timeout must not cut in before (Ray stays up).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2 * DEADLINE_S + 100)]
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 PASSAGES = Path(__file__).resolve().parents[2] / "shared/data/msmarco-sample/passages.tsv"
 COUNT = 300
-DEADLINE_S = 150.0  # one run takes ~20 s here, most of it starting the actor
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def passages() -> list[str]:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[RayEngine[int, int]]:
+    pytest.importorskip("ray.data")
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("RAY_ADDRESS", raising=False)  # always a local instance
         # 2 CPUs: one for the actor, one for tokenize tasks. 32-record units in windows
@@ -92,6 +93,8 @@ def run(engine: RayEngine[int, int], count: int,
     thread.start()
     thread.join(DEADLINE_S)
     if thread.is_alive():
+        import ray
+
         ray.shutdown()  # frees the stalled run; the engine is unusable from here on
         thread.join(60)
         pytest.fail(f"the ray engine made no end within {DEADLINE_S:.0f} s")

@@ -112,6 +112,7 @@ def test_vector_files_hold_every_chunk_in_order(tmp_path: Path, tiny_model_dir: 
         admin.close()
 
 
+@pytest.mark.slow  # a rebuild of 4,000 documents, killed, then resumed: ~12 s
 def test_a_killed_rebuild_resumes_without_embedding_again(tmp_path: Path,
                                                           tiny_model_dir: Path) -> None:
     corpus = tmp_path / "corpus.jsonl"
@@ -204,6 +205,20 @@ def test_plan_calibrates_on_this_machine(tmp_path: Path, tiny_model_dir: Path,
     assert "calibration:" in out and "tokens/s on cpu" in out
     lines = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [line[0] for line in lines] == ["1", "2"]
+
+
+def test_plan_calibrates_on_the_built_in_sample_without_a_file(
+        tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"embed": {"model": str(tiny_model_dir)}}))
+    assert main(["plan", "--config", str(config), "--docs", "1000", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    calibration = result["calibration"]
+    assert calibration["sample"] == "built-in"
+    # 600 passages of about sixty words, a sixth of them warm-up: one chunk or a few each.
+    assert calibration["docs"] == 500 and calibration["chunks"] >= 500
+    assert 20 < calibration["tokens_per_chunk"] < 128
+    assert result["fleet"][0]["wall_s"] > 0
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The remote embedder (``embed.provider: openai``) against a real HTTP server
-(:mod:`tests.embedding_server`, the OpenAI embeddings API backed by the local model)
-that answers 429, 5xx and 400 on demand."""
+(:mod:`embedstream.stream.app.embedding_server`, the OpenAI embeddings API backed by
+the local model) that answers 429, 5xx and 400 on demand."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from embedstream.stream.app.embedding_server import EmbeddingServer
 from embedstream.stream.app.service import build_pipeline
 from embedstream.stream.config import EmbedSettings, Settings
 from embedstream.stream.errors import (
@@ -24,17 +25,9 @@ from embedstream.stream.errors import (
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.remote_embedding import OpenAIEmbedder, plan_requests
 
-from .embedding_server import EmbeddingServer
-
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXTS = [f"Passage {i}: " + " ".join(["remote embedding of changing corpora"] * (1 + i % 7))
          for i in range(60)]
-
-
-@pytest.fixture(scope="session")
-def embedding_server(minilm_path: str) -> Iterator[EmbeddingServer]:
-    with EmbeddingServer.with_model(minilm_path) as server:
-        yield server
 
 
 @pytest.fixture()
@@ -65,6 +58,7 @@ def test_requests_respect_both_size_limits() -> None:
     assert [6] in plan
 
 
+@pytest.mark.slow
 def test_vectors_are_the_models_in_input_order(api: EmbeddingServer, minilm: Any) -> None:
     embedder = remote(api, request_max_inputs=7, max_concurrency=3)
     try:
@@ -78,6 +72,7 @@ def test_vectors_are_the_models_in_input_order(api: EmbeddingServer, minilm: Any
     assert max(served) <= 7 and sum(served) == len(TEXTS) + 1  # and the start-up probe
 
 
+@pytest.mark.slow
 def test_dimensions_are_asked_for_and_checked(api: EmbeddingServer, minilm: Any) -> None:
     embedder = remote(api, dimensions=128)
     try:
@@ -90,6 +85,7 @@ def test_dimensions_are_asked_for_and_checked(api: EmbeddingServer, minilm: Any)
     assert np.sum(vectors * local, axis=1).min() >= 0.9999
 
 
+@pytest.mark.slow
 def test_429_waits_the_retry_after_it_names(api: EmbeddingServer) -> None:
     metrics = Metrics()
     embedder = remote(api, metrics, max_concurrency=1)
@@ -110,6 +106,7 @@ def test_429_waits_the_retry_after_it_names(api: EmbeddingServer) -> None:
                   cause="retry_after") >= 0.8
 
 
+@pytest.mark.slow
 def test_server_errors_are_retried_with_backoff(api: EmbeddingServer, minilm: Any) -> None:
     metrics = Metrics()
     embedder = remote(api, metrics)
@@ -125,6 +122,7 @@ def test_server_errors_are_retried_with_backoff(api: EmbeddingServer, minilm: An
     assert sample(metrics, "embedstream_embed_tokens_sent_total") > 0
 
 
+@pytest.mark.slow
 def test_a_rejected_text_fails_alone_and_the_rest_have_vectors(
         api: EmbeddingServer, minilm: Any) -> None:
     texts = [*TEXTS[:20], "BAD input the provider refuses", *TEXTS[20:30]]
@@ -145,6 +143,7 @@ def test_a_rejected_text_fails_alone_and_the_rest_have_vectors(
     assert sample(metrics, "embedstream_embed_requests_total", outcome="rejected") >= 2
 
 
+@pytest.mark.slow
 def test_a_text_that_always_gets_500_fails_alone(api: EmbeddingServer) -> None:
     embedder = remote(api, max_retries=1, request_max_inputs=8)
     api.fail_marker = "CRASH"
@@ -157,6 +156,7 @@ def test_a_text_that_always_gets_500_fails_alone(api: EmbeddingServer) -> None:
     assert "500" in caught.value.failed[5][1]
 
 
+@pytest.mark.slow
 def test_500_for_everything_is_an_outage_not_failed_texts(api: EmbeddingServer) -> None:
     embedder = remote(api, max_retries=1, request_max_inputs=2)
     try:
@@ -168,6 +168,7 @@ def test_500_for_everything_is_an_outage_not_failed_texts(api: EmbeddingServer) 
     assert api.count(200) == 1  # the start-up probe only: nothing was split to single texts
 
 
+@pytest.mark.slow
 def test_an_outage_past_give_up_is_unavailable_not_failed(api: EmbeddingServer) -> None:
     embedder = remote(api, give_up_after_s=0.8, backoff_max_s=0.2)
     try:
@@ -181,6 +182,7 @@ def test_an_outage_past_give_up_is_unavailable_not_failed(api: EmbeddingServer) 
         embedder.close()
 
 
+@pytest.mark.slow
 def test_a_wrong_key_fails_at_start_naming_the_setting(api: EmbeddingServer) -> None:
     api.api_key = "sk-right"
     with pytest.raises(EmbedderError, match=r"embed\.api_key"):
@@ -189,6 +191,7 @@ def test_a_wrong_key_fails_at_start_naming_the_setting(api: EmbeddingServer) -> 
     embedder.close()
 
 
+@pytest.mark.slow
 def test_rate_limits_pace_requests_and_tokens(api: EmbeddingServer) -> None:
     metrics = Metrics()
     # 240 requests/min: a bucket of 4, refilled at 4/s; 12 requests need >= 2 s.
@@ -220,6 +223,7 @@ def test_rate_limits_pace_requests_and_tokens(api: EmbeddingServer) -> None:
     assert elapsed >= (sum(counts) - sum(counts[-2:]) - 20) / 20 * 0.95
 
 
+@pytest.mark.slow
 def test_the_fingerprint_keeps_providers_apart(api: EmbeddingServer, tmp_path: Path) -> None:
     store = {"path": str(tmp_path / "store"), "collection": "docs"}
     remote_settings = Settings(embed={"provider": "openai", "model": MODEL, "api_base": api.url},
@@ -236,6 +240,7 @@ def test_the_fingerprint_keeps_providers_apart(api: EmbeddingServer, tmp_path: P
                                 metrics={"enabled": False}))
 
 
+@pytest.mark.slow
 def test_the_api_key_stays_secret(api: EmbeddingServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMBEDSTREAM_EMBED__PROVIDER", "openai")
     monkeypatch.setenv("EMBEDSTREAM_EMBED__API_KEY", "sk-planted-secret")
@@ -259,6 +264,7 @@ def test_the_ray_engine_is_refused_for_a_remote_provider(tmp_path: Path) -> None
         rebuild(settings, RebuildOptions(source=str(tmp_path / "x.jsonl"), engine="ray"))
 
 
+@pytest.mark.slow
 def test_a_call_budget_bounds_the_wait(api: EmbeddingServer) -> None:
     settings = EmbedSettings(provider="openai", model=MODEL, api_base=api.url,
                              requests_per_minute=60, request_max_inputs=1)
@@ -272,6 +278,7 @@ def test_a_call_budget_bounds_the_wait(api: EmbeddingServer) -> None:
         embedder.close()
 
 
+@pytest.mark.slow
 def test_nothing_is_left_running_and_no_thread_is_started(api: EmbeddingServer) -> None:
     import asyncio
     import threading
@@ -300,6 +307,7 @@ def test_nothing_is_left_running_and_no_thread_is_started(api: EmbeddingServer) 
     assert not started
 
 
+@pytest.mark.slow
 def test_a_text_always_getting_500_is_found_within_the_streams_budget(
         api: EmbeddingServer) -> None:
     settings = EmbedSettings(provider="openai", model=MODEL, api_base=api.url,
@@ -318,6 +326,7 @@ def test_a_text_always_getting_500_is_found_within_the_streams_budget(
     assert elapsed < 4.0
 
 
+@pytest.mark.slow
 def test_a_provider_refusing_everything_is_a_configuration_error(api: EmbeddingServer) -> None:
     api.reject_marker = "dimension probe"  # the start-up probe is refused
     with pytest.raises(EmbedderError, match="one-line probe"):
@@ -332,6 +341,7 @@ def test_a_provider_refusing_everything_is_a_configuration_error(api: EmbeddingS
         embedder.close()
 
 
+@pytest.mark.slow
 def test_a_slow_provider_makes_progress_across_budgeted_calls(
         api: EmbeddingServer, minilm: Any) -> None:
     from embedstream.stream.chunking import Chunk

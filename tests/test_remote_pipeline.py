@@ -1,6 +1,7 @@
 """``embed.provider: openai`` end to end: the consumer (dead letters for refused texts,
 backpressure through an outage) and the bulk rebuild under a 429 storm, against the
-real HTTP server of :mod:`tests.embedding_server` and the real broker and store."""
+real HTTP server of :mod:`embedstream.stream.app.embedding_server` and the real broker
+and store."""
 
 from __future__ import annotations
 
@@ -15,22 +16,24 @@ import pytest
 
 from embedstream.bulk.rebuild import RebuildOptions, rebuild
 from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.embedding_server import EmbeddingServer
 from embedstream.stream.app.service import build_consumer, build_pipeline
 from embedstream.stream.config import Settings
 from embedstream.stream.metrics import Metrics
 
-from .embedding_server import EmbeddingServer
-from .streamkit import create_topic, produce, read_all, unique
-from .test_faults import docs, native, sample, stored_docs, until
+from .streamkit import before_deadline, create_topic, produce, read_all, run_until, unique
+from .test_faults import docs, native, sample, stored_docs
 from .test_rebuild import SCIFACT
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-@pytest.fixture(scope="module")
-def api(minilm_path: str) -> Iterator[EmbeddingServer]:
-    with EmbeddingServer.with_model(minilm_path) as server:
-        yield server
+@pytest.fixture()
+def api(embedding_server: EmbeddingServer) -> Iterator[EmbeddingServer]:
+    """The session's embeddings API (conftest), reset."""
+    embedding_server.reset()
+    yield embedding_server
+    embedding_server.reset()
 
 
 def remote_embed(api: EmbeddingServer, **overrides: Any) -> dict[str, Any]:
@@ -64,7 +67,7 @@ def test_the_stream_dead_letters_refused_texts_and_waits_out_an_outage(
     try:
         refused = native("d5", "This text is REFUSED by the provider every time.", 1)
         produce(broker.bootstrap_servers, topic, [*docs(range(5)), refused, *docs(range(6, 12))])
-        stream.run(until=until(lambda: sum(stream.committed.values()) >= 12, 60, "first docs"))
+        run_until(stream, lambda: sum(stream.committed.values()) >= 12, 60, "the first docs")
         assert set(stored_docs(pipeline.sink, 12)) == {f"d{i}" for i in range(12)} - {"d5"}
         [dead] = read_all(broker.bootstrap_servers, f"{topic}.dlq", 1)
         headers = dict(dead.headers())
@@ -76,7 +79,8 @@ def test_the_stream_dead_letters_refused_texts_and_waits_out_an_outage(
         api.fail_next(503, count=10_000)
         produce(broker.bootstrap_servers, topic, docs(range(12, 16)))
         # Stepped, not run(): leaving run() retries the batch for a while first.
-        paused = until(lambda: sample(metrics, "embedstream_paused_partitions") >= 1, 30, "a pause")
+        paused = before_deadline(
+            lambda: sample(metrics, "embedstream_paused_partitions") >= 1, 30, "a pause")
         while not paused():
             stream.step()
         paused_at = dict(stream.committed)
@@ -85,7 +89,8 @@ def test_the_stream_dead_letters_refused_texts_and_waits_out_an_outage(
             stream.step()
         assert stream.committed == paused_at and sum(paused_at.values()) == 12
         api.reset()
-        stream.run(until=until(lambda: sum(stream.committed.values()) >= 16, 60, "recovery"))
+        run_until(stream, lambda: sum(stream.committed.values()) >= 16, 60,
+                  "the recovery after the outage")
         assert set(stored_docs(pipeline.sink, 16)) == {f"d{i}" for i in range(16)} - {"d5"}
         assert sample(metrics, "embedstream_dlq_records_total", reason="embed_rejected") == 1
         assert sample(metrics, "embedstream_embed_requests_total", outcome="unavailable") >= 2

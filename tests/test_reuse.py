@@ -13,7 +13,7 @@ from embedstream.stream.app.service import Pipeline, build_consumer, build_pipel
 from embedstream.stream.config import Settings
 from embedstream.stream.metrics import Metrics
 
-from .streamkit import create_topic, produce, unique
+from .streamkit import create_topic, produce, run_until, unique
 
 PARAGRAPHS = [
     f"Section {i}. " + " ".join(f"Sentence {j} of section {i} talks about subject {i * 7 + j}."
@@ -43,7 +43,8 @@ class Run:
                   for o in ("embedded", "reused")}
         produce(self.broker.bootstrap_servers, self.topic, messages)
         self.sent += len(messages)
-        self.stream.run(until=lambda: sum(self.stream.committed.values()) >= self.sent)
+        run_until(self.stream, lambda: sum(self.stream.committed.values()) >= self.sent, 60,
+                  f"{self.sent} messages to be committed")
         return {o: counter(self.metrics, "embedstream_chunks_total", o) - before[o]
                 for o in before}
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from embedstream.sinks import qdrant_server as qdrant_server_module
+from embedstream.sinks import _server_client as server_client_module
 from embedstream.sinks.qdrant_server import QdrantServerSink
 from embedstream.stream.app.broker import LocalBroker, free_port
 from embedstream.stream.config import Settings, load_settings
@@ -88,7 +88,7 @@ def test_qdrant_tls_settings_reach_the_client(monkeypatch: pytest.MonkeyPatch,
     ca = tmp_path / "ca.pem"
     ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n")
     made: list[dict[str, Any]] = []
-    real_client = qdrant_server_module.QdrantClient
+    real_client = server_client_module.QdrantClient
 
     def client(**kwargs: Any) -> Any:
         made.append(kwargs)
@@ -102,7 +102,7 @@ def test_qdrant_tls_settings_reach_the_client(monkeypatch: pytest.MonkeyPatch,
         sink = QdrantServerSink.from_settings(Settings(sink={
             "kind": "qdrant", "url": "https://qdrant.example:6333", "api_key": SECRET,
             **settings}).sink)
-        monkeypatch.setattr(qdrant_server_module, "QdrantClient", client)
+        monkeypatch.setattr(server_client_module, "QdrantClient", client)
         sink._connect()
         monkeypatch.undo()
         assert {k: made[-1].get(k) for k in expected} == expected

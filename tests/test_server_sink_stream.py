@@ -15,7 +15,7 @@ from embedstream.stream.app.service import build_consumer, build_pipeline
 from embedstream.stream.config import Settings
 from embedstream.stream.metrics import Metrics
 
-from .streamkit import create_topic, produce, unique
+from .streamkit import create_topic, produce, run_until, unique
 
 LONG = "\n\n".join(
     f"Paragraph {i} is about topic number {i}. " + "It has several sentences of text. " * 30
@@ -56,11 +56,13 @@ def test_consumer_applies_updates_and_deletes_through_the_server_sink(
     try:
         stream = build_consumer(pipeline, Metrics())
         produce(broker.bootstrap_servers, topic, first)
-        stream.run(until=lambda: sum(stream.committed.values()) >= len(first))
+        run_until(stream, lambda: sum(stream.committed.values()) >= len(first), 60,
+                  "the first documents to be committed")
         long_chunks = [p for p in pipeline.sink.points() if p.payload["doc_id"] == "long"]
         assert len(long_chunks) > 3
         produce(broker.bootstrap_servers, topic, then)
-        stream.run(until=lambda: sum(stream.committed.values()) >= len(first) + len(then))
+        run_until(stream, lambda: sum(stream.committed.values()) >= len(first) + len(then), 60,
+                  "the updates and the delete to be committed")
         stream.close()
         points = list(pipeline.sink.points())
         by_doc: dict[str, list[dict[str, object]]] = {}

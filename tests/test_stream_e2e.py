@@ -38,6 +38,7 @@ from .streamkit import (
     produce,
     read_all,
     revision_stream,
+    run_until,
     unique,
     wait_for,
 )
@@ -87,7 +88,8 @@ def run_in_process(settings: Settings, total: int) -> None:
     try:
         stream = build_consumer(pipeline, Metrics())
         try:
-            stream.run(until=lambda: sum(stream.committed.values()) >= total)
+            run_until(stream, lambda: sum(stream.committed.values()) >= total, 90,
+                      f"all {total} messages of the topic to be committed")
         finally:
             stream.close()
     finally:
@@ -167,13 +169,20 @@ def test_bad_messages_go_to_the_dead_letter_topic(
 ) -> None:
     records = read_all(broker.bootstrap_servers, f"{topic}.dlq", stream_data.bad)
     assert len(records) == stream_data.bad
+    source = {(m.partition(), m.offset()): (m.key(), m.value()) for m in read_all(
+        broker.bootstrap_servers, topic, len(stream_data.messages))}
+    positions = set()
     for record in records:
         headers = {k: v.decode() for k, v in record.headers()}
         assert headers["embedstream.source.topic"] == topic
         assert headers["embedstream.error.reason"] in {"invalid_json", "not_utf8", "bad_type",
                                                        "missing_id"}
-        assert int(headers["embedstream.source.offset"]) >= 0
-        assert "embedstream.source.partition" in headers
+        # The source position finds the very message that was dead-lettered.
+        position = (int(headers["embedstream.source.partition"]),
+                    int(headers["embedstream.source.offset"]))
+        assert source[position] == (record.key(), record.value()), position
+        positions.add(position)
+    assert len(positions) == stream_data.bad, "each bad message dead-lettered once"
 
 
 def test_replay_from_offset_zero_changes_nothing(
@@ -199,6 +208,7 @@ def _consume_process(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
+@pytest.mark.timeout(360)  # up to 8 consumer starts; ~80 s on 2 busy cores
 def test_sigkill_at_random_moments_reaches_the_same_store(
     broker: LocalBroker, topic: str, uninterrupted: Path, stream_data: ChangeStream,
     tmp_path: Path, stock_model: Any,
@@ -243,7 +253,7 @@ def test_sigkill_at_random_moments_reaches_the_same_store(
             kills_mid_stream += 1
         assert kills_mid_stream >= 3, "the consumer must be killed with work still to do"
         process = _consume_process(config_file, log)
-        wait_for(lambda: progress() >= total, 300, "the restarted consumer to catch up")
+        wait_for(lambda: progress() >= total, 180, "the restarted consumer to catch up")
         # SIGTERM: flush, commit and exit 0 within 30 s.
         stopped_at = time.monotonic()
         process.send_signal(signal.SIGTERM)

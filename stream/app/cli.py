@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--rate", type=float, default=None,
                       help="chunks/s of one device; skips the calibration run")
     plan.add_argument("--sample", default=None,
-                      help="corpus file(s) to calibrate on (default: the MS MARCO sample)")
+                      help="corpus file(s) to calibrate on, any rebuild format (default: a "
+                           "built-in sample of English prose; your documents give truer figures)")
     plan.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     plan.set_defaults(run=_cmd_plan)
 

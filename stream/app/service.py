@@ -24,7 +24,7 @@ from embedstream.stream.chunking import TokenChunker
 from embedstream.stream.config import Settings
 from embedstream.stream.consumer import AppliedCallback, StreamConsumer
 from embedstream.stream.dead_letters import DeadLetters, ensure_topics
-from embedstream.stream.embedding import SentenceTransformerEmbedder
+from embedstream.stream.embedding import Embedder, SentenceTransformerEmbedder
 from embedstream.stream.errors import KafkaUnavailable
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.handover import AliasFollower
@@ -44,7 +44,7 @@ class Pipeline:
     """The model side and the store, ready to use; shared by consume, search and export."""
 
     settings: Settings
-    embedder: SentenceTransformerEmbedder | OpenAIEmbedder
+    embedder: Embedder
     chunker: TokenChunker
     fingerprint: Fingerprint
     sink: Sink
@@ -56,8 +56,7 @@ class Pipeline:
             self.embedder.close()
 
 
-def build_embedder(settings: Settings,
-                   metrics: Metrics | None = None) -> SentenceTransformerEmbedder | OpenAIEmbedder:
+def build_embedder(settings: Settings, metrics: Metrics | None = None) -> Embedder:
     """The ``embed.provider``'s embedder: the local model, or the remote API (which
     answers one probe request before this returns)."""
     embed = settings.embed

@@ -1,4 +1,6 @@
-"""A real OpenAI-compatible embeddings server for tests and benchmarks.
+"""An OpenAI-compatible ``/v1/embeddings`` server over a local sentence-transformers model,
+with scriptable failures and rate limits: for trying a deployment's remote-provider
+settings (``embed.provider: openai``) without a provider, and for the tests and benchmarks.
 
 ``POST /v1/embeddings`` (``{"model", "input", "dimensions"?, "encoding_format"?}``)
 answers like the OpenAI API, from a local sentence-transformers model. On
@@ -14,14 +16,21 @@ demand it misbehaves the way providers do:
 * ``api_key``: requests without ``Authorization: Bearer <key>`` get 401;
 * ``delay_s``: every answer comes that much later (a slow provider).
 
-It is a plain ``http.server.ThreadingHTTPServer`` on a loopback port, serving
-from a thread of the test process; every answered request is recorded in
-``log`` (time, status, inputs) for assertions.
+It is a plain ``http.server.ThreadingHTTPServer`` (loopback, a free port unless
+told otherwise), serving from a thread of the calling process; every answered
+request is recorded in ``log`` (time, status, inputs) for assertions. Not for
+production. From a shell::
+
+    python -m embedstream.stream.app.embedding_server --port 8080 [--requests-per-second 2]
+
+then ``embed.provider: openai`` with ``embed.api_base: http://127.0.0.1:8080/v1``.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
+import contextlib
 import json
 import sys
 import threading
@@ -32,6 +41,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+
+from embedstream.stream.embedding import resolve_model_path
+
+__all__ = ["Answered", "EmbeddingServer", "main"]
+
+#: ``encode(texts) -> (normalised float32 vectors, prompt tokens)``.
+Encode = Callable[[list[str]], tuple[npt.NDArray[np.float32], int]]
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -51,8 +68,8 @@ class Answered:
 class EmbeddingServer:
     """See the module docstring. ``encode(texts) -> (vectors, tokens)``."""
 
-    def __init__(self, encode: Callable[[list[str]], tuple[np.ndarray, int]],
-                 model: str = "sentence-transformers/all-MiniLM-L6-v2") -> None:
+    def __init__(self, encode: Encode, model: str = "sentence-transformers/all-MiniLM-L6-v2",
+                 host: str = "127.0.0.1", port: int = 0) -> None:
         self.model = model
         self._encode = encode
         self._lock = threading.Lock()
@@ -65,23 +82,25 @@ class EmbeddingServer:
         self.api_key: str | None = None
         self.delay_s = 0.0  # added to every answer: a slow provider
         self.log: list[Answered] = []
-        self._httpd = _QuietServer(("127.0.0.1", 0), self._handler())
+        self._httpd = _QuietServer((host, port), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         name="embedding-server", daemon=True)
 
     @classmethod
-    def with_model(cls, model_path: str) -> EmbeddingServer:
+    def with_model(cls, model: str, host: str = "127.0.0.1", port: int = 0) -> EmbeddingServer:
+        """Serving ``model`` (a local directory, or a name as ``embed.model`` takes it)
+        on the CPU."""
         from sentence_transformers import SentenceTransformer
 
-        st = SentenceTransformer(model_path, device="cpu")
+        st = SentenceTransformer(resolve_model_path(model), device="cpu")
 
-        def encode(texts: list[str]) -> tuple[np.ndarray, int]:
+        def encode(texts: list[str]) -> tuple[npt.NDArray[np.float32], int]:
             vectors = st.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
             tokens = sum(len(ids) for ids in st.tokenizer(texts)["input_ids"])
             return np.asarray(vectors, np.float32), tokens
 
-        return cls(encode)
+        return cls(encode, host=host, port=port)
 
     @property
     def url(self) -> str:
@@ -195,3 +214,33 @@ class EmbeddingServer:
                 self._reply(status, body, retry_after)
 
         return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until interrupted (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m embedstream.stream.app.embedding_server",
+        description="An OpenAI-compatible /v1/embeddings server over a local "
+                    "sentence-transformers model (not for production).")
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
+                        help="a local model directory or a name (default: the bundled model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    parser.add_argument("--requests-per-second", type=float, default=None,
+                        help="answer 429 with Retry-After above this rate")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds added to each answer")
+    args = parser.parse_args(argv)
+    server = EmbeddingServer.with_model(args.model, host=args.host, port=args.port)
+    server.api_key, server.delay_s = args.api_key, args.delay
+    server.rate_limit(args.requests_per_second)
+    with server:
+        print(f"serving {args.model} at {server.url}/embeddings (Ctrl-C stops it)",
+              file=sys.stderr, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,363 @@
+"""What both Qdrant sinks do alike, over primitives each store supplies.
+
+:class:`CollectionSink` holds every decision of a sink that does not depend
+on the client library: how ``open`` resolves the alias (its target; else a
+collection named like the alias, made before aliases; else, given a
+fingerprint, a new ``<alias>_<UTC timestamp>``), how it checks the stored
+fingerprint, adopts an empty leftover of an interrupted creation or creates
+both collections (fingerprint point last), and the reads, the order of writes
+and the handover record. A sink subclasses it and supplies the abstract
+primitives: single calls on its store, none of which decides anything.
+
+Guaranteed: both sinks make these decisions alike, in this order, with the
+same point ids, payloads and messages (each naming its own store and
+location). Not here: how a store is reached, locked, flushed or closed, how a
+new collection gets its alias (each sink's ``_create_behind_alias``), and
+which exceptions become which error (each sink's ``_translate``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Protocol
+
+from embedstream.sinks._handover import handover_payload, parse_handover
+from embedstream.sinks._layout import (
+    FINGERPRINT_POINT_ID,
+    HANDOVER_POINT_ID,
+    STATE_SUFFIX,
+    STATE_VECTOR,
+    WritePlan,
+    as_floats,
+    dense_vector,
+    parse_fingerprint,
+    plan_writes,
+    state_from_payload,
+)
+from embedstream.stream.errors import FingerprintMismatch, SinkError
+from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.store import (
+    DocState,
+    DocumentWrite,
+    Handover,
+    Hit,
+    StoredPoint,
+    doc_state_point_id,
+)
+
+__all__ = ["CHUNKS", "STATE", "CollectionSink", "Part", "Record", "Schema", "Scored",
+           "translated"]
+
+Part = Literal["chunks", "state"]  # the chunk collection or its state companion
+CHUNKS: Part = "chunks"
+STATE: Part = "state"
+Schema = Literal["keyword", "integer"]
+# The payload indexes a new collection gets, in this order.
+_INDEXES: tuple[tuple[Part, str, Schema], ...] = (
+    (CHUNKS, "doc_id", "keyword"),
+    (CHUNKS, "version", "integer"),
+    (CHUNKS, "chunk_index", "integer"),
+    (STATE, "doc_id", "keyword"),
+)
+# How often open resolves the alias again when it moved while opening.
+_RESOLVE_ATTEMPTS = 5
+
+
+class Record(Protocol):
+    """A point as either client library returns it."""
+
+    @property
+    def id(self) -> object: ...
+    @property
+    def vector(self) -> object: ...
+    @property
+    def payload(self) -> Mapping[str, Any] | None: ...
+
+
+class Scored(Record, Protocol):
+    """A point found by a search."""
+
+    @property
+    def score(self) -> float: ...
+
+
+@contextlib.contextmanager
+def translated(translate: Callable[[Exception], SinkError], *,
+               keep_cause: bool) -> Iterator[None]:
+    """Raise what ``translate`` makes of any exception but embedstream's own
+    (a SinkError or FingerprintMismatch passes unchanged). Without
+    ``keep_cause`` the original is dropped from the traceback."""
+    try:
+        yield
+    except (SinkError, FingerprintMismatch):
+        raise
+    except Exception as exc:
+        raise translate(exc) from (exc if keep_cause else None)
+
+
+class CollectionSink(ABC):
+    """A sink of one chunk collection and its state companion (see the module
+    docstring). ``alias`` is the configured name; ``physical``, when given,
+    the physical collection ``open`` uses or creates instead, without reading
+    or touching any alias; ``at`` where the store is, for messages."""
+
+    _STORE: ClassVar[str]  # the store's name in messages
+    _KEEP_CAUSE: ClassVar[bool] = True  # whether a translated error keeps its cause
+
+    def __init__(self, alias: str, physical: str | None, at: str) -> None:
+        self._alias = alias
+        self._forced = physical
+        self._collection = physical or alias
+        self._at = at
+
+    @property
+    def collection(self) -> str:
+        return self._collection
+
+    @property
+    def _where(self) -> str:
+        alias = f" (alias {self._alias!r})" if self._collection != self._alias else ""
+        return f"{self._STORE} collection {self._collection!r}{alias} at {self._at}"
+
+    @property
+    def _chunks_where(self) -> str:
+        """How a message names the chunk collection (per store where it differs)."""
+        return self._where
+
+    def _name(self, part: Part) -> str:
+        return self._collection if part == CHUNKS else f"{self._collection}{STATE_SUFFIX}"
+
+    # -- per store -----------------------------------------------------------
+
+    @abstractmethod
+    def _start(self) -> None:
+        """Get ready to open: reach the store, refuse a second open."""
+
+    @abstractmethod
+    def _check_open(self) -> None:
+        """Raise SinkError unless the sink is open."""
+
+    @abstractmethod
+    def _read_aliases(self) -> Mapping[str, str]:
+        """Every alias of the store and the collection it points at."""
+
+    @abstractmethod
+    def _has(self, name: str) -> bool:
+        """Whether the store holds a collection named ``name``."""
+
+    @abstractmethod
+    def _create_behind_alias(self, fingerprint: Fingerprint) -> bool:
+        """Create ``<alias>_<timestamp>``, open it and point the alias at it;
+        False when the caller must resolve the alias again."""
+
+    @abstractmethod
+    def _load(self, part: Part) -> None:
+        """Make the existing ``part`` usable."""
+
+    @abstractmethod
+    def _adopt(self, part: Part, size: int) -> None:
+        """Make the existing ``part``, which holds no fingerprint, usable if it
+        is an empty leftover with vectors of ``size``; raise FingerprintMismatch
+        otherwise."""
+
+    @abstractmethod
+    def _make(self, part: Part, size: int) -> None:
+        """Create ``part`` with cosine vectors of ``size``."""
+
+    @abstractmethod
+    def _index(self, part: Part, field: str, schema: Schema) -> None:
+        """Create a payload index on ``field`` of ``part``."""
+
+    @abstractmethod
+    def _state_payloads(self, ids: Sequence[str]) -> list[Mapping[str, Any] | None]:
+        """The payloads of the state points of these ids that exist."""
+
+    @abstractmethod
+    def _put_states(self, points: list[tuple[str, dict[str, Any]]],
+                    durable: bool = False) -> None:
+        """Upsert state points; ``durable``: on disk on return, not at the next flush."""
+
+    @abstractmethod
+    def _write_chunks(self, plan: WritePlan) -> None:
+        """Upsert the plan's chunks, then delete its leftovers."""
+
+    @abstractmethod
+    def _scroll_page(self, doc_ids: list[str] | None, payload: bool | list[str],
+                     offset: Any) -> tuple[Sequence[Record], Any]:
+        """One page of chunk records with their vectors (of ``doc_ids``, or
+        all), and the offset of the next (None after the last)."""
+
+    @abstractmethod
+    def _nearest(self, vector: list[float], limit: int) -> Sequence[Scored]:
+        """The ``limit`` chunk points nearest ``vector``, with their payloads."""
+
+    @abstractmethod
+    def _translate(self, what: str, exc: Exception) -> SinkError:
+        """``exc``, raised while doing ``what``, as embedstream's error."""
+
+    # -- opening -------------------------------------------------------------
+
+    def open(self, fingerprint: Fingerprint | None) -> None:
+        self._start()
+        if self._forced is not None:
+            with self._errors("open"):
+                aliases = self._read_aliases()
+            if self._forced in aliases:
+                raise SinkError(f"{self._forced!r} at {self._at} is an alias, not a "
+                                "physical collection")
+            self._open_physical(self._forced, fingerprint, via_alias=False)
+            return
+        for _ in range(_RESOLVE_ATTEMPTS):
+            with self._errors("open"):
+                target = self._read_aliases().get(self._alias)
+                legacy = target is None and (  # a store made before aliases
+                    self._has(self._alias) or self._has(f"{self._alias}{STATE_SUFFIX}"))
+            if target is not None:
+                if self._open_physical(target, fingerprint, via_alias=True):
+                    return
+                continue  # switched while we were opening: resolve again
+            if legacy:
+                self._open_physical(self._alias, fingerprint, via_alias=False)
+                return
+            if fingerprint is None:
+                raise SinkError(f"{self._where} does not exist (or was not made by embedstream)")
+            if self._create_behind_alias(fingerprint):
+                return
+        raise SinkError(f"alias {self._alias!r} at {self._at} kept changing while opening; "
+                        "try again")
+
+    def _open_physical(self, name: str, fingerprint: Fingerprint | None,
+                       via_alias: bool) -> bool:
+        """Open (or, given a fingerprint, create) the physical collection
+        ``name``. False when, ``via_alias``, the alias moved meanwhile (a store
+        that can tell overrides this)."""
+        self._collection = name
+        self._open_collection(fingerprint)
+        return True
+
+    def _open_collection(self, fingerprint: Fingerprint | None) -> Fingerprint:
+        """Open (or create) both parts of ``self._collection``; the fingerprint
+        it holds."""
+        stored: Fingerprint | None = None
+        with self._errors("open"):
+            if self._has(self._name(STATE)):
+                self._load(STATE)
+                found = self._state_payloads([FINGERPRINT_POINT_ID])
+                stored = parse_fingerprint(found[0] if found else None, self._collection)
+            chunks_exist = self._has(self._collection)
+        if stored is not None:
+            if fingerprint is not None:
+                fingerprint.require_compatible(stored, self._collection)
+            if not chunks_exist:
+                raise SinkError(f"{self._chunks_where} is missing although its state "
+                                "collection exists; delete both to rebuild")
+            with self._errors("open"):
+                self._load(CHUNKS)
+            return stored
+        if fingerprint is None:
+            raise SinkError(f"{self._where} does not exist (or was not made by embedstream)")
+        # No fingerprint: a new collection, or a creation interrupted before its
+        # last step (writing the fingerprint). An empty leftover of the right shape
+        # is adopted; anything else was not made by embedstream and is refused.
+        with self._errors("create"):
+            if chunks_exist:
+                self._adopt(CHUNKS, fingerprint.dimension)
+            else:
+                self._make(CHUNKS, fingerprint.dimension)
+            if self._has(self._name(STATE)):
+                self._adopt(STATE, len(STATE_VECTOR))
+            else:
+                self._make(STATE, len(STATE_VECTOR))
+            for part, field, schema in _INDEXES:
+                self._index(part, field, schema)
+            # Written last: its presence marks the creation as complete.
+            self._put_states([(FINGERPRINT_POINT_ID, {"fingerprint": fingerprint.to_json()})])
+        return fingerprint
+
+    # -- reads and writes ----------------------------------------------------
+
+    def document_states(self, doc_ids: Collection[str]) -> dict[str, DocState]:
+        self._check_open()
+        if not doc_ids:
+            return {}
+        wanted = set(doc_ids)
+        with self._errors("retrieve"):
+            payloads = self._state_payloads([doc_state_point_id(d) for d in wanted])
+        found = (state_from_payload(p) for p in payloads)
+        return {doc_id: s for doc_id, s in filter(None, found) if doc_id in wanted}
+
+    def apply(self, writes: Sequence[DocumentWrite]) -> None:
+        self._check_open()
+        plan = plan_writes(writes)
+        with self._errors("write"):
+            self._write_chunks(plan)
+            # States last: a crash before this line leaves the old states, so the
+            # writes are replayed (see embedstream.stream.store).
+            if plan.states:
+                self._put_states(plan.states)
+
+    def stored_vectors(self, doc_ids: Collection[str]) -> dict[str, list[float]]:
+        if not doc_ids:
+            return {}
+        return {
+            digest: dense_vector(record.vector)
+            for record in self._scroll(sorted(doc_ids), ["content_hash"])
+            if isinstance(digest := (record.payload or {}).get("content_hash"), str)
+        }
+
+    def search(self, vector: Sequence[float], limit: int) -> list[Hit]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        with self._errors("search"):
+            found = self._nearest(as_floats(vector), limit)
+        return [Hit(str(p.id), p.score, p.payload or {}) for p in found]
+
+    def points(self) -> Iterator[StoredPoint]:
+        for record in self._scroll(None, True):
+            yield StoredPoint(str(record.id), dense_vector(record.vector), record.payload or {})
+
+    def _scroll(self, doc_ids: list[str] | None, payload: bool | list[str]) -> Iterator[Record]:
+        """Every chunk record (of ``doc_ids``, or all), with its vector, page by page."""
+        self._check_open()
+        offset: Any = None
+        while True:
+            with self._errors("scroll"):
+                records, offset = self._scroll_page(doc_ids, payload, offset)
+            yield from records
+            if offset is None:
+                return
+
+    # -- the handover record (its format is in embedstream.sinks._handover) ---
+
+    def write_handover(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        record = Handover({(str(t), int(p)): int(o) for (t, p), o in offsets.items()}, {})
+        self._replace_handover(record)
+
+    def read_handover(self) -> Handover | None:
+        self._check_open()
+        with self._errors("read the handover record"):
+            found = self._state_payloads([HANDOVER_POINT_ID])
+        return parse_handover(found[0] if found else None, self._where)
+
+    def acknowledge_handover(self, group_id: str,
+                             partitions: Collection[tuple[str, int]]) -> None:
+        current = self.read_handover()
+        if current is None:
+            raise SinkError(f"{self._where} holds no handover record to acknowledge")
+        merged = dict(current.acknowledged)
+        merged[group_id] = merged.get(group_id, frozenset()) | {(str(t), int(p))
+                                                                 for t, p in partitions}
+        self._replace_handover(Handover(current.offsets, merged))
+
+    def _replace_handover(self, record: Handover) -> None:
+        self._check_open()
+        with self._errors("write the handover record"):
+            # A rare control record: durable at once, not at the next flush.
+            self._put_states([(HANDOVER_POINT_ID, handover_payload(record))], durable=True)
+
+    def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """Translate what the store raises while doing ``what``."""
+        return translated(lambda exc: self._translate(what, exc), keep_cause=self._KEEP_CAUSE)
