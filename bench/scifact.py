@@ -113,7 +113,8 @@ def stock_rankings(corpus: Sequence[dict[str, Any]], ids: Sequence[str],
                    texts: Sequence[str]) -> dict[str, Ranking]:
     model = stock_model()
     docs = [(str(r.get("title") or "") + " " + str(r.get("text") or "")).strip() for r in corpus]
-    # batch_size 8 (x 256 tokens) only for speed on CPU (see stream.embedding); same vectors.
+    # batch_size 8 (x 256 tokens) only for speed on CPU (see embedstream.stream.embedding);
+    # same vectors.
     matrix = model.encode(docs, batch_size=8, normalize_embeddings=True, convert_to_numpy=True)
     queries = model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
     return exact(matrix, [str(r["_id"]) for r in corpus], ids, queries)

@@ -1,15 +1,15 @@
 """The bulk embedding engine: bounded stages so the model never waits on the CPU.
 
-Stages, each joined to the next by a bounded queue (``embedstream.bulk.queue_depth`` units)
+Stages, each joined to the next by a bounded queue (``bulk.queue_depth`` units)
 so memory stays flat whatever the corpus size and a slow stage blocks the
 ones before it instead of piling up work:
 
-1. a reader thread cuts the source into units of ``embedstream.bulk.write_documents`` records;
-2. ``embedstream.bulk.tokenizer_workers`` threads prepare each record (e.g. chunk it) and
+1. a reader thread cuts the source into units of ``bulk.write_documents`` records;
+2. ``bulk.tokenizer_workers`` threads prepare each record (e.g. chunk it) and
    tokenize its texts (Hugging Face fast tokenizers release the GIL);
 3. one forward thread per encoder (one per GPU) gathers about
-   ``embedstream.bulk.bucket_texts`` texts, sorts them by length, packs them into batches of
-   at most ``batch_tokens`` padded tokens (:func:`~embedstream.bulk.encoder.pack_batches`)
+   ``bulk.bucket_texts`` texts, sorts them by length, packs them into batches of
+   at most ``batch_tokens`` padded tokens (:func:`~embedstream.stream.embedding.pack_batches`)
    and runs the model;
 4. the calling thread receives finished units **in source order** and writes
    them (``write``), so a checkpoint after unit *n* means every record before

@@ -71,7 +71,7 @@ _ROW_FIELDS = ("point_id", "doc_id", "chunk_index", "start", "end", "content_has
 class VectorRow:
     """One embedded chunk; its vector is passed alongside, as a matrix row."""
 
-    point_id: str  # sinks.base.chunk_point_id(doc_id, chunk_index)
+    point_id: str  # embedstream.stream.store.chunk_point_id(doc_id, chunk_index)
     doc_id: str
     chunk_index: int
     start: int

@@ -13,12 +13,12 @@ so ``embedstream rebuild --engine ray`` swaps one for the other. The stages:
    into blocks of a few units (``seq`` and the unit's flattened texts);
 3. **tokenize tasks** (``map_batches``, one CPU each) tokenize with the model's
    own tokenizer, truncated to ``max_seq_length`` by the very code of
-   :meth:`BulkEncoder.tokenize <bulk.encoder.BulkEncoder.tokenize>`;
+   :meth:`BulkEncoder.tokenize <embedstream.bulk.encoder.BulkEncoder.tokenize>`;
 4. **a fixed pool of ``actors`` embed actors** (``map_batches`` with a callable
    class, ``gpus_per_actor`` / ``cpus_per_actor`` each): each builds one
    :class:`~embedstream.bulk.encoder.BulkEncoder` and calibrates its precision once, on its
    first batch (bf16 only where faster and cosine-safe), then packs each batch's
-   texts by length into token-budgeted batches (:func:`~embedstream.bulk.encoder.pack_batches`)
+   texts by length into token-budgeted batches (:func:`~embedstream.stream.embedding.pack_batches`)
    and returns vectors with real and padded token counts;
 5. **driver, calling thread**: collects results (``iter_batches``), restores
    source order by ``seq``, fills each unit's ``flat`` (its vectors in text

@@ -9,7 +9,7 @@ Steps, each surviving a kill (a rerun resumes from the last checkpoint):
    the snapshot reads up to; for files, the topics' ends when the rebuild
    starts (the files are taken to reflect the corpus as of then).
 3. **Embed** with the bulk engine (:mod:`embedstream.bulk.engine`, or Ray Data), writing in
-   source order. Every ``embedstream.bulk.checkpoint_interval_s`` the store is flushed and a
+   source order. Every ``bulk.checkpoint_interval_s`` the store is flushed and a
    checkpoint records how far the source is written, so a resumed run skips
    exactly that: only what was written after the last checkpoint is embedded again.
 4. **Catch up** (:mod:`embedstream.bulk.catch_up`): apply what arrived after the covered

@@ -1,7 +1,8 @@
 """``embedstream plan``: size a rebuild before renting hardware.
 
 A short calibration run chunks and embeds a sample of documents (``--sample
-FILE``, else a built-in sample of English prose, :func:`builtin_sample`) with the
+FILE``, else a built-in sample made of embedstream's own docstrings,
+:func:`builtin_sample`) with the
 bulk engine on this machine's device (as a rebuild would, precision choice
 included) and measures tokens per second, chunks per document and tokens per
 chunk. :func:`estimate` turns that into device-hours, wall-clock for each fleet
@@ -32,8 +33,8 @@ from embedstream.stream.errors import ConfigError
 __all__ = ["Calibration", "Estimate", "calibrate", "estimate", "run_plan"]
 
 _SAMPLE_DOCS = 600
-# The built-in sample's passages: about the length of a web passage (MS MARCO's mean is
-# about 80 WordPiece tokens), the shape that decides tokens per second.
+# Words per passage of the built-in sample: a web passage's length, give or take (length,
+# not wording, decides tokens per second; the plan prints tokens per chunk measured).
 _BUILTIN_WORDS = 60
 
 
@@ -87,11 +88,12 @@ def estimate(docs: int, chunks_per_doc: float, chunks_per_s: float, fleet: Seque
 
 
 def builtin_sample(docs: int = _SAMPLE_DOCS) -> list[str]:
-    """Passages of English prose that ship with the package: the docstrings of
-    embedstream's own modules, cut into runs of about sixty words and repeated in
-    order until there are ``docs`` of them. Third-party corpora (MS MARCO, BEIR)
-    may not be redistributed, so the package carries none; ``--sample FILE``
-    calibrates on documents like the user's, which gives truer figures."""
+    """Passages that ship with the package: the docstrings of embedstream's own
+    modules (English prose with some code names in it), cut into runs of sixty
+    words and repeated in order until there are ``docs`` of them (about 240 differ).
+    Third-party corpora (MS MARCO, BEIR) may not be redistributed, so the package
+    carries none; ``--sample FILE`` calibrates on documents like the user's, which
+    gives truer figures."""
     words: list[str] = []
     for package in ("embedstream.stream", "embedstream.sinks", "embedstream.bulk"):
         for source in sorted(resources.files(package).iterdir(), key=lambda f: f.name):

@@ -12,7 +12,7 @@ Guaranteed:
   so a caller that counts items can resume with ``skip=count``, provided the
   files (the glob's matches and their bytes) have not changed in between.
   Rows are: the non-blank lines of a JSONL file; the non-blank lines of a TSV
-  file after its header line (none when ``embedstream.bulk.tsv_columns`` names the columns);
+  file after its header line (none when ``bulk.tsv_columns`` names the columns);
   the rows of a Parquet file. Lines holding only whitespace are not rows.
 * A bad row (invalid UTF-8, invalid JSON, a JSON value that is not an object, a
   TSV row with the wrong number of columns, a line over ``source.max_message_bytes``,
@@ -27,7 +27,7 @@ Guaranteed:
 
 Not guaranteed: that corruption inside compressed data is noticed (zstd frames
 carry a checksum only if their writer added one); that a TSV file really has
-the header this configuration assumes (with ``embedstream.bulk.tsv_columns`` set, a header
+the header this configuration assumes (with ``bulk.tsv_columns`` set, a header
 line is read as a row); limits on document length (``source.max_document_chars``
 is for the caller, as in the stream).
 """
@@ -75,7 +75,7 @@ class RowFailure:
     """One row that gave no document, and why."""
 
     where: str
-    # A DecodeError reason (stream.decode.REASONS), "invalid_json", "not_utf8",
+    # A DecodeError reason (embedstream.stream.decode.REASONS), "invalid_json", "not_utf8",
     # "bad_row" (not an object; wrong column count) or "message_too_large".
     reason: str
     detail: str
@@ -294,7 +294,7 @@ def count_rows(spec: str, settings: Settings) -> int | None:
     """A cheap total for progress: None if any file is compressed (unknown without
     reading it all). Exact for Parquet (from the footer). For JSONL and TSV, the
     number of lines (a last line without a newline counts), less one header line
-    per TSV file without ``embedstream.bulk.tsv_columns``: an upper bound of what
+    per TSV file without ``bulk.tsv_columns``: an upper bound of what
     :func:`read_rows` yields, exact when no line is blank."""
     files = [(path, *detect(path)) for path in expand_files(spec)]
     if any(compression is not None for _, _, compression in files):

@@ -23,7 +23,8 @@ What is guaranteed, per call:
   what was reported as failed must not also be applied.
 * ``events{op,outcome}`` counts each event that loses the fold as ``stale`` and
   each written winner as ``applied``, once the write is in: an attempt that
-  raises counts nothing, so a batch retried through an outage is counted once.
+  raises counts no events, so a batch retried through an outage is counted once
+  (chunk and embedding figures, counted as the embedding happens, are not undone).
   A failed winner is left to ``on_failure``.
 
 Not guaranteed: anything about a call that raises (the sink or the embedding

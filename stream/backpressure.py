@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from embedstream.stream.errors import SinkUnavailable, Unavailable
+from embedstream.stream.errors import EmbedderUnavailable, SinkUnavailable, Unavailable
 from embedstream.stream.health import Health
 from embedstream.stream.metrics import Metrics
 
@@ -48,7 +48,8 @@ class Backpressure:
         self.backoff_s = min(_MAX_BACKOFF_S,
                              max(error.retry_after, self.backoff_s * 2 or _FIRST_BACKOFF_S))
         self.retry_at = self._clock() + self.backoff_s
-        what = "store" if isinstance(error, SinkUnavailable) else "embedding API"
+        what = ("store" if isinstance(error, SinkUnavailable)
+                else "embedding API" if isinstance(error, EmbedderUnavailable) else "service")
         log.warning("%s unavailable, retrying in %.1fs: %s", what, self.backoff_s, error)
         self._health.set_ready(f"{what} unavailable: {error}")
         # Every retry: partitions assigned since the last one must wait too.

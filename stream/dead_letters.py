@@ -39,7 +39,8 @@ __all__ = [
     "ensure_topics",
 ]
 
-# The headers a dead-letter record carries (read back by stream.dlq_read).
+# The headers a dead-letter record carries (the `dlq list` and `dlq replay` commands read
+# them back).
 REASON_HEADER = "embedstream.error.reason"
 DETAIL_HEADER = "embedstream.error.detail"
 SOURCE_TOPIC_HEADER = "embedstream.source.topic"

@@ -67,7 +67,11 @@ class Unavailable(EmbedstreamError):
 
 
 class KafkaUnavailable(Unavailable):
-    """Kafka could not be reached, or refused us (authentication, authorisation)."""
+    """Kafka could not be reached, or refused us (authentication, authorisation).
+
+    A refusal does not pass with time: whoever catches :class:`Unavailable` to wait
+    and retry should stop retrying this one after a while (the commands raising it
+    stop at once and say what failed)."""
 
 
 class SinkError(EmbedstreamError):

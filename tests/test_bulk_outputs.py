@@ -1,4 +1,5 @@
-"""bulk.outputs (vector files from a rebuild) and bulk.progress (progress reports)."""
+"""embedstream.bulk.outputs (vector files from a rebuild) and embedstream.bulk.progress
+(progress reports)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""bulk.sources: corpus files (JSONL, TSV, Parquet; .gz, .zst) in, one item per row out."""
+"""embedstream.bulk.sources: corpus files (JSONL, TSV, Parquet; .gz, .zst) in, one item
+per row out."""
 
 from __future__ import annotations
 

@@ -99,6 +99,7 @@ class Feed:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)  # the main thread's waits may add up to ~300 s
 def test_rebuild_from_kafka_hands_over_with_no_event_lost_or_applied_twice(
         broker: LocalBroker, tmp_path: Path, tiny_model_dir: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,7 +130,7 @@ def test_rebuild_from_kafka_hands_over_with_no_event_lost_or_applied_twice(
 
     def run_live() -> None:
         try:
-            run_until(live, stop_live.is_set, 100, "the test to stop the live consumer")
+            run_until(live, stop_live.is_set, 330, "the test to stop the live consumer")
         except BaseException as error:
             errors.append(error)
 

@@ -61,7 +61,7 @@ Stored = tuple[DocState, tuple[str, ...]]
 
 
 def apply_write(store: dict[str, Stored], write: DocumentWrite) -> None:
-    """What a sink does with a write (sinks/base.py): replace the whole chunk set."""
+    """What a sink does with a write (stream/store.py): replace the whole chunk set."""
     indexes = [point.chunk_index for point in write.chunks]
     assert indexes == list(range(len(indexes)))
     assert not (write.state.deleted and write.chunks)

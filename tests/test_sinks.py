@@ -1,4 +1,5 @@
-"""Both Qdrant sinks against the guarantees of sinks.base.
+"""Both Qdrant sinks against the guarantees of the store protocol
+(embedstream.stream.store).
 
 The server sink runs on qdrant-client's in-memory store (same semantics as a
 server, no server needed); the Edge sink on a real shard in tmp_path.

@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="chunks/s of one device; skips the calibration run")
     plan.add_argument("--sample", default=None,
                       help="corpus file(s) to calibrate on, any rebuild format (default: a "
-                           "built-in sample of English prose; your documents give truer figures)")
+                           "built-in sample made of embedstream's docstrings; your own "
+                           "documents give truer figures)")
     plan.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     plan.set_defaults(run=_cmd_plan)
 
@@ -255,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--revisions", type=Path, default=None,
                      help="revision history JSONL (default: built-in sample pages; "
-                          "`make demo` passes ../shared/data/revisions when present)")
+                          "`make demo` passes "
+                          "../shared/data/revisions/doc-revisions.jsonl when present)")
     dev.add_argument("--data-dir", type=Path, default=None,
                      help="store directory (default: a temporary one)")
     dev.add_argument("--pages", type=int, default=6, help="pages to replay")

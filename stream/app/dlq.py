@@ -86,7 +86,7 @@ from embedstream.stream.errors import DecodeError, KafkaUnavailable
 from embedstream.stream.events import ChangeEvent
 from embedstream.stream.kafka_config import kafka_client_config
 
-# Replay's names, and those of stream.dlq_read re-exported (DeadLetter, dlq_topics,
+# Replay's names, and those of embedstream.stream.app.dlq_read re-exported (DeadLetter, dlq_topics,
 # list_dead_letters, read_dead_letters): the module's public names are unchanged.
 __all__ = [
     "REPLAYED_FROM_HEADER",

@@ -58,7 +58,7 @@ log = logging.getLogger("embedstream.dlq")
 _PREFIX = "embedstream."
 
 # Seconds to wait for metadata, watermarks, commits and for reading progress
-# (replay in stream.dlq uses it too, through _timeout).
+# (replay in embedstream.stream.app.dlq uses it too, through _timeout).
 _TIMEOUT_S = 10.0
 _BATCH = 500
 _TEXT_DETAIL = 120

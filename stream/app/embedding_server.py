@@ -100,7 +100,7 @@ class EmbeddingServer:
             tokens = sum(len(ids) for ids in st.tokenizer(texts)["input_ids"])
             return np.asarray(vectors, np.float32), tokens
 
-        return cls(encode, host=host, port=port)
+        return cls(encode, model=model, host=host, port=port)
 
     @property
     def url(self) -> str:

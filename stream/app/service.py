@@ -1,4 +1,5 @@
-"""The one place where clients, the model, the store and metrics are built.
+"""Where the service's clients, model, store and metrics are built (a rebuild
+builds its own in :mod:`embedstream.bulk.rebuild`).
 
 Nothing in embedstream creates a client, model or metric at import time; the
 functions here build them from a :class:`~embedstream.stream.config.Settings` tree and pass
