@@ -9,6 +9,7 @@ missing or leaking name.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -40,8 +41,6 @@ print(json.dumps({"found": found, "missing": missing}))
 
 
 def _probe(python: str, cwd: Path) -> dict[str, object]:
-    import json
-
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     done = subprocess.run([python, "-c", _PROBE], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
