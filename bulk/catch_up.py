@@ -32,6 +32,7 @@ from embedstream.bulk.kafka_source import (
     Partition,
     partition_ends,
     snapshot_consumer,
+    snapshot_topic_ids,
     topic_partitions,
 )
 from embedstream.stream.apply import apply_batch
@@ -43,6 +44,7 @@ from embedstream.stream.intake import Rejected, take_in
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.plan import PreparedEvent
 from embedstream.stream.store import Sink
+from embedstream.stream.topic_ids import TopicIds, position_of
 from embedstream.stream.vectors import ChunkVectors, Failure
 
 __all__ = ["CatchUpReport", "catch_up"]
@@ -83,6 +85,7 @@ def catch_up(settings: Settings, sink: Sink, chunker: Chunker, embedder: Embedde
         start.update(covered)
         covered = start
         report = CatchUpReport(reached=dict(covered))
+        topic_ids = snapshot_topic_ids(settings)
 
         def unembedded(winner: PreparedEvent, failure: Failure) -> None:
             # Not written, as the stream would dead-letter it: reported like a row that fails.
@@ -99,7 +102,7 @@ def catch_up(settings: Settings, sink: Sink, chunker: Chunker, embedder: Embedde
                 batch: list[PreparedEvent] = []
                 for message in consumer.consume(_BATCH_MESSAGES, timeout=_POLL_S):
                     prepared = _prepare(settings, chunker, message, report, ends, behind,
-                                        on_failure)
+                                        on_failure, topic_ids)
                     if prepared is not None:
                         batch.append(prepared)
                 if batch:
@@ -114,7 +117,7 @@ def catch_up(settings: Settings, sink: Sink, chunker: Chunker, embedder: Embedde
 
 def _prepare(settings: Settings, chunker: Chunker, message: Message, report: CatchUpReport,
              ends: Mapping[Partition, int], behind: set[Partition],
-             on_failure: OnFailure | None) -> PreparedEvent | None:
+             on_failure: OnFailure | None, topic_ids: TopicIds) -> PreparedEvent | None:
     error = message.error()
     if error is not None and error.code() != KafkaError._PARTITION_EOF:
         if error.fatal():
@@ -133,7 +136,7 @@ def _prepare(settings: Settings, chunker: Chunker, message: Message, report: Cat
     report.messages += 1
     if offset + 1 >= ends.get(tp, 0):
         behind.discard(tp)
-    position = Position(topic, partition, offset)
+    position = position_of(message, topic_ids)
     taken = take_in(message.key(), message.value(), position, settings.source, chunker)
     if isinstance(taken, Rejected):  # reported, like a bulk row that fails
         _report(report, on_failure, position, (taken.reason, taken.detail))

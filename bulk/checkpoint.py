@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from embedstream.stream.errors import ConfigError
+from embedstream.stream.names import name_error
 
 __all__ = ["Checkpoint", "CheckpointStore"]
 
@@ -52,9 +53,18 @@ class Checkpoint:
 
     @classmethod
     def from_json(cls, raw: str) -> Checkpoint:
+        """Raises ValueError (or KeyError, TypeError) for anything but a
+        checkpoint this version wrote; its names pass the one name rule, as
+        they become file names and collection names."""
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, not {type(data).__name__}")
         if data.get("format") != _FORMAT:
             raise ValueError(f"checkpoint format {data.get('format')!r}")
+        problem = name_error(data["name"], "name", alias=True) or (
+            data["target"] is not None and name_error(data["target"], "target"))
+        if problem:
+            raise ValueError(problem)
         return cls(
             name=data["name"], source=data["source"], files=data["files"],
             fingerprint=data["fingerprint"], output=data["output"], target=data["target"],
@@ -71,20 +81,22 @@ class CheckpointStore:
         self.directory = Path(directory)
 
     def path(self, name: str) -> Path:
-        return self.directory / f"{name}.json"
+        return self.directory / f"{_checked(name)}.json"
 
     def failures_path(self, name: str) -> Path:
-        return self.directory / f"{name}.failures.jsonl"
+        return self.directory / f"{_checked(name)}.failures.jsonl"
 
     def load_or_new(self, name: str, *, restart: bool, source: str, files: list[list[Any]],
                     fingerprint: str, output: str | None, target: str | None) -> Checkpoint:
         """The interrupted rebuild of ``name`` to resume, or a fresh checkpoint."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(name)
+        self.directory.mkdir(parents=True, exist_ok=True)
         if path.exists() and not restart:
             try:
                 found = Checkpoint.from_json(path.read_text(encoding="utf-8"))
-            except (ValueError, KeyError, TypeError) as error:
+                if found.name != name:
+                    raise ValueError(f"it names {found.name!r}")
+            except (OSError, ValueError, KeyError, TypeError) as error:
                 raise ConfigError(f"rebuild checkpoint {path} is unreadable ({error}); "
                                   "pass --restart to discard it") from None
             mismatch = [what for what, ours, theirs in (
@@ -120,3 +132,12 @@ class CheckpointStore:
     def remove(self, name: str) -> None:
         """Forget a finished rebuild (its failure list stays for the user)."""
         self.path(name).unlink(missing_ok=True)
+
+
+def _checked(name: str) -> str:
+    """``name``, once the one name rule lets it become a file name here (a
+    name with a path in it would read and replace files elsewhere)."""
+    problem = name_error(name, "rebuild checkpoint name", alias=True)
+    if problem:
+        raise ConfigError(problem)
+    return name

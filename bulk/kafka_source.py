@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from embedstream.stream.config import Settings
 from embedstream.stream.errors import KafkaUnavailable
@@ -39,6 +40,7 @@ from embedstream.stream.intake import Rejected, take_in
 from embedstream.stream.kafka_config import kafka_client_config
 from embedstream.stream.plan import fold
 from embedstream.stream.store import DocState
+from embedstream.stream.topic_ids import TopicIds, position_of
 
 __all__ = [
     "BulkEvent",
@@ -89,6 +91,13 @@ def snapshot_consumer(settings: Settings) -> Consumer:
     return Consumer(config)
 
 
+def snapshot_topic_ids(settings: Settings) -> TopicIds:
+    """The ids of the source topics, recorded with each state as the stream does."""
+    topic_ids = TopicIds(AdminClient(kafka_client_config(settings, "admin")))
+    topic_ids.refresh(settings.kafka.topics)
+    return topic_ids
+
+
 def topic_partitions(consumer: Consumer, topics: tuple[str, ...]) -> list[Partition]:
     try:
         metadata = consumer.list_topics(timeout=_METADATA_TIMEOUT_S)
@@ -137,11 +146,13 @@ class KafkaSnapshot:
         self._start = dict(start or {})
         self.covered: dict[Partition, int] = dict(covered or {})
         self._consumer: Consumer | None = None
+        self._topic_ids: TopicIds | None = None
 
     def open(self) -> None:
         consumer = snapshot_consumer(self._settings)
         try:
             partitions = topic_partitions(consumer, self._settings.kafka.topics)
+            self._topic_ids = snapshot_topic_ids(self._settings)
             if not self.covered:
                 self.covered = partition_ends(consumer, partitions)
         except BaseException:
@@ -187,7 +198,7 @@ class KafkaSnapshot:
                 if offset >= end:
                     self._done(consumer, tp, pending)
                     continue
-                yield self._decode(message, Position(topic, partition, offset), seen)
+                yield self._decode(message, position_of(message, self._topic_ids), seen)
                 if offset + 1 >= end:
                     self._done(consumer, tp, pending)
 

@@ -49,8 +49,9 @@ from embedstream.stream.chunking import TokenChunker
 from embedstream.stream.config import Settings
 from embedstream.stream.errors import ConfigError, KafkaUnavailable
 from embedstream.stream.fingerprint import Fingerprint
-from embedstream.stream.health import Health, serve_http
+from embedstream.stream.health import Health, serve_metrics
 from embedstream.stream.metrics import Metrics
+from embedstream.stream.names import name_error
 from embedstream.stream.remote_embedding import OpenAIEmbedder
 from embedstream.stream.store import Sink, SinkAdmin
 
@@ -165,6 +166,7 @@ def rebuild(settings: Settings, options: RebuildOptions, *,
     started) from a daemon thread that lives as long as the process, so a Job can be
     scraped. A port that cannot be bound is logged and the rebuild goes on. A caller
     passing ``metrics`` serves them itself, if at all."""
+    _alias(settings, options)  # before anything is served, loaded or built from it
     if metrics is None:
         metrics = Metrics()
         health = _serve(settings, metrics)
@@ -189,7 +191,7 @@ def _rebuild(settings: Settings, options: RebuildOptions, encoders: list[AnyEnco
              sink_factory: Callable[[str], Sink] | None, admin: SinkAdmin | None,
              progress_stream: TextIO | None, metrics: Metrics,
              health: Health | None) -> RebuildReport:
-    alias = options.collection or settings.sink.collection
+    alias = _alias(settings, options)
     to_files = options.output is not None
     encoder = encoders[0]
     chunk_spec = TokenChunker(encoder.tokenizer, max_tokens=min(
@@ -232,6 +234,18 @@ def _rebuild(settings: Settings, options: RebuildOptions, encoders: list[AnyEnco
             admin.close()
 
 
+def _alias(settings: Settings, options: RebuildOptions) -> str:
+    """The alias to rebuild, once the one name rule lets it name the
+    checkpoint, the failure list and the new collection (``--collection``
+    comes from a command line or a Helm value: it may hold a path)."""
+    alias = options.collection or settings.sink.collection
+    problem = name_error(alias, "--collection" if options.collection else "sink.collection",
+                         alias=True)
+    if problem:
+        raise ConfigError(problem)
+    return alias
+
+
 def _serve(settings: Settings, metrics: Metrics) -> Health | None:
     """Serve ``metrics`` when ``settings.metrics.enabled``; None when not served."""
     if not settings.metrics.enabled:
@@ -239,12 +253,11 @@ def _serve(settings: Settings, metrics: Metrics) -> Health | None:
     # A rebuild has no loop to watch: liveness is the process serving at all.
     health = Health(float("inf"), ready_gauge=metrics.ready)
     try:
-        serve_http(metrics, health, settings.metrics.host, settings.metrics.port)
-    except OSError as error:
+        serve_metrics(metrics, health, settings.metrics)
+    except ConfigError as error:
         # Progress metrics are a convenience here; a port taken (e.g. by a consumer on
         # the same host) must not stop a rebuild that may have hours of work to resume.
-        log.warning("not serving rebuild metrics on %s:%d (metrics.port): %s",
-                    settings.metrics.host, settings.metrics.port, error)
+        log.warning("not serving rebuild metrics: %s", error)
         return None
     log.info("serving rebuild metrics on %s:%d/metrics", settings.metrics.host,
              settings.metrics.port)

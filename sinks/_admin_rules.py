@@ -9,16 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from embedstream.sinks._layout import STATE_SUFFIX, valid_name
+from embedstream.sinks._layout import STATE_SUFFIX
 from embedstream.stream.errors import SinkError
+from embedstream.stream.names import name_error
 
 __all__ = ["aliases_by_target", "aliases_to_drop", "check_names", "not_found", "refuse_part"]
 
 
-def check_names(*names: str) -> None:
-    for name in names:
-        if not valid_name(name):
-            raise SinkError(f"{name!r} is not a valid collection or alias name")
+def check_names(*names: str, alias: str | None = None) -> None:
+    """Refuse collection ``names`` (and an ``alias``) the one name rule refuses,
+    before anything is looked up or built from them."""
+    problem = (None if alias is None else name_error(alias, "alias", alias=True)) or next(
+        filter(None, (name_error(name, "collection") for name in names)), None)
+    if problem:
+        raise SinkError(problem)
 
 
 def not_found(name: str, aliases: Mapping[str, str], missing: str) -> SinkError:

@@ -3,8 +3,9 @@
 :class:`CollectionSink` holds every decision of a sink that does not depend
 on the client library: how ``open`` resolves the alias (its target; else a
 collection named like the alias, made before aliases; else, given a
-fingerprint, a new ``<alias>_<UTC timestamp>``), how it checks the stored
-fingerprint, adopts an empty leftover of an interrupted creation or creates
+fingerprint, a new ``<alias>_<UTC timestamp>``, unless collections made for
+the alias exist: then the alias was lost, and the sink refuses), how it
+checks the stored fingerprint, adopts an empty leftover of an interrupted creation or creates
 both collections (fingerprint point last), and the reads, the order of writes
 and the handover record. A sink subclasses it and supplies the abstract
 primitives: single calls on its store, none of which decides anything.
@@ -30,14 +31,17 @@ from embedstream.sinks._layout import (
     STATE_SUFFIX,
     STATE_VECTOR,
     WritePlan,
+    alias_missing_message,
     as_floats,
     dense_vector,
+    made_for,
     parse_fingerprint,
     plan_writes,
     state_from_payload,
 )
-from embedstream.stream.errors import FingerprintMismatch, SinkError
+from embedstream.stream.errors import ConfigError, FingerprintMismatch, NeedsOperator, SinkError
 from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.names import name_error
 from embedstream.stream.store import (
     DocState,
     DocumentWrite,
@@ -107,6 +111,11 @@ class CollectionSink(ABC):
     _KEEP_CAUSE: ClassVar[bool] = True  # whether a translated error keeps its cause
 
     def __init__(self, alias: str, physical: str | None, at: str) -> None:
+        # The one name rule, before any name reaches a path or a request.
+        problem = (name_error(alias, "sink.collection", alias=True)
+                   or (physical and name_error(physical, "physical collection")))
+        if problem:
+            raise ConfigError(problem)
         self._alias = alias
         self._forced = physical
         self._collection = physical or alias
@@ -196,6 +205,19 @@ class CollectionSink(ABC):
     @abstractmethod
     def _translate(self, what: str, exc: Exception) -> SinkError:
         """``exc``, raised while doing ``what``, as embedstream's error."""
+
+    def _before_write(self) -> None:
+        """Raise SinkUnavailable when a write must wait (the Edge sink: a nearly
+        full disk); a store that cannot tell writes on."""
+        return
+
+    def _refuse_lost_alias(self, names: Collection[str]) -> None:
+        """Before a collection is created behind the alias: refuse while
+        ``names`` (the store's collections) hold ones made for it. The alias
+        was lost, and a new, empty collection would hide what they hold."""
+        found = made_for(self._alias, names)
+        if found:
+            raise NeedsOperator(alias_missing_message(self._alias, self._at, found))
 
     # -- opening -------------------------------------------------------------
 
@@ -290,6 +312,7 @@ class CollectionSink(ABC):
 
     def apply(self, writes: Sequence[DocumentWrite]) -> None:
         self._check_open()
+        self._before_write()
         plan = plan_writes(writes)
         with self._errors("write"):
             self._write_chunks(plan)
@@ -354,6 +377,7 @@ class CollectionSink(ABC):
 
     def _replace_handover(self, record: Handover) -> None:
         self._check_open()
+        self._before_write()
         with self._errors("write the handover record"):
             # A rare control record: durable at once, not at the next flush.
             self._put_states([(HANDOVER_POINT_ID, handover_payload(record))], durable=True)

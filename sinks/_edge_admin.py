@@ -19,6 +19,7 @@ Unlike a Qdrant server, an alias may share its name with a physical collection
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from embedstream.sinks._layout import (
     STATE_SUFFIX,
     listed_names,
     looks_physical,
+    orphan_owner,
     parse_fingerprint,
 )
 from embedstream.sinks.qdrant_edge import open_fingerprint
@@ -53,6 +55,8 @@ from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.store import CollectionInfo
 
 __all__ = ["QdrantEdgeAdmin"]
+
+_TRASH = ".dropped"  # suffix of a directory renamed away to be deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +81,13 @@ class QdrantEdgeAdmin:
         return self._aliases.read().get(alias)
 
     def switch(self, alias: str, target: str) -> str | None:
-        check_names(alias, target)
-        with self._aliases.changing() as aliases:
+        check_names(target, alias=alias)
+        # The repair a damaged aliases.json asks for (see AliasRegistry.read).
+        with self._aliases.changing(repair=True) as aliases:
             self._require_collection(target, aliases)
+            if not is_shard(self._path / target):
+                raise SinkError(f"collection {target!r} at {self._path} has lost its chunks "
+                                "(an interrupted drop?); drop it instead")
             look, _ = self._look(target)
             if look.fingerprint is None:
                 if look.holder is not None:
@@ -94,18 +102,14 @@ class QdrantEdgeAdmin:
         return previous
 
     def collections(self) -> list[CollectionInfo]:
-        pointing = aliases_by_target(self._aliases.read())
-        try:
-            names = {d.name for d in self._path.iterdir()
-                     if not d.name.startswith(".") and is_shard(d)}
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise SinkError(f"cannot list {self._path}: {exc}") from exc
+        # What a damaged aliases.json still says: the listing is where the
+        # operator looks for the collection to switch the alias back to.
+        pointing = aliases_by_target(self._aliases.readable())
+        names = self._names()
         infos = []
         for name in listed_names(names):
-            look, _ = self._look(name)
-            infos.append(CollectionInfo(name, look.points, pointing(name), look.fingerprint,
+            shown, look = self._listed(name, names)
+            infos.append(CollectionInfo(shown, look.points, pointing(shown), look.fingerprint,
                                         in_use=look.holder is not None))
         return infos
 
@@ -129,10 +133,16 @@ class QdrantEdgeAdmin:
                     del aliases[alias]
             # Aliases first (written when the block ended), so none leads to a
             # half-deleted collection; chunks before state, so an interrupted
-            # drop leaves the fingerprint that lets the next drop finish it.
+            # drop leaves the fingerprint that lets the next drop finish it
+            # (`list` shows that state as the collection). Each directory is
+            # renamed away before it is deleted: a drop interrupted inside a
+            # delete leaves no half-deleted shard under a collection's name.
+            self._sweep()
             for directory in (self._path / name, self._path / f"{name}{STATE_SUFFIX}"):
                 if directory.exists():
-                    shutil.rmtree(directory)
+                    trash = self._path / f".{directory.name}{_TRASH}"
+                    os.rename(directory, trash)
+                    shutil.rmtree(trash)
         except OSError as exc:
             raise SinkError(f"dropping {name!r} at {self._path} failed: {exc}") from exc
         finally:
@@ -143,10 +153,39 @@ class QdrantEdgeAdmin:
 
     # -- helpers -----------------------------------------------------------
 
+    def _names(self) -> set[str]:
+        """The shards in the store (each a collection or a state companion)."""
+        try:
+            return {d.name for d in self._path.iterdir()
+                    if not d.name.startswith(".") and is_shard(d)}
+        except FileNotFoundError:
+            return set()
+        except OSError as exc:
+            raise SinkError(f"cannot list {self._path}: {exc}") from exc
+
+    def _listed(self, name: str, names: set[str]) -> tuple[str, _Look]:
+        """How ``name`` is listed: the state of a half-dropped collection (its
+        fingerprint says so) as that collection; anything else as itself."""
+        owner = orphan_owner(name, names)
+        if owner is not None:
+            look, _ = self._look(owner)
+            if look.fingerprint is not None:
+                return owner, look
+        return name, self._look(name)[0]
+
     def _require_collection(self, name: str, aliases: dict[str, str]) -> None:
         if not (is_shard(self._path / name) or is_shard(self._path / f"{name}{STATE_SUFFIX}")):
             raise not_found(name, aliases, f"no collection named {name!r} at {self._path}")
-        refuse_part(name, lambda owner: is_shard(self._path / owner))
+        # <x>_state belongs to <x> while <x>'s chunks are there, and also after
+        # an interrupted drop removed them: then its fingerprint says so.
+        orphaned = orphan_owner(name, self._names())
+        refuse_part(name, lambda owner: is_shard(self._path / owner) or (
+            owner == orphaned and self._look(owner)[0].fingerprint is not None))
+
+    def _sweep(self) -> None:
+        """Delete what interrupted drops left renamed away (see ``drop``)."""
+        for trash in self._path.glob(f".*{_TRASH}"):
+            shutil.rmtree(trash, ignore_errors=True)  # a concurrent drop may be at it too
 
     def _look(self, name: str, keep_lock: bool = False) -> tuple[_Look, ProcessLock | None]:
         """Read ``name`` under its lock; the lock too with ``keep_lock``. When

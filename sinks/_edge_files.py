@@ -11,6 +11,11 @@ Under the store directory ``path``:
 * ``.aliases.lock``: held (``flock``, exclusive, blocking) while the aliases
   change, so that read-modify-write changes from several processes do not
   lose one another.
+* ``aliases.json.damaged``: a damaged ``aliases.json`` as it was when
+  ``collections switch`` rewrote it.
+* ``.<directory>.dropped``: a collection's directory being deleted (renamed
+  first, so that a drop interrupted half-way leaves nothing half-deleted
+  under a collection's name); the next drop removes what is left.
 """
 
 from __future__ import annotations
@@ -18,16 +23,22 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from embedstream.stream.errors import SinkError
+from embedstream.stream.errors import NeedsOperator, SinkError
+from embedstream.stream.names import name_error, name_problem
 
 __all__ = ["ALIASES_FILE", "AliasRegistry", "ProcessLock", "holder_text", "is_shard", "lock_path"]
 
 ALIASES_FILE = "aliases.json"
+DAMAGED_FILE = "aliases.json.damaged"  # a damaged aliases.json, kept by the repair
+
+log = logging.getLogger("embedstream.sinks")
 
 
 def lock_path(root: Path, collection: str) -> Path:
@@ -87,7 +98,14 @@ def holder_text(pid: str) -> str:
 
 
 class AliasRegistry:
-    """The aliases of one Edge store (see the module docstring)."""
+    """The aliases of one Edge store (see the module docstring).
+
+    A damaged file (not JSON, not an object of names to names, or a name the
+    rule of :mod:`embedstream.stream.names` refuses) raises
+    :class:`~embedstream.stream.errors.NeedsOperator` on every read: guessing
+    (an empty mapping) would have the consumer create an empty collection and
+    hide the indexed one. ``collections switch`` repairs it (``changing(repair=True)``).
+    """
 
     def __init__(self, root: Path) -> None:
         self._root = root
@@ -95,35 +113,70 @@ class AliasRegistry:
 
     def read(self) -> dict[str, str]:
         """The aliases now; no lock needed (the file is only ever replaced whole)."""
+        aliases, problem = self._parse()
+        if problem is not None:
+            raise NeedsOperator(
+                f"{self._file} is damaged ({problem}). Do not delete it: without it the "
+                "alias is lost. See the collections with `embedstream collections list`, "
+                "then point the alias at the right one with `embedstream collections switch "
+                f"NAME`, which rewrites the file (keeping this one as {DAMAGED_FILE}).")
+        return aliases
+
+    def readable(self) -> dict[str, str]:
+        """The valid entries, even of a damaged file: for showing, never for deciding."""
+        return self._parse()[0]
+
+    def _parse(self) -> tuple[dict[str, str], str | None]:
+        """The valid aliases, and what is wrong with the file (None when nothing)."""
         try:
             raw = self._file.read_bytes()
         except FileNotFoundError:
-            return {}
+            return {}, None
         except OSError as exc:
             raise SinkError(f"cannot read {self._file}: {exc}") from exc
         try:
             data = json.loads(raw)
-            if not (isinstance(data, dict) and all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in data.items())):
-                raise ValueError("expected an object of alias names to collection names")
         except ValueError as exc:
-            raise SinkError(f"{self._file} is damaged ({exc}); fix or delete it") from exc
-        return data
+            return {}, f"not JSON: {exc}"
+        if not isinstance(data, dict):
+            return {}, f"expected an object of alias names to collection names, not {data!r:.60}"
+        valid, problems = {}, []
+        for alias, target in data.items():
+            problem = name_error(alias, "alias", alias=True)
+            if problem is None and (why := name_problem(target)):
+                problem = (f"alias {alias!r} points at {target!r:.60}, which is not a valid "
+                           f"collection name: {why}")
+            if problem:
+                problems.append(problem)
+            else:
+                valid[alias] = target
+        return valid, "; ".join(problems) or None
 
     @contextlib.contextmanager
-    def changing(self) -> Iterator[dict[str, str]]:
+    def changing(self, *, repair: bool = False) -> Iterator[dict[str, str]]:
         """Hold the aliases lock and yield the current mapping; what the block
         leaves in it is written back when it exits normally (nothing is written
-        when it raises). Blocks while another process changes the aliases."""
+        when it raises). Blocks while another process changes the aliases.
+
+        A damaged file raises, unless ``repair``: then the block gets its valid
+        entries and the file is rewritten, the damaged one kept as
+        ``aliases.json.damaged``."""
         self._root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._root / ".aliases.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            aliases = self.read()
+            if repair:
+                aliases, damaged = self._parse()
+            else:
+                aliases, damaged = self.read(), None
             before = dict(aliases)
             yield aliases
-            if aliases != before:
+            if aliases != before or damaged is not None:
                 try:
+                    if damaged is not None:
+                        shutil.copyfile(self._file, self._root / DAMAGED_FILE)
+                        log.warning("%s was damaged (%s); kept it as %s and rewrote it",
+                                    self._file, damaged, DAMAGED_FILE)
                     self._replace(aliases)
                 except OSError as exc:
                     raise SinkError(f"cannot write {self._file}: {exc}") from exc

@@ -26,6 +26,7 @@ import numpy as np
 
 from embedstream.stream.errors import FingerprintMismatch, SinkError
 from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.names import name_problem
 from embedstream.stream.store import (
     DocState,
     DocumentWrite,
@@ -45,14 +46,16 @@ STATE_VECTOR = [1.0]  # state points need some vector; they are never searched
 SCROLL_PAGE = 256
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 # The shape of a new_physical_name: <alias>_<timestamp>, optionally _<n>.
-_PHYSICAL = re.compile(r".+_\d{8}T\d{6}Z(?:_\d+)?")
-_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_STAMP = r"_\d{8}T\d{6}Z(?:_\d+)?"
+_PHYSICAL = re.compile(f".+{_STAMP}")
 
 
-def valid_name(name: str) -> bool:
-    """Whether ``name`` can name a collection or alias in either store (it is
-    also a directory name for Qdrant Edge, so no path separators, no dot names)."""
-    return bool(_NAME.fullmatch(name)) and name not in {".", ".."}
+def valid_name(name: str, *, alias: bool = False) -> bool:
+    """Whether ``name`` can name a collection (``alias``: an alias) in either
+    store, by the one rule of :mod:`embedstream.stream.names` (it is also a
+    directory name for Qdrant Edge: no path separators, no dot names, short
+    enough for every name derived from it)."""
+    return name_problem(name, alias=alias) is None
 
 
 def new_physical_name(alias: str, taken: Callable[[str], bool],
@@ -72,11 +75,43 @@ def looks_physical(name: str) -> bool:
     return bool(_PHYSICAL.fullmatch(name))
 
 
+def made_for(alias: str, names: Collection[str]) -> list[str]:
+    """The collections among ``names`` made for ``alias`` (``<alias>_<timestamp>``,
+    or only its state companion, left by an interrupted drop), sorted."""
+    shape = re.compile(re.escape(alias) + _STAMP)
+    return sorted({n.removesuffix(STATE_SUFFIX) for n in names
+                   if shape.fullmatch(n.removesuffix(STATE_SUFFIX))})
+
+
 def listed_names(names: Collection[str]) -> list[str]:
     """The collection names to list: every name but the ``<x>_state`` of an
     ``<x>`` that is there too (it belongs to that collection)."""
     return sorted(n for n in names
                   if not (n.endswith(STATE_SUFFIX) and n[:-len(STATE_SUFFIX)] in names))
+
+
+def orphan_owner(name: str, names: Collection[str]) -> str | None:
+    """``<x>`` when ``name`` is ``<x>_state`` and ``<x>`` is gone (a drop
+    interrupted between its two deletes) while ``name`` has no companion of
+    its own; whether it really is ``<x>``'s state, only its fingerprint says."""
+    owner = name.removesuffix(STATE_SUFFIX)
+    if owner == name or owner in names or f"{name}{STATE_SUFFIX}" in names:
+        return None
+    return owner if valid_name(owner) else None
+
+
+def alias_missing_message(alias: str, at: str, found: Sequence[str]) -> str:
+    """The refusal to create a collection behind ``alias`` while ``found``,
+    made for it, exist: the alias was lost (e.g. ``aliases.json`` deleted), and
+    a new, empty collection would hide every document they hold."""
+    return (
+        f"alias {alias!r} at {at} is missing, but collections made for it exist: "
+        f"{', '.join(found)}. Refusing to create a new, empty one (the stream would go "
+        "on from its committed offsets and leave out every document already indexed). "
+        "Point the alias at the right one with `embedstream collections switch NAME` "
+        "(`embedstream collections list` shows their points), or drop those you do not "
+        "need with `embedstream collections drop NAME`, then start again."
+    )
 
 
 def not_ours_message(collection: str, detail: str) -> str:
@@ -137,16 +172,32 @@ def plan_writes(writes: Sequence[DocumentWrite]) -> WritePlan:
 
 def state_payload(doc_id: str, state: DocState) -> dict[str, Any]:
     return {"doc_id": doc_id, "version": state.version, "offset": state.offset,
-            "deleted": state.deleted}
+            "deleted": state.deleted, "versioned": state.versioned, "topic": state.topic,
+            "partition": state.partition, "topic_id": state.topic_id,
+            "timestamp_ms": state.timestamp_ms, "tombstone": state.tombstone}
 
 
 def state_from_payload(payload: Mapping[str, Any] | None) -> tuple[str, DocState] | None:
     """A state point's document and state; ``None`` for the fingerprint and
     handover points (no ``doc_id``), so a scroll of the state collection that
-    reads points through this never takes one of them for a document."""
+    reads points through this never takes one of them for a document. A state
+    stored before the log was recorded reads with ``topic`` None."""
     if not payload or "doc_id" not in payload:
         return None
-    state = DocState(int(payload["version"]), int(payload["offset"]), bool(payload["deleted"]))
+    def number(name: str) -> int | None:
+        value = payload.get(name)
+        return None if value is None else int(value)
+
+    def text(name: str) -> str | None:
+        value = payload.get(name)
+        return None if value is None else str(value)
+
+    state = DocState(
+        int(payload["version"]), int(payload["offset"]), bool(payload["deleted"]),
+        versioned=bool(payload.get("versioned", True)), topic=text("topic"),
+        partition=number("partition"), topic_id=text("topic_id"),
+        timestamp_ms=number("timestamp_ms"), tombstone=bool(payload.get("tombstone", False)),
+    )
     return str(payload["doc_id"]), state
 
 

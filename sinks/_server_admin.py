@@ -32,6 +32,7 @@ from embedstream.sinks._layout import (
     STATE_SUFFIX,
     listed_names,
     looks_physical,
+    orphan_owner,
     parse_fingerprint,
 )
 from embedstream.sinks._server_client import Endpoint, aliases_of, physical_names
@@ -62,7 +63,7 @@ class QdrantServerAdmin:
             return aliases_of(self._open()).get(alias)
 
     def switch(self, alias: str, target: str) -> str | None:
-        check_names(alias, target)
+        check_names(target, alias=alias)
         client = self._open()
         with self._errors(f"point alias {alias!r} at {target!r}"):
             names, aliases = physical_names(client), aliases_of(client)
@@ -74,6 +75,9 @@ class QdrantServerAdmin:
                     f"{alias}`), then switch again: consumers then open {alias!r} through the "
                     "alias. Searches of that name fail in between.")
             self._require_ours(client, target, names, aliases)
+            if target not in names:
+                raise SinkError(f"collection {target!r} at {self._where} has lost its chunks "
+                                "(an interrupted drop?); drop it instead")
             # One call: the server applies both under one lock (see the module docstring).
             client.update_collection_aliases([
                 models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)),
@@ -87,9 +91,16 @@ class QdrantServerAdmin:
         with self._errors("list the collections"):
             names = physical_names(client)
             pointing = aliases_by_target(aliases_of(client))
-            return [CollectionInfo(name, client.count(name, exact=True).count, pointing(name),
-                                   _fingerprint(client, name, names))
-                    for name in listed_names(names)]
+            infos = []
+            for name in listed_names(names):
+                owner = orphan_owner(name, names)
+                found = owner and _fingerprint(client, owner, names)
+                if owner and found:  # the state of a half-dropped collection is listed as it
+                    infos.append(CollectionInfo(owner, 0, pointing(owner), found))
+                else:
+                    infos.append(CollectionInfo(name, client.count(name, exact=True).count,
+                                                pointing(name), _fingerprint(client, name, names)))
+            return infos
 
     def drop(self, name: str, force: bool = False) -> None:
         check_names(name)
@@ -102,7 +113,10 @@ class QdrantServerAdmin:
                 client.update_collection_aliases([
                     models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=a))
                     for a in pointing])
-            client.delete_collection(name)
+            # Chunks before state: an interrupted drop leaves the state, whose
+            # fingerprint lets `list` show it as this collection and the next drop finish.
+            if name in names:
+                client.delete_collection(name)
             if f"{name}{STATE_SUFFIX}" in names:
                 client.delete_collection(f"{name}{STATE_SUFFIX}")
 
@@ -118,13 +132,18 @@ class QdrantServerAdmin:
                       aliases: dict[str, str]) -> None:
         """Refuse ``name`` unless it is an embedstream collection: one with a
         fingerprint, or an empty leftover of an interrupted creation."""
-        if name not in names:
+        state = f"{name}{STATE_SUFFIX}"
+        if name not in names and state not in names:
             raise not_found(name, aliases, f"{self._where} has no collection named {name!r}")
-        refuse_part(name, names.__contains__)
+        # <x>_state belongs to <x> while <x> is there, and also after an
+        # interrupted drop deleted <x>: then its fingerprint says so.
+        orphaned = orphan_owner(name, names)
+        refuse_part(name, lambda owner: owner in names or (
+            owner == orphaned and _fingerprint(client, owner, names) is not None))
         if _fingerprint(client, name, names) is not None:
             return
-        state = f"{name}{STATE_SUFFIX}"
-        if looks_physical(name) and client.count(name, exact=True).count == 0 and (
+        if looks_physical(name) and name in names and client.count(
+                name, exact=True).count == 0 and (
                 state not in names or client.count(state, exact=True).count == 0):
             return
         raise SinkError(f"collection {name!r} holds no embedstream fingerprint: it was not "

@@ -28,7 +28,8 @@ def build_sink(settings: SinkSettings, physical: str | None = None) -> Sink:
     if settings.kind == "qdrant-edge":
         from embedstream.sinks.qdrant_edge import QdrantEdgeSink
 
-        return QdrantEdgeSink(settings.path, settings.collection, physical=physical)
+        return QdrantEdgeSink(settings.path, settings.collection, physical=physical,
+                              min_free_bytes=settings.min_free_bytes)
     if settings.kind == "qdrant":
         _require_url(settings)
         from embedstream.sinks.qdrant_server import QdrantServerSink

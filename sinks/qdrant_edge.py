@@ -11,9 +11,10 @@ aliases (``aliases.json``, see :mod:`embedstream.sinks._edge_files`).
 named like the alias (made before aliases); else, given a fingerprint, creates
 ``<alias>_<UTC timestamp>`` and then the alias, under the aliases lock (two
 processes creating a store at once end up on one collection, the second
-refused its lock). The alias is written last: an interrupted creation leaves
-an unaliased collection (``collections list`` shows it), never an alias to
-nothing.
+refused its lock), unless collections made for the alias exist (then the
+alias was lost: ``open`` refuses). The alias is written last: an interrupted
+creation leaves an unaliased collection (``collections list`` shows it),
+never an alias to nothing.
 
 Guarantees, beyond those of :mod:`embedstream.stream.store`:
 
@@ -29,6 +30,10 @@ Guarantees, beyond those of :mod:`embedstream.stream.store`:
   ``flock`` on its lock file and raises :class:`~embedstream.stream.errors.SinkError`
   naming the holder's pid otherwise. The lock dies with its process, so no
   stale lock survives a crash.
+* ``open``, ``apply``, ``flush`` and the handover writes raise
+  :class:`~embedstream.stream.errors.StoreDiskFull`, having written nothing,
+  while the filesystem of ``path`` has less than ``min_free_bytes`` free (see
+  :mod:`embedstream.sinks.disk`): on a full one, Edge would die with SIGBUS.
 
 Not guaranteed: consistency of ``points()`` with writes made while iterating;
 use from several threads at once.
@@ -37,6 +42,7 @@ use from several threads at once.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,21 +51,27 @@ from typing import Any
 import qdrant_edge as qe
 
 from embedstream.sinks._collection import CHUNKS, STATE, CollectionSink, Part, Schema
-from embedstream.sinks._edge_files import AliasRegistry, ProcessLock, lock_path
+from embedstream.sinks._edge_files import AliasRegistry, ProcessLock, is_shard, lock_path
 from embedstream.sinks._layout import (
     SCROLL_PAGE,
     STATE_VECTOR,
     WritePlan,
     new_physical_name,
     not_ours_message,
-    valid_name,
 )
-from embedstream.stream.errors import ConfigError, FingerprintMismatch, SinkError
+from embedstream.sinks.disk import DiskGuard, FreeBytes, free_bytes
+from embedstream.stream.errors import FingerprintMismatch, NeedsOperator, SinkError
 from embedstream.stream.fingerprint import Fingerprint
 
 __all__ = ["QdrantEdgeSink", "open_fingerprint"]
 
 _SCHEMAS = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer}
+_EDGE_CONFIG = "edge_config.json"  # where Edge keeps a shard's settings
+# The WAL of a new shard: 4 MiB segments, not Edge's 32 MiB. Edge keeps two open
+# segments of full size (a sparse file where the filesystem allows it), so each
+# shard reserved 64 MiB, 128 MiB a collection. Ingestion is as fast (README, "Disk");
+# a write larger than a segment gets a segment of its own size.
+_WAL_OPTIONS = {"segment_capacity": 4 * 2**20, "segment_queue_len": 0, "retain_closed": 1}
 # Lock file (real path) -> fingerprint of each collection open in this process:
 # another process's shard cannot be read, and neither can our own from a second
 # handle, so the admin asks here.
@@ -78,16 +90,17 @@ class QdrantEdgeSink(CollectionSink):
     _STORE = "Qdrant Edge"
 
     def __init__(self, path: Path | str, collection: str, *,
-                 physical: str | None = None) -> None:
+                 physical: str | None = None, min_free_bytes: int = 0,
+                 free: FreeBytes = free_bytes) -> None:
         """``collection`` is the configured name (an alias). ``physical``, when
         given, is the physical collection ``open`` uses or creates instead,
         without reading or touching any alias (a rebuild fills a new collection
-        this way while the live consumer keeps using the alias)."""
-        for name, what in ((collection, "sink.collection"), (physical, "physical collection")):
-            if name is not None and not valid_name(name):
-                raise ConfigError(f"{what} {name!r} is not a valid collection name")
+        this way while the live consumer keeps using the alias).
+        ``min_free_bytes`` is ``sink.min_free_bytes`` (0: no check); ``free``
+        tells the free space of the filesystem holding a path."""
         self._path = Path(path)
         super().__init__(collection, physical, str(self._path))
+        self._disk = DiskGuard(self._path, min_free_bytes, lambda: self._where, free)
         self._aliases = AliasRegistry(self._path)
         self._lock: ProcessLock | None = None
         self._lock_file: str | None = None
@@ -103,6 +116,7 @@ class QdrantEdgeSink(CollectionSink):
     def _start(self) -> None:
         if self._lock is not None:
             raise SinkError(f"{self._where} is already open")
+        self._disk.check()  # opening writes too (and creating reserves the most)
         with self._errors("open"):
             self._path.mkdir(parents=True, exist_ok=True)
 
@@ -116,6 +130,7 @@ class QdrantEdgeSink(CollectionSink):
             with self._aliases.changing() as aliases:
                 if self._alias in aliases:
                     return False
+                self._refuse_lost_alias({d.name for d in self._path.iterdir() if is_shard(d)})
                 name = new_physical_name(
                     self._alias, lambda n: n in aliases or (self._path / n).exists())
                 self._open_physical(name, fingerprint, via_alias=False)
@@ -139,10 +154,10 @@ class QdrantEdgeSink(CollectionSink):
                     lock.release()
                     return False
                 if not (self._has(name) or self._has(self._name(STATE))):
-                    raise SinkError(
+                    raise NeedsOperator(
                         f"alias {self._alias!r} at {self._path} points at {name!r}, which does "
-                        f"not exist; point it at another collection or remove it from "
-                        f"{self._path / 'aliases.json'}")
+                        "not exist; point it at another collection with `embedstream "
+                        "collections switch NAME` (`embedstream collections list` shows them)")
             stored = self._open_collection(fingerprint)
         except BaseException:
             self._close_shards()
@@ -155,6 +170,7 @@ class QdrantEdgeSink(CollectionSink):
 
     def flush(self) -> None:
         self._check_open()
+        self._disk.check()
         with self._errors("flush"):
             self._flush_shards()
 
@@ -208,7 +224,7 @@ class QdrantEdgeSink(CollectionSink):
     def _loaded(self, part: Part, size: int | None) -> qe.EdgeShard:
         directory = self._path / self._name(part)
         try:
-            shard = qe.EdgeShard.load(str(directory), None if size is None else _config(size))
+            shard = qe.EdgeShard.load(str(directory), None if size is None else _config(part, size))
         except Exception as exc:
             if "incompatible" in str(exc).lower():  # another vector size
                 raise FingerprintMismatch(not_ours_message(self._collection, str(exc))) from exc
@@ -227,7 +243,19 @@ class QdrantEdgeSink(CollectionSink):
             raise FingerprintMismatch(not_ours_message(self._collection, f"{held} points"))
 
     def _make(self, part: Part, size: int) -> None:
-        self._keep(part, qe.EdgeShard.create(str(self._path / self._name(part)), _config(size)))
+        # EdgeShard.create takes no WAL options (Rust only), but a shard loaded
+        # from a directory holding only edge_config.json is created with the
+        # options written there (qdrant-edge-py 0.9). A crash before the load
+        # leaves that file alone, which open adopts as an empty leftover.
+        directory = self._path / self._name(part)
+        directory.mkdir(parents=True, exist_ok=True)
+        config, written = directory / _EDGE_CONFIG, directory / f".{_EDGE_CONFIG}.tmp"
+        written.write_text(json.dumps({"wal_options": _WAL_OPTIONS}))
+        os.replace(written, config)
+        self._keep(part, qe.EdgeShard.load(str(directory), _config(part, size)))
+
+    def _before_write(self) -> None:
+        self._disk.check()
 
     def _keep(self, part: Part, shard: qe.EdgeShard) -> None:
         if part == CHUNKS:
@@ -277,8 +305,12 @@ class QdrantEdgeSink(CollectionSink):
         return SinkError(f"{self._where}: {what} failed: {exc}")
 
 
-def _config(size: int) -> qe.EdgeConfig:
-    return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=size, distance=qe.Distance.Cosine))
+def _config(part: Part, size: int) -> qe.EdgeConfig:
+    # The state's vectors are never searched: left on disk (Cold), not loaded into
+    # memory at open, which on tmpfs filled a 32 MiB chunk file at every start.
+    memory = qe.Memory.Cold if part == STATE else None
+    return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=size, distance=qe.Distance.Cosine,
+                                                     memory=memory))
 
 
 def _chunk_filter(doc_ids: list[str], from_index: int = 0) -> qe.Filter:

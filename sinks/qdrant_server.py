@@ -22,12 +22,19 @@ Guarantees, beyond those of :mod:`embedstream.stream.store`:
   :class:`~embedstream.stream.errors.SinkError` (everything else). Messages never contain
   the API key.
 
+A missing alias with collections made for it (``<alias>_<timestamp>``) is a
+lost alias: ``open`` refuses to create another (see
+:class:`~embedstream.sinks._collection.CollectionSink`), after waiting
+``_CREATION_GRACE_S`` for the alias in case another consumer is creating it.
+
 Not guaranteed: detection of two consumers with different fingerprints
 creating the same collection at the same instant; consistency of ``points()``
 with writes made while iterating. Two processes creating a new store at once
 each create a collection; one that then finds the alias taken joins its target
 (deleting its own), but Qdrant has no compare-and-set for aliases: two that
-create the alias within milliseconds of each other can end up apart.
+create the alias within milliseconds of each other can end up apart. One that
+starts while another's creation takes longer than ``_CREATION_GRACE_S`` stops
+with the lost-alias refusal; started again, it finds the alias.
 
 ``url=":memory:"`` runs an in-process store with the server's semantics (for
 tests and trials; it keeps nothing, and ignores payload indexes).
@@ -36,6 +43,7 @@ tests and trials; it keeps nothing, and ignores payload indexes).
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,6 +58,7 @@ from embedstream.sinks._layout import (
     STATE_SUFFIX,
     STATE_VECTOR,
     WritePlan,
+    made_for,
     new_physical_name,
     not_ours_message,
 )
@@ -81,6 +90,7 @@ class QdrantServerSink(CollectionSink):
 
     _STORE = "Qdrant"
     _KEEP_CAUSE = False  # the cause may quote the request
+    _CREATION_GRACE_S = 3.0  # see _alias_appears
 
     def __init__(
         self,
@@ -137,7 +147,12 @@ class QdrantServerSink(CollectionSink):
         collection then."""
         client = self._open()
         with self._errors("create"):
-            taken = physical_names(client) | set(aliases_of(client))
+            names = physical_names(client)
+            taken = names | set(aliases_of(client))
+        if made_for(self._alias, names):
+            if self._alias_appears(client):
+                return False  # another consumer made it meanwhile: resolve again
+            self._refuse_lost_alias(names)
         name = new_physical_name(self._alias, taken.__contains__)
         self._open_physical(name, fingerprint, via_alias=False)
         with self._errors("create the alias"):
@@ -155,6 +170,19 @@ class QdrantServerSink(CollectionSink):
             raise SinkError(f"alias {self._alias!r} at {self._at} vanished while it was "
                             "being created; try again")
         return self._open_physical(winner, fingerprint, via_alias=False)
+
+    def _alias_appears(self, client: QdrantClient) -> bool:
+        """Whether the alias appears within ``_CREATION_GRACE_S``: a consumer
+        starting at the same instant may have created its collection and not
+        yet the alias (Qdrant has no lock to wait on instead)."""
+        deadline = time.monotonic() + self._CREATION_GRACE_S
+        while True:
+            with self._errors("read the aliases"):
+                if self._alias in aliases_of(client):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
 
     def flush(self) -> None:
         """Nothing to do: every write waits for the server (``wait=True``),

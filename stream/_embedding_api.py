@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -69,16 +69,24 @@ class Rejected:
 Answer = Ok | Retry | Rejected
 
 
+def _unchanged(text: str) -> str:
+    return text
+
+
 def classify(response: httpx.Response, count: int, dimension: int | None,
-             where: str) -> Answer:
+             where: str, redact: Callable[[str], str] = _unchanged) -> Answer:
     """What an answer to a request of ``count`` inputs means. Raises
     :class:`EmbedderError` for answers no retry can fix (``where`` names the API
     and model in the message): 401/403/404, an exhausted quota, vectors of
-    another size than ``dimension``."""
+    another size than ``dimension``. Every detail taken from the answer passes
+    through ``redact`` (a provider may echo the API key in its error text)."""
     status = response.status_code
     if status == 200:
-        return _parse(response, count, dimension)
-    detail = f"HTTP {status}: {_error_text(response)}"
+        answer = _parse(response, count, dimension)
+        if isinstance(answer, Retry):
+            answer.detail = redact(answer.detail)
+        return answer
+    detail = f"HTTP {status}: {_error_text(response, redact)}"
     if status == 429 and "insufficient_quota" in response.text:
         raise EmbedderError(f"{where}: the quota is used up ({detail})")
     if status in _LATER or status >= 500:
@@ -135,13 +143,14 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _error_text(response: httpx.Response) -> str:
-    """The API's error message (OpenAI style ``{"error": {"message": ...}}``), short."""
+def _error_text(response: httpx.Response, redact: Callable[[str], str]) -> str:
+    """The API's error message (OpenAI style ``{"error": {"message": ...}}``), short;
+    redacted before it is cut, so no part of a secret is left."""
     try:
         error = response.json().get("error")
         message = error.get("message") if isinstance(error, dict) else error
         if message:
-            return str(message)[:300]
+            return redact(str(message))[:300]
     except (ValueError, AttributeError):
         pass
-    return response.text[:300] or response.reason_phrase
+    return redact(response.text)[:300] or response.reason_phrase

@@ -97,7 +97,7 @@ def apply_batch(
             if prepared is not item.winner:
                 outcomes.append((prepared.event.kind, "stale"))
             elif keep:
-                outcomes.append((prepared.event.kind, "applied"))
+                outcomes.append((prepared.event.kind, "moved" if item.moved else "applied"))
     writes = [build_write(item, found) for item in writing]
     if writes:
         call_sink(metrics, "apply", lambda: sink.apply(writes))

@@ -14,12 +14,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
+    SettingsError,
 )
 
+from embedstream.stream._config_sources import read_config_file, unparsable_environment
 from embedstream.stream.errors import ConfigError
+from embedstream.stream.names import name_error
 
 __all__ = [
     "RESERVED_PAYLOAD_FIELDS",
@@ -47,8 +50,34 @@ KafkaOptionValue = str | int | float | bool
 _SECRET_OPTION_MARKERS = ("password", "secret", "sasl.jaas.config", "ssl.key.pem")
 
 
+def _is_secret_option(key: object) -> bool:
+    return isinstance(key, str) and any(m in key for m in _SECRET_OPTION_MARKERS)
+
+
 def _reveal(value: KafkaOptionValue | SecretStr) -> Any:
     return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def _secret_problem(secret: str, http_header: bool = False) -> str | None:
+    """Why ``secret`` cannot be used, never quoting it (errors and logs would show it)."""
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in secret):
+        # Most often a trailing newline, copied in with the value (Kubernetes secrets).
+        return ("contains a control character (a trailing newline?); "
+                "the value is not shown")
+    if http_header and not secret.isascii():
+        return "contains non-ASCII characters, which an HTTP header cannot carry"
+    return None
+
+
+def _clean_secret(secret: SecretStr | None, http_header: bool = False) -> SecretStr | None:
+    problem = secret and _secret_problem(secret.get_secret_value(), http_header)
+    if problem:
+        raise ValueError(problem)
+    return secret
+
+
+def _clean_header_secret(secret: SecretStr | None) -> SecretStr | None:
+    return _clean_secret(secret, http_header=True)
 
 
 class _Section(BaseModel):
@@ -70,6 +99,8 @@ class KafkaSecurity(_Section):
     ssl_key_location: str | None = None
     ssl_key_password: SecretStr | None = None
     ssl_endpoint_identification_algorithm: Literal["https", "none"] | None = None
+
+    _no_control_characters = field_validator("sasl_password", "ssl_key_password")(_clean_secret)
 
     def librdkafka(self) -> dict[str, str]:
         """The librdkafka settings, secrets revealed (for the client only)."""
@@ -112,10 +143,14 @@ class KafkaSettings(_Section):
     def _hide_secret_options(cls, options: Any) -> Any:
         if not isinstance(options, dict):
             return options
-        return {key: SecretStr(str(value))
-                if isinstance(key, str) and any(m in key for m in _SECRET_OPTION_MARKERS)
-                and not isinstance(value, SecretStr) else value
-                for key, value in options.items()}
+        hidden = {key: value if not _is_secret_option(key) or isinstance(value, SecretStr)
+                  else SecretStr(str(value)) for key, value in options.items()}
+        for key, value in hidden.items():
+            # A PEM key (ssl.key.pem) is lines of text: its newlines belong to it.
+            if isinstance(value, SecretStr) and not str(key).endswith(".pem") and (
+                    problem := _secret_problem(value.get_secret_value())):
+                raise ValueError(f"{key}: {problem}")
+        return hidden
 
     def librdkafka_options(self) -> dict[str, KafkaOptionValue]:
         """``options`` as librdkafka takes them, secrets revealed (for the client only)."""
@@ -180,8 +215,9 @@ class EmbedSettings(_Section):
     # https://RESOURCE.openai.azure.com/openai/deployments/DEPLOYMENT.
     api_base: str = "https://api.openai.com/v1"
     api_key: SecretStr | None = None
+    _usable_key = field_validator("api_key")(_clean_header_secret)
     # Header the key goes in: "Authorization" sends "Bearer KEY"; Azure wants "api-key".
-    api_key_header: str = "Authorization"
+    api_key_header: str = Field(default="Authorization", pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
     # Query parameters on every request (Azure: {"api-version": "2024-10-21"}).
     query_params: dict[str, str] = Field(default_factory=dict)
     # Output size for models that can shorten their vectors (Matryoshka, e.g.
@@ -224,7 +260,8 @@ class SinkSettings(_Section):
     path: Path = Path("./embedstream-data")
     url: str | None = None
     api_key: SecretStr | None = None
-    collection: str = Field(default="documents", pattern=r"^[A-Za-z0-9_.-]+$")
+    _usable_key = field_validator("api_key")(_clean_header_secret)
+    collection: str = "documents"  # an alias; embedstream.stream.names says what names fit
     prefer_grpc: bool = False
     timeout_s: float = Field(default=30.0, gt=0)
     shard_number: int | None = Field(default=None, ge=1)
@@ -237,6 +274,20 @@ class SinkSettings(_Section):
     # their offsets. Writes are searchable as soon as they are applied; this
     # bounds only how much a crash replays. 0: after every batch.
     flush_interval_ms: int = Field(default=1000, ge=0)
+    # qdrant-edge: below this much free space on the filesystem of `path`, writes
+    # wait (the consumer pauses, reports not ready, commits nothing) instead of
+    # risking a full disk, on which Qdrant Edge dies with SIGBUS. It must cover the
+    # largest write made at once; see the README's "Disk". 0: never wait.
+    min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+
+    @field_validator("collection")
+    @classmethod
+    def _valid_collection(cls, name: str) -> str:
+        # The one rule of every name, checked here before any path is built from it.
+        problem = name_error(name, alias=True)
+        if problem:
+            raise ValueError(problem)
+        return name
 
 
 class BulkSettings(_Section):
@@ -273,7 +324,10 @@ class MetricsSettings(_Section):
     ``/readyz`` (started and the store is answering)."""
 
     enabled: bool = True
-    host: str = "0.0.0.0"
+    # Loopback unless asked: /metrics names topics and collections. A container
+    # sets 0.0.0.0 (the image and the Helm chart do), as probes and scrapes come
+    # to the pod's address.
+    host: str = "127.0.0.1"
     port: int = Field(default=9108, ge=0, le=65535)
     # /healthz fails when the loop has not turned for this long.
     liveness_timeout_s: float = Field(default=120.0, gt=0)
@@ -304,11 +358,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Earlier sources win: explicit arguments, then environment, then the file.
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if settings_cls.model_config.get("yaml_file"):
-            sources.append(YamlConfigSettingsSource(settings_cls))
-        return tuple(sources)
+        # Earlier sources win: explicit arguments, then environment (then the file,
+        # added by load_settings).
+        return init_settings, env_settings
 
 
 def _format_validation_error(error: ValidationError, origin: str) -> str:
@@ -319,8 +371,28 @@ def _format_validation_error(error: ValidationError, origin: str) -> str:
     return f"invalid configuration ({origin}):\n" + "\n".join(lines)
 
 
+def _with_file(data: dict[str, Any]) -> type[Settings]:
+    """Settings that take what neither the arguments nor the environment set from ``data``."""
+
+    class FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return init_settings, env_settings, InitSettingsSource(settings_cls, data)
+
+    return FileSettings
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build the settings tree, or raise :class:`ConfigError` naming the bad field."""
+    """Build the settings tree, or raise :class:`ConfigError` naming the bad field
+    (or the file, or the environment variable, that cannot be read); no message
+    quotes a value."""
     settings_cls: type[Settings] = Settings
     origin = "environment"
     if config_file is not None:
@@ -328,13 +400,15 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         origin = f"{path} and environment"
-        # A subclass carries the file name, so the class-level source hook sees it.
-        settings_cls = type(
-            "FileSettings",
-            (Settings,),
-            {"model_config": SettingsConfigDict(**{**Settings.model_config, "yaml_file": path})},
-        )
+        settings_cls = _with_file(read_config_file(path))
     try:
         return settings_cls(**overrides)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, origin)) from None
+    except SettingsError as error:
+        # Raised for an environment value a JSON-taking field cannot parse; its
+        # message names the top-level field only ('error parsing value for field "kafka"').
+        field = str(error).split('"')[1] if str(error).count('"') >= 2 else None
+        prefix = Settings.model_config.get("env_prefix") or ""
+        named = unparsable_environment(Settings, prefix, field)
+        raise ConfigError(f"invalid configuration: {named or error}") from None

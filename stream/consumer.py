@@ -41,7 +41,7 @@ from embedstream.stream.config import Settings
 from embedstream.stream.dead_letters import DeadLetters
 from embedstream.stream.embedding import Embedder
 from embedstream.stream.errors import EmbedderUnavailable, SinkUnavailable
-from embedstream.stream.events import ChangeEvent, Position, Skipped
+from embedstream.stream.events import ChangeEvent, Skipped
 from embedstream.stream.handover import AliasFollower
 from embedstream.stream.health import Health
 from embedstream.stream.intake import Rejected, take_in
@@ -49,6 +49,7 @@ from embedstream.stream.metrics import Metrics
 from embedstream.stream.offsets import commit_offsets, report_lag
 from embedstream.stream.plan import PreparedEvent
 from embedstream.stream.store import Sink
+from embedstream.stream.topic_ids import TopicIds, position_of
 from embedstream.stream.vectors import ChunkVectors, Failure
 
 __all__ = ["AppliedCallback", "StreamConsumer"]
@@ -78,6 +79,7 @@ class StreamConsumer:
         health: Health | None = None,
         clock: Callable[[], float] = time.monotonic,
         follower: AliasFollower | None = None,
+        topic_ids: TopicIds | None = None,
     ) -> None:
         self._settings = settings
         self._consumer = consumer
@@ -91,6 +93,7 @@ class StreamConsumer:
         self._chunk_vectors = ChunkVectors(embedder, metrics)
         self._clock = clock
         self._follower = follower
+        self._topic_ids = topic_ids
         self._batch = self._new_batch()
         self._subscribed = False
         self._pressure = Backpressure(consumer, metrics, self._health, clock)
@@ -218,7 +221,7 @@ class StreamConsumer:
             return  # fetched before a revoke that ran since: its new owner reads it
         if self._follower and self._follower.ignores((topic, partition), offset):
             return  # read before the partition moved to a rebuild's handover offset
-        position = Position(topic, partition, offset)
+        position = position_of(message, self._topic_ids)
         self._batch.track(position, self._clock())
         taken = take_in(message.key(), message.value(), position, self._settings.source,
                         self._chunker)
@@ -234,9 +237,9 @@ class StreamConsumer:
             "dead-lettering %s[%d]@%d: %s: %s",
             message.topic(), message.partition(), message.offset(), reason, detail[:200],
         )
-        self._dead_letters.send(message, reason, detail)
+        cut = self._dead_letters.send(message, reason, detail)  # True: cut to fit the topic
         self._metrics.dlq_records.labels(reason=reason).inc()
-        if len(message.value() or b"") > self._settings.kafka.dlq_max_value_bytes:
+        if cut:
             self._metrics.dlq_truncated.inc()
         self._metrics.events.labels(op=kind, outcome="dead_lettered").inc()
 
@@ -326,6 +329,8 @@ class StreamConsumer:
         # A pause we set before these were revoked outlives the revocation in
         # librdkafka; clear it (a backoff in progress pauses them again).
         self._pressure.clear_pause(partitions)
+        if self._topic_ids is not None:  # a topic may have been recreated since
+            self._topic_ids.refresh({tp.topic for tp in partitions})
         if self._follower:
             self._follower.on_assign([(tp.topic, tp.partition) for tp in partitions])
         log.info("assigned %s; now own %s",

@@ -216,7 +216,8 @@ def _tombstone(
     if ids is None:
         fail("missing_id", f"tombstone key does not hold {list(fields)}")
     version = position.offset if settings.version == "offset" else _TOMBSTONE_VERSION
-    return ChangeEvent(_join_id(ids), Op.DELETE, version, position, kind="tombstone")
+    return ChangeEvent(_join_id(ids), Op.DELETE, version, position, kind="tombstone",
+                       versioned=False)
 
 
 def _image(payload: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -238,23 +239,25 @@ def _why_no_op(payload: dict[str, Any]) -> str:
     return "no_op"
 
 
-def _version(payload: dict[str, Any], source: dict[str, Any], position: Position, mode: str) -> int:
+def _version(payload: dict[str, Any], source: dict[str, Any], position: Position,
+             mode: str) -> tuple[int, bool]:
+    """The event's version, and whether it came from the event (not its offset)."""
     lsn = int64(source.get("lsn"))
     source_ts = int64(source.get("ts_ms"), 1)
     if mode == "offset":
-        return position.offset
+        return position.offset, False
     if mode == "lsn":
         if lsn is None:
             fail("missing_version", "no integer source.lsn")
-        return lsn
+        return lsn, True
     if mode == "ts_ms":
         ts = source_ts or int64(payload.get("ts_ms"), 1)
         if ts is None:
             fail("missing_version", "neither source.ts_ms nor ts_ms is set")
-        return ts
+        return ts, True
     if lsn is not None:
-        return lsn
-    return source_ts if source_ts is not None else position.offset
+        return lsn, True
+    return (source_ts, True) if source_ts is not None else (position.offset, False)
 
 
 def _text(after: dict[str, Any], fields: tuple[str, ...]) -> str:
@@ -310,14 +313,16 @@ def _decode_debezium(
     if ids is None:
         fail("missing_id", f"neither key, after nor before holds {list(settings.id_fields)}")
     doc_id = _join_id(ids)
-    version = _version(payload, source, position, settings.version)
+    version, versioned = _version(payload, source, position, settings.version)
     ts_ms = int64(payload.get("ts_ms"), 1) or int64(source.get("ts_ms"), 1)
     if op == "d":
-        return ChangeEvent(doc_id, Op.DELETE, version, position, source_ts_ms=ts_ms, kind="delete")
+        return ChangeEvent(doc_id, Op.DELETE, version, position, source_ts_ms=ts_ms,
+                           kind="delete", versioned=versioned)
     if after is None:
         fail("missing_after", f"op {op!r} without an after image")
     text, metadata = _text(after, settings.text_fields), _metadata(after, settings.metadata_fields)
-    return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms, _KINDS[op])
+    return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms, _KINDS[op],
+                       versioned=versioned)
 
 
 def _decode_native(
@@ -333,17 +338,19 @@ def _decode_native(
     if ids is None:
         fail("missing_id", "neither value nor key holds an id")
     doc_id = _join_id(ids)
-    version = typed_field(doc, "version", (int,), position.offset)
-    if int64(version) is None:
+    version = typed_field(doc, "version", (int,), None)
+    versioned = version is not None and settings.version != "offset"
+    if version is not None and int64(version) is None:
         fail("bad_type", "version is not a 64-bit integer")
-    if settings.version == "offset":
+    if not versioned:
         version = position.offset
     ts_ms = typed_field(doc, "ts_ms", (int,), None)
     if ts_ms is not None and ts_ms > INT64_MAX:
         fail("bad_type", "ts_ms is not a 64-bit integer")
     ts_ms = int64(ts_ms, 1)  # like Debezium's: a ts_ms of 0 (or less) is absent
     if typed_field(doc, "deleted", (bool,), False):
-        return ChangeEvent(doc_id, Op.DELETE, version, position, source_ts_ms=ts_ms)
+        return ChangeEvent(doc_id, Op.DELETE, version, position, source_ts_ms=ts_ms,
+                           versioned=versioned)
     text = typed_field(doc, "text", (str,), "")
     metadata = typed_field(doc, "metadata", (dict,), {})
     clash = sorted(metadata.keys() & RESERVED_PAYLOAD_FIELDS)
@@ -351,4 +358,5 @@ def _decode_native(
         fail("bad_type", f"metadata keys {clash} are reserved payload fields")
     check_utf8(text, "text")
     check_utf8(metadata, "metadata")
-    return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms)
+    return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms,
+                       versioned=versioned)

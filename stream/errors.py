@@ -18,9 +18,11 @@ __all__ = [
     "EmbedstreamError",
     "FingerprintMismatch",
     "KafkaUnavailable",
+    "NeedsOperator",
     "SinkError",
     "SinkUnavailable",
     "SourceError",
+    "StoreDiskFull",
     "Unavailable",
 ]
 
@@ -78,8 +80,33 @@ class SinkError(EmbedstreamError):
     """The vector store rejected or failed a request."""
 
 
+class NeedsOperator(SinkError):
+    """The store is in a state embedstream will not guess its way out of (a
+    damaged ``aliases.json``; an alias gone while collections made for it are
+    still there): going on could hide indexed documents behind an empty
+    collection. Retrying does not help; the message says what to run."""
+
+
 class SinkUnavailable(SinkError, Unavailable):
     """The store is (probably temporarily) unreachable or overloaded (see :class:`Unavailable`)."""
+
+
+class StoreDiskFull(SinkUnavailable):
+    """The filesystem of a local store (Qdrant Edge) has less free space than
+    ``sink.min_free_bytes``; nothing was written.
+
+    Qdrant Edge writes through memory maps, and the kernel kills a process that
+    writes to one on a full filesystem with SIGBUS (no exception, no log line), so
+    the sink refuses writes before that point. The consumer treats it as an outage
+    (pauses, reports not ready, commits nothing) until space is freed. ``path`` is
+    the store's directory, ``free_bytes`` what its filesystem had free."""
+
+    def __init__(self, message: str, path: str, free_bytes: int, min_free_bytes: int,
+                 retry_after: float = 5.0) -> None:
+        super().__init__(message, retry_after)
+        self.path = path
+        self.free_bytes = free_bytes
+        self.min_free_bytes = min_free_bytes
 
 
 class EmbedderError(EmbedstreamError):

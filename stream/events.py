@@ -24,11 +24,21 @@ class Op(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """Where a message sits in Kafka."""
+    """Where a message sits in Kafka.
+
+    Equal positions name the same record: ``topic_id`` and ``timestamp_ms`` are
+    extra facts about it, left out of comparisons and hashing.
+    """
 
     topic: str
     partition: int
     offset: int
+    # The topic's Kafka topic id, when known: tells a topic that was deleted and
+    # recreated under the same name (offsets start again at 0) from the old one.
+    topic_id: str | None = field(default=None, compare=False)
+    # The record's Kafka timestamp (ms), when it has one: what orders records of
+    # one key that sit in different partitions, where offsets say nothing.
+    timestamp_ms: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +48,10 @@ class ChangeEvent:
     ``version`` only grows for a given document (``source.lsn``, ``source.ts_ms``
     or the Kafka offset, per ``source.version``). Two events with the same
     version are ordered by their Kafka offset, so the later one in the log wins.
+    ``versioned``: the version came from the message itself (an LSN, a
+    timestamp, a ``version`` field), so it orders events across partitions and
+    topics; False when it is only the Kafka offset (tombstones included), which
+    orders nothing outside its own partition.
 
     ``kind`` is a bounded label for metrics: ``create``, ``read`` (snapshot),
     ``update``, ``delete``, ``tombstone`` or ``native``.
@@ -51,10 +65,11 @@ class ChangeEvent:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     source_ts_ms: int | None = None
     kind: str = "native"
+    versioned: bool = True
 
     @property
     def order_key(self) -> tuple[int, int]:
-        """Total order of events of one document: version, then log offset."""
+        """Order of one document's events within one partition: version, then log offset."""
         return (self.version, self.position.offset)
 
 

@@ -27,7 +27,8 @@ class Metrics:
         )
         self.events = Counter(
             "embedstream_events_total",
-            "Messages read, by kind of change and outcome (applied, stale, skipped, dead_lettered)",
+            "Messages read, by kind of change and outcome "
+            "(applied, moved, stale, skipped, dead_lettered)",
             ["op", "outcome"],
             registry=r,
         )
@@ -39,7 +40,8 @@ class Metrics:
         )
         self.dlq_truncated = Counter(
             "embedstream_dlq_truncated_records_total",
-            "Dead-letter records whose value was cut to kafka.dlq_max_value_bytes",
+            "Dead-letter records cut to fit the topic (value over kafka.dlq_max_value_bytes, "
+            "or headers, key, value over message.max.bytes)",
             registry=r,
         )
         self.chunks = Counter(
@@ -107,6 +109,17 @@ class Metrics:
         )
         self.ready = Gauge(
             "embedstream_ready", "1 when started and the store is answering (as /readyz)",
+            registry=r,
+        )
+        # A local store (sink.kind qdrant-edge) only: below the minimum, writes wait.
+        self.store_free_bytes = Gauge(
+            "embedstream_store_free_bytes",
+            "Free space on the filesystem of the Qdrant Edge store (sink.path), read when scraped",
+            registry=r,
+        )
+        self.store_min_free_bytes = Gauge(
+            "embedstream_store_min_free_bytes",
+            "sink.min_free_bytes: with less free space the consumer pauses (not ready)",
             registry=r,
         )
         self.rebalances = Counter(

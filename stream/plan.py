@@ -4,26 +4,43 @@ No I/O here. The consumer fetches stored document states, calls :func:`fold`
 per document, embeds the chunks of the winners, and hands
 :func:`build_write` results to the sink.
 
-Ordering rule (the version guard): events of one document are ordered by
-``(version, offset)``. An event applies only when its key is greater than
-what the store holds, so
+Ordering rule (the version guard): an event applies only when it is later
+than what the store holds for its document (:class:`DocState`), so an older
+event never overwrites a newer one, never brings a deleted document back
+(deletions keep their version), and replaying a topic is a no-op. "Later":
 
-* an older event never overwrites a newer one,
-* an older event never brings a deleted document back (deletions keep their
-  version in the stored state), and
-* replaying the topic from offset 0 is a no-op: every replayed event's key is
-  equal to or less than the stored one.
+* Within the log the stored state was read from (same topic, partition and
+  topic id): the greater ``(version, offset)``. ``version`` is
+  ``source.lsn``, ``source.ts_ms``, a native ``version`` field, or the offset
+  itself (``source.version: offset``).
+* From another log (another partition or topic, or a topic deleted and
+  recreated under the same name, which has another topic id), where offsets
+  say nothing: two explicit versions decide by the greater version (equal:
+  the same change, read again). An event ordered by its offset alone (offset
+  versions, Kafka tombstones) is later unless its Kafka timestamp is older
+  than the stored one's (a lagging partition read late): a key only moves to
+  another partition going forward in time. Equal timestamps: the event read
+  last wins. Either way a write that crosses logs is counted as ``moved``.
+* Where the topic id is unknown on either side (a broker without topic ids)
+  and the partition is the same, it is one log, except that an offset-ordered
+  event at or below the stored offset with a later timestamp marks a
+  recreated topic and applies.
+* A state with no log recorded (a bulk rebuild's file row, a state stored by
+  an earlier release) counts as the same log.
 
-A Kafka tombstone (null value) carries no version. It follows the delete for
-its key in the log, so it is ordered by offset alone: it deletes the document
-if the stored state is live and older in the log, keeping the stored version so
-older events still cannot bring the document back.
+A Kafka tombstone (null value) carries no version: it deletes the document if
+the stored state is live (after a deletion it is a no-op, unless it moved:
+then its position is recorded), keeping the stored version so older events of the
+same log still cannot bring the document back; another log's events are then
+weighed against it by timestamp (the store may not have seen every version
+before the tombstone came), as for any offset-ordered event.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +49,9 @@ from embedstream.stream.chunking import Chunk
 from embedstream.stream.events import ChangeEvent, Op
 from embedstream.stream.store import ChunkPoint, DocState, DocumentWrite
 
-__all__ = ["Folded", "PreparedEvent", "build_write", "fold", "group_by_document"]
+__all__ = [
+    "Folded", "Outcome", "PreparedEvent", "build_write", "fold", "group_by_document", "supersedes",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +74,9 @@ class Folded:
     state: DocState | None
     applied: int
     stale: int
+    # The write crosses logs: some applied event came from another partition,
+    # topic or topic incarnation than the state before it (counted as "moved").
+    moved: bool = False
 
 
 def group_by_document(events: Iterable[PreparedEvent]) -> dict[str, list[PreparedEvent]]:
@@ -65,19 +87,78 @@ def group_by_document(events: Iterable[PreparedEvent]) -> dict[str, list[Prepare
     return grouped
 
 
-def _next_state(current: DocState | None, event: ChangeEvent) -> DocState | None:
-    """The state after ``event``, or None when the event is stale."""
+# What an event that applies is counted as: "moved" when it came from another
+# log (partition, topic, topic incarnation) than the stored state.
+Outcome = Literal["applied", "moved"]
+
+
+def _later(current: DocState, candidate: DocState) -> Outcome | None:
+    """Whether ``candidate`` (an event's stamp) is later than ``current``; None: stale."""
+    same = True if current.topic is None or candidate.topic is None else _same_log(
+        current, candidate)
+    if same is not False:  # one log (as far as anyone can tell): (version, offset)
+        if candidate.order_key > current.order_key:
+            return "applied"
+        recreated = same is None and not (_by_version(candidate) and _by_version(current)) \
+            and _before(current.timestamp_ms, candidate.timestamp_ms)
+        return "moved" if recreated else None
+    if _by_version(candidate) and _by_version(current):
+        return "moved" if candidate.version > current.version else None
+    # Offsets of different logs say nothing about each other.
+    return None if _before(candidate.timestamp_ms, current.timestamp_ms) else "moved"
+
+
+def _by_version(state: DocState) -> bool:
+    """Ordered across logs by its version: one the source gave, not one a tombstone kept
+    (the store may not have seen every version before the tombstone when it came)."""
+    return state.versioned and not state.tombstone
+
+
+def _same_log(a: DocState, b: DocState) -> bool | None:
+    """True: one log; False: different ones; None: same name, identity unknown."""
+    if (a.topic, a.partition) != (b.topic, b.partition):
+        return False
+    if a.topic_id is None or b.topic_id is None:
+        return None
+    return a.topic_id == b.topic_id
+
+
+def _before(earlier: int | None, later: int | None) -> bool:
+    return earlier is not None and later is not None and earlier < later
+
+
+def _stamp(event: ChangeEvent, version: int, versioned: bool, deleted: bool,
+           tombstone: bool = False) -> DocState:
+    position = event.position
+    return DocState(version, position.offset, deleted, versioned, position.topic,
+                    position.partition, position.topic_id, position.timestamp_ms, tombstone)
+
+
+def supersedes(candidate: DocState, stored: DocState | None) -> bool:
+    """Whether a state made from an event replaces ``stored`` (the guard, state to state)."""
+    return stored is None or _later(stored, candidate) is not None
+
+
+def _next_state(current: DocState | None, event: ChangeEvent) -> tuple[DocState, Outcome] | None:
+    """The state after ``event`` and how it applied, or None when the event is stale."""
     if event.kind == "tombstone":
         if current is None:
-            return DocState(version=-1, offset=event.position.offset, deleted=True)
-        if current.deleted or event.position.offset <= current.offset:
+            return _stamp(event, -1, False, True, tombstone=True), "applied"
+        # Ordered by its log position alone: the stored version stands in for its own.
+        outcome = _later(current, _stamp(event, current.version, False, True, tombstone=True))
+        # After a deletion it changes nothing a reader sees, but one from another log
+        # is recorded: the guard then weighs other logs' events against its timestamp.
+        if outcome is None or (current.deleted and outcome != "moved"):
             return None
-        return DocState(version=current.version, offset=event.position.offset, deleted=True)
-    if current is not None and event.order_key <= current.order_key:
-        return None
-    return DocState(
-        version=event.version, offset=event.position.offset, deleted=event.op is Op.DELETE
-    )
+        # Keep the stored version, so older events of this log (or, for a source's
+        # version, of any log) cannot bring the document back. An offset version
+        # of another log means nothing in this one: the tombstone's offset instead.
+        if current.versioned or outcome == "applied":
+            return _stamp(event, current.version, current.versioned, True, True), outcome
+        return _stamp(event, event.position.offset, False, True, True), outcome
+    state = _stamp(event, event.version, event.versioned, event.op is Op.DELETE)
+    outcome = "applied" if current is None else _later(current, state)
+    return None if outcome is None else (state, outcome)
 
 
 def fold(stored: DocState | None, events: Sequence[PreparedEvent]) -> Folded:
@@ -90,14 +171,17 @@ def fold(stored: DocState | None, events: Sequence[PreparedEvent]) -> Folded:
     current = stored
     winner: PreparedEvent | None = None
     applied = stale = 0
+    moved = False
     for prepared in events:
-        state = _next_state(current, prepared.event)
-        if state is None:
+        step = _next_state(current, prepared.event)
+        if step is None:
             stale += 1
             continue
-        current, winner = state, prepared
+        (current, outcome), winner = step, prepared
         applied += 1
-    return Folded(winner=winner, state=current if winner else None, applied=applied, stale=stale)
+        moved = moved or outcome == "moved"
+    return Folded(winner=winner, state=current if winner else None, applied=applied, stale=stale,
+                  moved=moved)
 
 
 def build_write(

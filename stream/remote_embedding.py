@@ -69,6 +69,7 @@ from embedstream.stream.config import EmbedSettings
 from embedstream.stream.embedding import resolve_model_path
 from embedstream.stream.errors import EmbedderError, EmbedderUnavailable, EmbedFailures
 from embedstream.stream.metrics import Metrics
+from embedstream.stream.redact import Redactor
 
 __all__ = ["OpenAIEmbedder", "plan_requests"]
 
@@ -130,10 +131,13 @@ class OpenAIEmbedder:
             resolve_model_path(self._tokenizer_name))
         self.max_seq_length = settings.max_input_tokens
         headers = {}
+        # An HTTP client error may quote the header, a provider echo it: details pass here.
+        self._redact = Redactor()
         if settings.api_key is not None:
             key = settings.api_key.get_secret_value()
             is_bearer = settings.api_key_header.lower() == "authorization"
             headers[settings.api_key_header] = f"Bearer {key}" if is_bearer else key
+            self._redact.add([key])
         self._loop = asyncio.new_event_loop()
         self._loop.set_default_executor(_InlineExecutor())
         self._client = httpx.AsyncClient(
@@ -371,16 +375,18 @@ class OpenAIEmbedder:
         answer: Answer
         try:
             response = await self._client.post("embeddings", json=body, timeout=timeout)
-            answer = classify(response, len(texts), self._dimension, self._where)
+            answer = classify(response, len(texts), self._dimension, self._where,
+                              self._redact)
         except EmbedderError:
             metrics.embed_requests.labels(outcome="refused").inc()
             raise
         except httpx.TimeoutException:
             answer = Retry("timeout", None, f"no answer within {timeout:.1f}s")
         except httpx.DecodingError as error:
-            answer = Retry("invalid", None, f"undecodable answer: {error}")
+            answer = Retry("invalid", None, self._redact(f"undecodable answer: {error}"))
         except httpx.RequestError as error:  # connection refused or lost, redirects, ...
-            answer = Retry("connection_error", None, f"{type(error).__name__}: {error}")
+            answer = Retry("connection_error", None,
+                           self._redact(f"{type(error).__name__}: {error}"))
         metrics.embed_request_seconds.observe(self._clock() - started)
         if isinstance(answer, Ok) and self._dimension is None:
             self._dimension = int(answer.vectors.shape[1])

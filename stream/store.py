@@ -10,7 +10,7 @@ A sink applies whole-document writes. What every sink guarantees:
 * Each :class:`DocumentWrite` replaces the document's whole chunk set. Chunks
   beyond ``len(chunks)`` left by a longer earlier version are deleted; a
   deletion removes every chunk.
-* The document's :class:`DocState` (version, offset, deleted) is written after
+* The document's :class:`DocState` (version, source, deleted) is written after
   its chunks, so a crash in between leaves the old state and the write is
   simply applied again on replay (writes are idempotent).
 
@@ -75,16 +75,28 @@ def doc_state_point_id(doc_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DocState:
-    """What the store last applied for a document.
+    """What the store last applied for a document, and where it came from.
 
-    Events are ordered by ``(version, offset)``: an event applies only if its
-    key is greater than the stored one, so replays and stale events are no-ops
-    and a deleted document is never brought back by an older event.
+    The version guard (:mod:`embedstream.stream.plan`) compares an event with
+    this: ``version`` (with ``versioned``: whether the source gave it, or it is
+    only a Kafka offset), the log it was read from (``topic``,
+    ``partition``, ``topic_id``) at ``offset``, and the record's Kafka
+    ``timestamp_ms``. ``topic`` None: no log recorded (a bulk rebuild's file
+    row, or a state stored by an earlier release), ordered by
+    ``(version, offset)`` alone as then.
     """
 
     version: int
     offset: int
     deleted: bool
+    versioned: bool = True
+    topic: str | None = None
+    partition: int | None = None
+    topic_id: str | None = None
+    timestamp_ms: int | None = None
+    # Made by a Kafka tombstone, which carries no version: ``version`` is the
+    # one it kept, and another log's events are weighed against it by timestamp.
+    tombstone: bool = False
 
     @property
     def order_key(self) -> tuple[int, int]:

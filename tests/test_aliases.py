@@ -392,7 +392,7 @@ def config_file(tmp_path: Path) -> Path:
 def test_collections_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                               monkeypatch: pytest.MonkeyPatch) -> None:
     # main() would point the root logger at this test's captured stderr for good.
-    monkeypatch.setattr(cli, "_setup_logging", lambda level: None)
+    monkeypatch.setattr(cli, "_setup_logging", lambda *args: None)
     config = str(config_file(tmp_path))
     live = QdrantEdgeSink(tmp_path / "store", "docs")
     live.open(FP)

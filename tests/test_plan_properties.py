@@ -44,16 +44,23 @@ DOCS = ("a", "b", "c")
 VECTOR = np.zeros(2, np.float32)
 
 
-def prepared(doc: str, op: Op, version: int, offset: int, kind: str) -> PreparedEvent:
+def prepared(doc: str, op: Op, version: int, offset: int, kind: str,
+             versioned: bool = True) -> PreparedEvent:
     """An event whose chunk texts name it, so the store shows which event it holds."""
     text = f"{doc} v{version} at {offset}. Second chunk." if op is Op.UPSERT else ""
     event = ChangeEvent(doc, op, version, Position("t", 0, offset), text, {"n": offset},
-                        kind=kind)
+                        kind=kind, versioned=versioned and kind != "tombstone")
     chunks = []
     for index, piece in enumerate(text.split(". ") if text else []):
         start = text.index(piece)
         chunks.append(Chunk(index, start, start + len(piece), piece, 4, content_hash(piece)))
     return PreparedEvent(event, chunks)
+
+
+def state(version: int, offset: int, deleted: bool, versioned: bool = True,
+          tombstone: bool = False) -> DocState:
+    """A state stored from partition 0 of topic ``t``, where these logs live."""
+    return DocState(version, offset, deleted, versioned, "t", 0, tombstone=tombstone)
 
 
 # A stored document: its state and the texts of its chunk points, in index order.
@@ -115,11 +122,13 @@ def reference(log: Sequence[PreparedEvent]) -> dict[str, list[Stored]]:
         texts = tuple(chunk.text for chunk in item.chunks)
         if event.kind == "tombstone":
             if current is None:
-                states.append((DocState(-1, offset, True), ()))
+                states.append((state(-1, offset, True, versioned=False, tombstone=True), ()))
             elif not current.deleted and offset > current.offset:
-                states.append((DocState(current.version, offset, True), ()))
+                states.append((state(current.version, offset, True, current.versioned,
+                                     tombstone=True), ()))
         elif current is None or (event.version, offset) > (current.version, current.offset):
-            states.append((DocState(event.version, offset, event.op is Op.DELETE), texts))
+            states.append((state(event.version, offset, event.op is Op.DELETE, event.versioned),
+                           texts))
     return history
 
 
@@ -144,14 +153,15 @@ def logs(draw: st.DrawFn) -> list[PreparedEvent]:
             # Debezium is at-least-once: an earlier event again, at a new offset.
             old = emitted[doc][step % len(emitted[doc])].event
             version = offset if by_offset else old.version
-            item = prepared(doc, old.op, version, offset, old.kind)
+            item = prepared(doc, old.op, version, offset, old.kind, not by_offset)
         elif action == "tombstone":
             item = prepared(doc, Op.DELETE, -1, offset, "tombstone")
         else:
             counters[doc] += step  # 0: the same version as the last one (e.g. one ts_ms)
             version = offset if by_offset else counters[doc]
             op = Op.DELETE if action == "delete" else Op.UPSERT
-            item = prepared(doc, op, version, offset, "delete" if op is Op.DELETE else "update")
+            item = prepared(doc, op, version, offset, "delete" if op is Op.DELETE else "update",
+                            not by_offset)
         emitted[doc].append(item)
         log.append(item)
     return log
@@ -291,11 +301,11 @@ def test_tombstone_first_then_replay_from_zero_is_briefly_live() -> None:
         "a", Op.DELETE, -1, 1, "tombstone")
     store: dict[str, Stored] = {}
     apply_batch(store, [tombstone])  # started at offset 1
-    assert store["a"][0] == DocState(-1, 1, True)
+    assert store["a"][0] == state(-1, 1, True, versioned=False, tombstone=True)
     apply_batch(store, [create])  # the replay from 0
-    assert store["a"][0] == DocState(5, 0, False)
+    assert store["a"][0] == state(5, 0, False)
     apply_batch(store, [tombstone])
-    assert store["a"] == (DocState(5, 1, True), ())
+    assert store["a"] == (state(5, 1, True, tombstone=True), ())
 
 
 def test_a_replayed_older_create_never_resurrects_a_deleted_document() -> None:
@@ -304,7 +314,7 @@ def test_a_replayed_older_create_never_resurrects_a_deleted_document() -> None:
            prepared("a", Op.DELETE, 7, 2, "delete"), prepared("a", Op.DELETE, -1, 3, "tombstone")]
     store: dict[str, Stored] = {}
     apply_batch(store, log)
-    assert store["a"] == (DocState(7, 2, True), ())
+    assert store["a"] == (state(7, 2, True), ())
     for order in ([0], [1, 0], [3, 2, 1, 0], [0, 1, 2, 3]):
         apply_batch(store, [log[i] for i in order])
-        assert store["a"] == (DocState(7, 2, True), ())
+        assert store["a"] == (state(7, 2, True), ())

@@ -121,6 +121,18 @@ def test_document_states_returns_applied_and_omits_unknown(make_sink: MakeSink) 
                                                         "b": DocState(1, 12, False)}
 
 
+def test_a_state_keeps_the_log_it_was_read_from(make_sink: MakeSink) -> None:
+    """The version guard needs the log (topic, partition, topic id) and timestamp back."""
+    sink = opened(make_sink)
+    tombstoned = DocState(5, 3, True, versioned=True, topic="docs", partition=1,
+                          topic_id="AaJNqG1xeYGKODx3FWUBVw", timestamp_ms=1_796_000_000_123,
+                          tombstone=True)
+    offset_ordered = DocState(40, 40, False, versioned=False, topic="docs", partition=0)
+    sink.apply([DocumentWrite("a", tombstoned),
+                dataclasses.replace(write("b", 1), state=offset_ordered)])
+    assert sink.document_states(["a", "b"]) == {"a": tombstoned, "b": offset_ordered}
+
+
 def test_later_write_in_one_call_supersedes_an_earlier_one(make_sink: MakeSink) -> None:
     sink = opened(make_sink)
     sink.apply([write("a", 5, version=1, tag="old"), write("a", 2, version=2, tag="new")])

@@ -7,12 +7,14 @@ import json
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from embedstream.stream.config import Settings, load_settings
 from embedstream.stream.errors import EmbedstreamError
+from embedstream.stream.redact import RedactingFilter, Redactor, settings_secrets
 
 __all__ = ["main"]
 
@@ -32,13 +34,15 @@ class JsonLogFormatter(logging.Formatter):
         if isinstance(progress, dict):
             entry["progress"] = progress
         if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
+            # exc_text when a filter has prepared (redacted) it.
+            entry["error"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, redactor: Redactor) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter())
+    handler.addFilter(RedactingFilter(redactor))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -48,7 +52,12 @@ def _setup_logging(level: str) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+    settings = load_settings(args.config)
+    # From here on no log line or error message shows a secret's value, whoever wrote it.
+    redactor: Redactor | None = getattr(args, "redactor", None)  # set by main()
+    if redactor is not None:
+        redactor.add(settings_secrets(settings))
+    return settings
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
@@ -269,15 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    redactor = args.redactor = Redactor()
+    _setup_logging(args.log_level, redactor)
     try:
         code: int = args.run(args)
         return code
     except EmbedstreamError as error:
-        print(f"embedstream: error: {error}", file=sys.stderr)
+        print(f"embedstream: error: {redactor(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        # A bug: the traceback as Python prints it (and its exit status), secrets masked.
+        print(redactor(traceback.format_exc()), end="", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

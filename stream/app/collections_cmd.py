@@ -4,8 +4,9 @@ configured store, and the aliases pointing at them.
 ``sink.collection`` names an alias; each rebuild makes a new physical
 collection ``<alias>_<UTC timestamp>`` and switches the alias to it, leaving
 the previous one until it is dropped. ``list`` shows them all (the alias's
-current target marked ``*``); ``drop`` deletes one. Both only read or change
-the store; neither needs the model or Kafka.
+current target marked ``*``); ``drop`` deletes one; ``switch`` points the
+alias at one, which is also how a lost alias or a damaged ``aliases.json`` is
+repaired. They only read or change the store; none needs the model or Kafka.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TextIO
 
 from embedstream.sinks.factory import build_admin
 from embedstream.stream.config import Settings
+from embedstream.stream.errors import NeedsOperator
 from embedstream.stream.store import CollectionInfo
 
 __all__ = ["drop_collection", "list_collections", "switch_collection"]
@@ -27,10 +29,16 @@ def list_collections(settings: Settings, out: TextIO, *, as_json: bool = False) 
     ``in_use``). ``current`` marks the collection ``sink.collection`` opens:
     its alias's target, or a collection of that very name made before aliases."""
     alias = settings.sink.collection
+    problem: NeedsOperator | None = None
     admin = build_admin(settings.sink)
     try:
         infos = admin.collections()
-        current = admin.resolve(alias)
+        try:
+            current = admin.resolve(alias)
+        except NeedsOperator as error:
+            # A damaged aliases.json: the listing is what the operator needs
+            # to repair it, so it is shown first, then the error.
+            current, problem = None, error
     finally:
         admin.close()
     if current is None and any(info.name == alias for info in infos):
@@ -44,13 +52,14 @@ def list_collections(settings: Settings, out: TextIO, *, as_json: bool = False) 
                 "dimension": fingerprint.dimension if fingerprint else None,
                 "current": info.name == current, "in_use": info.in_use,
             }) + "\n")
-        return
-    if not infos:
+    elif not infos:
         out.write("no collections\n")
-        return
-    out.write(_table(infos, current))
-    if current is not None:
-        out.write(f"\n* = the collection sink.collection {alias!r} opens\n")
+    else:
+        out.write(_table(infos, current))
+        if current is not None:
+            out.write(f"\n* = the collection sink.collection {alias!r} opens\n")
+    if problem is not None:
+        raise problem
 
 
 def drop_collection(settings: Settings, name: str, out: TextIO, *, force: bool = False) -> None:

@@ -48,10 +48,12 @@ Not guaranteed:
   and a later replay would resubmit it again.
 * Mutual exclusion: two replays run at once may both resubmit a record.
 
-A record whose value was cut in the dead-letter topic (header
-``embedstream.dlq.truncated``) is never resubmitted (reason
-``truncated_in_dlq``), nor is one without readable source headers
-(``no_source``) or from a topic no longer configured (``source_not_configured``).
+A record cut to fit the dead-letter topic (its value, key or headers: the
+``embedstream.dlq.*`` notes of :mod:`embedstream.stream.dead_letters`) is never
+resubmitted (reason ``truncated_in_dlq``): it is no longer the message, and one
+whose value was dropped would read as a delete. Nor is one without readable
+source headers (``no_source``) or from a topic no longer configured
+(``source_not_configured``). The whole message stays in its source topic.
 
 Whatever Kafka fails or refuses (metadata, offsets, reading, a delivery, the
 commit) raises :class:`~embedstream.stream.errors.KafkaUnavailable` saying what failed; the

@@ -36,6 +36,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from embedstream.stream.config import Settings
 from embedstream.stream.dead_letters import (
     DETAIL_HEADER,
+    HEADERS_DROPPED_HEADER,
+    KEY_TRUNCATED_HEADER,
     REASON_HEADER,
     SOURCE_OFFSET_HEADER,
     SOURCE_PARTITION_HEADER,
@@ -65,6 +67,11 @@ _TEXT_DETAIL = 120
 _TEXT_KEY = 60
 
 Header = tuple[str, str | bytes | None]
+
+# What a dead letter's notes say was cut to fit (see embedstream.stream.dead_letters),
+# by the name `dropped` gives it.
+_CUT_NOTES = {"value": TRUNCATED_HEADER, "headers": HEADERS_DROPPED_HEADER,
+              "key": KEY_TRUNCATED_HEADER}
 
 
 def dlq_topics(settings: Settings) -> list[str]:
@@ -96,6 +103,9 @@ class DeadLetter:
 
     ``source`` is None when the source headers are missing or malformed;
     ``headers`` are the original message's own headers (no ``embedstream.*``).
+    ``dropped``: what was cut to fit the dead-letter topic (``value``, ``key``,
+    ``headers``), with its original size in bytes (-1: unreadable); ``truncated``
+    when anything was, so the record is no longer the message.
     """
 
     topic: str
@@ -109,6 +119,7 @@ class DeadLetter:
     headers: tuple[Header, ...] = ()
     truncated: bool = False
     timestamp_ms: int | None = None
+    dropped: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_message(cls, message: Message) -> DeadLetter:
@@ -127,6 +138,8 @@ class DeadLetter:
         source = (Position(source_topic, source_partition, source_offset)
                   if source_topic and source_partition is not None and source_offset is not None
                   else None)
+        dropped = tuple((part, -1 if (size := _int(ours[note])) is None else size)
+                        for part, note in _CUT_NOTES.items() if note in ours)
         _kind, stamp = message.timestamp()
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         assert topic is not None and partition is not None and offset is not None
@@ -135,8 +148,8 @@ class DeadLetter:
             key=message.key(), value=message.value(),
             reason=_text(ours.get(REASON_HEADER)) or "unknown",
             detail=_text(ours.get(DETAIL_HEADER)),
-            source=source, headers=tuple(own), truncated=TRUNCATED_HEADER in ours,
-            timestamp_ms=stamp if stamp and stamp > 0 else None,
+            source=source, headers=tuple(own), truncated=bool(dropped),
+            timestamp_ms=stamp if stamp and stamp > 0 else None, dropped=dropped,
         )
 
     @property
@@ -156,6 +169,7 @@ class DeadLetter:
             "key": None if self.key is None else _text(self.key),
             "value_bytes": None if self.value is None else len(self.value),
             "truncated": self.truncated, "timestamp_ms": self.timestamp_ms,
+            "dropped": dict(self.dropped),
         }
 
     def to_line(self) -> str:
@@ -163,7 +177,9 @@ class DeadLetter:
         source = self.source
         where = f"{source.topic}/{source.partition}/{source.offset}" if source else "-"
         key = "-" if self.key is None else _one_line(_text(self.key), _TEXT_KEY)
-        return (f"{self.coordinates}  source={where}  reason={self.reason}  key={key}  "
+        cut = f"  cut={','.join(f'{part}:{size}' for part, size in self.dropped)}" \
+            if self.dropped else ""
+        return (f"{self.coordinates}  source={where}  reason={self.reason}  key={key}{cut}  "
                 f"{_one_line(self.detail, _TEXT_DETAIL)}")
 
 

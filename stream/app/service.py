@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
+from embedstream.sinks.disk import free_bytes
 from embedstream.sinks.factory import build_admin, build_sink
 from embedstream.stream import __version__
 from embedstream.stream.chunking import TokenChunker
@@ -26,18 +28,20 @@ from embedstream.stream.config import Settings
 from embedstream.stream.consumer import AppliedCallback, StreamConsumer
 from embedstream.stream.dead_letters import DeadLetters, ensure_topics
 from embedstream.stream.embedding import Embedder, SentenceTransformerEmbedder
-from embedstream.stream.errors import KafkaUnavailable
+from embedstream.stream.errors import KafkaUnavailable, SinkUnavailable, StoreDiskFull
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.handover import AliasFollower
-from embedstream.stream.health import Health, serve_http
+from embedstream.stream.health import Health, serve_metrics
 from embedstream.stream.kafka_config import kafka_client_config
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.remote_embedding import OpenAIEmbedder
 from embedstream.stream.store import Sink
+from embedstream.stream.topic_ids import TopicIds
 
 __all__ = ["Pipeline", "build_consumer", "build_embedder", "build_pipeline", "run_consumer"]
 
 log = logging.getLogger("embedstream")
+_START_RETRY_S = 5.0  # between attempts to open a store that is unavailable at the start
 _librdkafka_log = logging.getLogger("embedstream.librdkafka")
 
 @dataclass
@@ -69,14 +73,20 @@ def build_embedder(settings: Settings, metrics: Metrics | None = None) -> Embedd
                                        max_batch_tokens=embed.max_batch_tokens)
 
 
+# Told why the store cannot be opened yet (e.g. its disk nearly full); True: wait
+# (the callee waits) and try again, False: give up (the error is raised).
+OpenWait = Callable[[SinkUnavailable], bool]
+
+
 def build_pipeline(settings: Settings, sink: Sink | None = None,
-                   metrics: Metrics | None = None) -> Pipeline:
+                   metrics: Metrics | None = None, wait: OpenWait | None = None) -> Pipeline:
     """Load the model (or reach the API), build the chunker, open the store under
     the fingerprint.
 
     ``sink`` replaces the one ``settings.sink`` describes (not yet opened; e.g.
     several consumers of one process sharing an in-memory store). ``metrics``
-    receives the remote embedder's request figures."""
+    receives the remote embedder's request figures. ``wait``: what to do while
+    the store is unavailable at the start (default: raise at once)."""
     embedder = build_embedder(settings, metrics)
     try:
         # Leave room for the model's [CLS]/[SEP] so no chunk is silently truncated.
@@ -93,7 +103,13 @@ def build_pipeline(settings: Settings, sink: Sink | None = None,
         raise
     pipeline = Pipeline(settings, embedder, chunker, fingerprint, sink)
     try:
-        sink.open(fingerprint)
+        while True:
+            try:
+                sink.open(fingerprint)
+                break
+            except SinkUnavailable as error:
+                if wait is None or not wait(error):
+                    raise
     except BaseException:
         pipeline.close()
         raise
@@ -130,6 +146,10 @@ def build_consumer(
         "model": pipeline.fingerprint.model,
         "fingerprint": pipeline.fingerprint.to_json(),
     })
+    if settings.sink.kind == "qdrant-edge":  # a local store: watch the disk it fills
+        store = settings.sink
+        metrics.store_free_bytes.set_function(lambda: free_bytes(store.path))
+        metrics.store_min_free_bytes.set(store.min_free_bytes)
     follower = None
     if follow_alias:
         def open_sink(physical: str) -> Sink:
@@ -146,6 +166,7 @@ def build_consumer(
     return StreamConsumer(
         settings, consumer, dead_letters, pipeline.chunker, pipeline.embedder, pipeline.sink,
         metrics, on_applied=on_applied, health=health, follower=follower,
+        topic_ids=TopicIds(admin),
     )
 
 
@@ -163,8 +184,30 @@ def run_consumer(settings: Settings) -> int:
     metrics = Metrics()
     health = Health(settings.metrics.liveness_timeout_s, ready_gauge=metrics.ready)
     if settings.metrics.enabled:  # up before the model loads: probes see "starting"
-        serve_http(metrics, health, settings.metrics.host, settings.metrics.port)
-    pipeline = build_pipeline(settings, metrics=metrics)
+        serve_metrics(metrics, health, settings.metrics)  # a taken port stops us (exit 2)
+
+    def wait_for_store(error: SinkUnavailable) -> bool:
+        # A nearly full disk: as in the loop, not ready and try again, rather than exit
+        # and be restarted into the same state. A server that cannot be reached at
+        # the start is more often a wrong sink.url: that exits 2, naming it.
+        if not isinstance(error, StoreDiskFull):
+            return False
+        health.set_ready(f"store unavailable: {error}")
+        log.warning("store unavailable at the start, retrying in %.0fs: %s",
+                    _START_RETRY_S, error)
+        deadline = time.monotonic() + _START_RETRY_S
+        while not stop_requested and time.monotonic() < deadline:
+            health.beat()  # alive, only waiting: no liveness restart for this
+            time.sleep(0.2)
+        return not stop_requested
+
+    try:
+        pipeline = build_pipeline(settings, metrics=metrics, wait=wait_for_store)
+    except SinkUnavailable:
+        if not stop_requested:
+            raise
+        log.info("stopped before the store could be opened")
+        return 0
     try:
         stream = build_consumer(pipeline, metrics, health=health)
         log.info("consuming %s into %s", list(settings.kafka.topics), settings.sink.collection)

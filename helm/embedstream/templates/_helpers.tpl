@@ -95,6 +95,8 @@ app.kubernetes.io/component: consumer
 {{- $metrics := default dict (get $cfg "metrics") }}
 {{- $_ := set $metrics "enabled" true }}
 {{- $_ = set $metrics "port" (int .Values.metricsPort) }}
+{{- /* Probes and scrapes come to the pod IP: never the app's loopback default. */}}
+{{- $_ = set $metrics "host" (default "0.0.0.0" (get $metrics "host")) }}
 {{- $_ = set $cfg "metrics" $metrics }}
 {{- $sink := default dict (get $cfg "sink") }}
 {{- $_ = set $sink "kind" (include "embedstream.sinkKind" .) }}
