@@ -141,6 +141,10 @@ class CollectionSink(ABC):
     # -- per store -----------------------------------------------------------
 
     @abstractmethod
+    def close(self) -> None:
+        """Release the store (flushing first where it can); safe to call twice."""
+
+    @abstractmethod
     def _start(self) -> None:
         """Get ready to open: reach the store, refuse a second open."""
 
@@ -211,13 +215,26 @@ class CollectionSink(ABC):
         full disk); a store that cannot tell writes on."""
         return
 
-    def _refuse_lost_alias(self, names: Collection[str]) -> None:
-        """Before a collection is created behind the alias: refuse while
-        ``names`` (the store's collections) hold ones made for it. The alias
-        was lost, and a new, empty collection would hide what they hold."""
+    def _open_leftover(self, names: Collection[str], fingerprint: Fingerprint) -> str | None:
+        """Before a collection is created behind the missing alias: with none made
+        for it among ``names`` (the store's collections), None (create one). The
+        only one made for it, holding no points, is a first creation cut short
+        (killed, or the disk filled, before the alias was written): it is opened
+        and its name returned, to be adopted. Anything else means the alias was
+        lost, and a new, empty collection would hide what they hold: refused."""
         found = made_for(self._alias, names)
-        if found:
-            raise NeedsOperator(alias_missing_message(self._alias, self._at, found))
+        if not found:
+            return None
+        if len(found) == 1:
+            try:
+                self._open_physical(found[0], fingerprint, via_alias=False)
+            except (SinkError, FingerprintMismatch):
+                self.close()  # not one to adopt (e.g. only its state is left): refused
+            else:
+                if next(iter(self.points()), None) is None:
+                    return found[0]
+                self.close()
+        raise NeedsOperator(alias_missing_message(self._alias, self._at, found))
 
     # -- opening -------------------------------------------------------------
 

@@ -56,6 +56,14 @@ class DiskGuard:
         self._free = free
         self._low = False
 
+    def has_room(self) -> bool:
+        """:meth:`check` as a yes or no."""
+        try:
+            self.check()
+        except StoreDiskFull:
+            return False
+        return True
+
     def check(self) -> None:
         """Raise :class:`StoreDiskFull` when a write now could fill the filesystem."""
         if self._min <= 0:

@@ -130,10 +130,12 @@ class QdrantEdgeSink(CollectionSink):
             with self._aliases.changing() as aliases:
                 if self._alias in aliases:
                     return False
-                self._refuse_lost_alias({d.name for d in self._path.iterdir() if is_shard(d)})
-                name = new_physical_name(
-                    self._alias, lambda n: n in aliases or (self._path / n).exists())
-                self._open_physical(name, fingerprint, via_alias=False)
+                name = self._open_leftover(
+                    {d.name for d in self._path.iterdir() if is_shard(d)}, fingerprint)
+                if name is None:
+                    name = new_physical_name(
+                        self._alias, lambda n: n in aliases or (self._path / n).exists())
+                    self._open_physical(name, fingerprint, via_alias=False)
                 self.flush()  # on disk before the alias can lead anyone to it
                 aliases[self._alias] = name  # written on leaving the block
         except BaseException:
@@ -175,10 +177,13 @@ class QdrantEdgeSink(CollectionSink):
             self._flush_shards()
 
     def close(self) -> None:
-        """Flush and close both shards and release the lock. Safe to call twice."""
+        """Flush and close both shards and release the lock. Safe to call twice.
+        On a nearly full disk the flush is left out (what it would make durable
+        was never committed in Kafka, so it is replayed)."""
         try:
-            with self._errors("flush"):
-                self._flush_shards()
+            if self._disk.has_room():
+                with self._errors("flush"):
+                    self._flush_shards()
         finally:
             self._close_shards()
             if self._lock_file is not None:

@@ -149,12 +149,12 @@ class QdrantServerSink(CollectionSink):
         with self._errors("create"):
             names = physical_names(client)
             taken = names | set(aliases_of(client))
-        if made_for(self._alias, names):
-            if self._alias_appears(client):
-                return False  # another consumer made it meanwhile: resolve again
-            self._refuse_lost_alias(names)
-        name = new_physical_name(self._alias, taken.__contains__)
-        self._open_physical(name, fingerprint, via_alias=False)
+        if made_for(self._alias, names) and self._alias_appears(client):
+            return False  # another consumer made it meanwhile: resolve again
+        leftover = self._open_leftover(names, fingerprint)
+        name = leftover or new_physical_name(self._alias, taken.__contains__)
+        if leftover is None:
+            self._open_physical(name, fingerprint, via_alias=False)
         with self._errors("create the alias"):
             winner = aliases_of(client).get(self._alias)
             if winner is None:
@@ -163,9 +163,9 @@ class QdrantServerSink(CollectionSink):
         if winner == name:
             return True
         # Delete ours (empty, and nothing leads to it) so no orphan is left.
-        for leftover in (name, f"{name}{STATE_SUFFIX}"):
+        for part in (name, f"{name}{STATE_SUFFIX}"):
             with contextlib.suppress(Exception):
-                client.delete_collection(leftover)
+                client.delete_collection(part)
         if winner is None:
             raise SinkError(f"alias {self._alias!r} at {self._at} vanished while it was "
                             "being created; try again")

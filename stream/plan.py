@@ -17,10 +17,13 @@ event never overwrites a newer one, never brings a deleted document back
   recreated under the same name, which has another topic id), where offsets
   say nothing: two explicit versions decide by the greater version (equal:
   the same change, read again). An event ordered by its offset alone (offset
-  versions, Kafka tombstones) is later unless its Kafka timestamp is older
-  than the stored one's (a lagging partition read late): a key only moves to
-  another partition going forward in time. Equal timestamps: the event read
-  last wins. Either way a write that crosses logs is counted as ``moved``.
+  versions, Kafka tombstones) is later when its Kafka timestamp is (a key
+  only moves to another partition going forward in time; a lagging
+  partition's older records read late are stale). Equal timestamps (the same
+  millisecond) are ordered by the log, (topic, partition, topic id), and so
+  is everything when a timestamp is missing: deterministic, so re-reading
+  records in any order never flips the result. Either way a write that
+  crosses logs is counted as ``moved``.
 * Where the topic id is unknown on either side (a broker without topic ids)
   and the partition is the same, it is one log, except that an offset-ordered
   event at or below the stored offset with a later timestamp marks a
@@ -104,8 +107,16 @@ def _later(current: DocState, candidate: DocState) -> Outcome | None:
         return "moved" if recreated else None
     if _by_version(candidate) and _by_version(current):
         return "moved" if candidate.version > current.version else None
-    # Offsets of different logs say nothing about each other.
-    return None if _before(candidate.timestamp_ms, current.timestamp_ms) else "moved"
+    # Offsets of different logs say nothing about each other: the record
+    # timestamps do, ties (and a missing one) broken by the logs themselves, so
+    # that reading the same records again, in any order, never flips the result.
+    timed = candidate.timestamp_ms is not None and current.timestamp_ms is not None
+    return "moved" if _log_order(candidate, timed) > _log_order(current, timed) else None
+
+
+def _log_order(state: DocState, timed: bool) -> tuple[int, str, int, str]:
+    return (state.timestamp_ms or 0 if timed else 0, state.topic or "", state.partition or 0,
+            state.topic_id or "")
 
 
 def _by_version(state: DocState) -> bool:

@@ -3,14 +3,15 @@
 A topic deleted and recreated under the same name starts its offsets at 0
 again, so an offset alone cannot tell the new topic's records from replays of
 the old one: the version guard (:mod:`embedstream.stream.plan`) also compares
-Kafka topic ids. :class:`TopicIds` looks them up once per assignment (one admin
-round trip, in the rebalance callback), never per record.
+Kafka topic ids. :class:`TopicIds` looks them up when partitions are assigned
+(one admin round trip, in the rebalance callback), and again when a
+partition's records go back to an earlier offset (a seek back after an outage,
+or a consumer reset to the start of a recreated topic), never per record.
 
-Not guaranteed: a topic deleted and recreated so fast that the group never saw
-it gone keeps its old id here until the next rebalance; records it holds at
-offsets below the stored ones then count as replays unless their Kafka
-timestamps are later (see the plan's rule for an unknown id). A broker without
-topic ids (before Kafka 2.8) gives none: the same fallback applies throughout.
+Not guaranteed: a recreated topic's records read before either happens keep
+the old id (the guard then takes records at offsets below the stored ones for
+replays). A broker without topic ids (before Kafka 2.8) gives none: the guard
+then tells a recreated topic by record timestamps alone (see its rule).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class TopicIds:
         self._admin = admin
         self._timeout_s = timeout_s
         self._ids: dict[str, str | None] = {}
+        self._last_offset: dict[tuple[str, int], int] = {}
 
     def refresh(self, topics: Collection[str]) -> None:
         """Look ``topics`` up again (a failure leaves them unknown, logged)."""
@@ -56,13 +58,23 @@ class TopicIds:
     def get(self, topic: str) -> str | None:
         return self._ids.get(topic)
 
+    def position(self, topic: str, partition: int, offset: int,
+                 timestamp_ms: int | None) -> Position:
+        """The position of a record just read, with its topic's id; a partition
+        read from an earlier offset than before has the id looked up again."""
+        last = self._last_offset.get((topic, partition))
+        if last is not None and offset <= last:
+            self.refresh([topic])
+        self._last_offset[(topic, partition)] = offset
+        return Position(topic, partition, offset, self.get(topic), timestamp_ms)
+
 
 def position_of(message: Message, topic_ids: TopicIds | None) -> Position:
     """The record's position, with its topic id (when known) and Kafka timestamp."""
     topic, partition, offset = message.topic(), message.partition(), message.offset()
     assert topic is not None and partition is not None and offset is not None
     kind, timestamp = message.timestamp()
-    return Position(topic, partition, offset,
-                    topic_id=topic_ids.get(topic) if topic_ids is not None else None,
-                    timestamp_ms=None if kind == TIMESTAMP_NOT_AVAILABLE or timestamp < 0
-                    else timestamp)
+    timestamp_ms = None if kind == TIMESTAMP_NOT_AVAILABLE or timestamp < 0 else timestamp
+    if topic_ids is None:
+        return Position(topic, partition, offset, timestamp_ms=timestamp_ms)
+    return topic_ids.position(topic, partition, offset, timestamp_ms)

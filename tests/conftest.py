@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,18 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     log = tmp_path_factory.mktemp("broker") / "tansu.log"
     with LocalBroker(log_file=log) as running:
         yield running
+
+
+# ======================================================================================
+# The command line in-process: main() points the root logger at the captured stderr
+# ======================================================================================
+
+
+@pytest.fixture
+def cli_logging() -> Iterator[None]:
+    """``main`` points the root logger at the (captured) stderr; put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

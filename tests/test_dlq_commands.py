@@ -12,9 +12,7 @@ where the consumer applies them.
 from __future__ import annotations
 
 import json
-import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,16 +104,6 @@ def read_topic(bootstrap: str, topic: str) -> list[Any]:
 def replayed_from(message: Any) -> str | None:
     value = dict(message.headers() or []).get(dlq.REPLAYED_FROM_HEADER)
     return None if value is None else bytes(value).decode()
-
-
-@pytest.fixture()
-def cli_logging() -> Iterator[None]:
-    """``main`` points the root logger at the (captured) stderr; put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

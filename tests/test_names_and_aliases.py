@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from qdrant_client import models
@@ -24,8 +25,9 @@ from embedstream.sinks import QdrantEdgeSink, QdrantServerSink
 from embedstream.sinks._edge_admin import QdrantEdgeAdmin
 from embedstream.stream.app import cli
 from embedstream.stream.config import load_settings
-from embedstream.stream.errors import ConfigError, NeedsOperator, SinkError
+from embedstream.stream.errors import ConfigError, NeedsOperator, SinkError, StoreDiskFull
 from embedstream.stream.names import MAX_ALIAS, MAX_COLLECTION
+from embedstream.stream.store import ChunkPoint, DocState, DocumentWrite
 
 from .test_aliases import FP, Store, docs_in, write
 
@@ -74,6 +76,17 @@ def indexed_edge_store(root: Path) -> str:
     return sink.collection
 
 
+def alias_serves_the_index(root: Path) -> str:
+    """The alias opens onto every indexed document again; returns its collection."""
+    sink = QdrantEdgeSink(root, "docs")
+    sink.open(FP)
+    try:
+        assert docs_in(sink) == set(INDEXED)
+        return sink.collection
+    finally:
+        sink.close()
+
+
 def shards(root: Path) -> set[str]:
     return {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
 
@@ -99,12 +112,7 @@ def test_a_lost_alias_never_puts_an_empty_collection_in_front_of_the_index(
     code, out, _ = run("collections", "list", "--config", config)
     assert code == 0 and live in out
     assert run("collections", "switch", live, "--config", config)[0] == 0
-    sink = QdrantEdgeSink(root, "docs")
-    sink.open(FP)
-    try:
-        assert sink.collection == live and docs_in(sink) == set(INDEXED)
-    finally:
-        sink.close()
+    assert alias_serves_the_index(root) == live
 
 
 def test_the_consumer_stops_with_the_refusal_instead_of_indexing_into_a_new_collection(
@@ -117,6 +125,9 @@ def test_the_consumer_stops_with_the_refusal_instead_of_indexing_into_a_new_coll
                          kafka={"bootstrap_servers": "127.0.0.1:9"})
     pipeline = build_pipeline(load_settings(config))
     live = pipeline.sink.collection
+    vector = np.ones(pipeline.embedder.dimension, np.float32)
+    pipeline.sink.apply([DocumentWrite("a", DocState(1, 0, False), [
+        ChunkPoint(0, vector, {"doc_id": "a", "chunk_index": 0})])])
     pipeline.close()
     (root / "aliases.json").unlink()
     before = shards(root)
@@ -125,6 +136,34 @@ def test_the_consumer_stops_with_the_refusal_instead_of_indexing_into_a_new_coll
     assert "embedstream: error: alias 'docs'" in err and live in err
     assert "collections switch" in err
     assert shards(root) == before
+
+
+def test_a_first_creation_cut_short_by_a_full_disk_is_adopted_not_refused(
+        tmp_path: Path) -> None:
+    """The disk fills between creating the first collection and writing the alias:
+    once space returns the store opens that (empty) collection, rather than
+    taking it for a lost alias's or making a second one."""
+    root, free = tmp_path / "store", [10**12]
+    sink = QdrantEdgeSink(root, "docs", min_free_bytes=2**26, free=lambda path: free[0])
+    original_flush = sink.flush
+
+    def flush_on_a_filling_disk() -> None:
+        free[0] = 2**20  # the creation's own writes took the last of it
+        original_flush()
+
+    sink.flush = flush_on_a_filling_disk  # type: ignore[method-assign]
+    with pytest.raises(StoreDiskFull):
+        sink.open(FP)
+    [made] = {name for name in shards(root) if not name.endswith("_state")}
+    assert not (root / "aliases.json").exists()
+    free[0] = 10**12
+    again = QdrantEdgeSink(root, "docs", min_free_bytes=2**26, free=lambda path: free[0])
+    again.open(FP)
+    try:
+        assert again.collection == made and docs_in(again) == set()
+        assert json.loads((root / "aliases.json").read_text()) == {"docs": made}
+    finally:
+        again.close()
 
 
 def test_a_damaged_aliases_json_is_repaired_by_switch_not_by_deleting_it(
@@ -142,12 +181,7 @@ def test_a_damaged_aliases_json_is_repaired_by_switch_not_by_deleting_it(
     assert run("collections", "switch", live, "--config", config)[0] == 0
     assert json.loads((root / "aliases.json").read_text()) == {"docs": live}
     assert (root / "aliases.json.damaged").read_text() == '{"docs": "' + live
-    sink = QdrantEdgeSink(root, "docs")
-    sink.open(FP)
-    try:
-        assert docs_in(sink) == set(INDEXED)
-    finally:
-        sink.close()
+    alias_serves_the_index(root)
 
 
 @pytest.mark.parametrize("target", ["../../x", "../outside/victim", "/tmp/x", "a/b"])
@@ -167,12 +201,7 @@ def test_an_alias_target_with_a_path_in_aliases_json_is_a_clear_error(
     assert run("collections", "switch", live, "--config", config)[0] == 0
     assert json.loads((root / "aliases.json").read_text()) == {"docs": live, "other": live}
     assert (root / "aliases.json.damaged").read_text() == damaged
-    sink = QdrantEdgeSink(root, "docs")
-    sink.open(FP)
-    try:
-        assert docs_in(sink) == set(INDEXED)
-    finally:
-        sink.close()
+    alias_serves_the_index(root)
 
 
 def test_server_a_lost_alias_never_puts_an_empty_collection_in_front_of_the_index(

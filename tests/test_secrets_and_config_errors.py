@@ -35,14 +35,7 @@ COMMANDS = [["consume"], ["rebuild", "--source", "kafka"], ["dlq", "list"],
             ["search", "anything"]]
 
 
-@pytest.fixture(autouse=True)
-def cli_logging() -> Iterator[None]:
-    """``main`` points the root logger at the (captured) stderr; put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("cli_logging")
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
