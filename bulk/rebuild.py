@@ -294,7 +294,8 @@ def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
         writer = VectorFileWriter(options.output, encoder.dimension,
                                   resume=checkpoint.writer if resumed_from else None)
     else:
-        sink = (sink_factory or (lambda n: build_sink(settings.sink, physical=n)))(
+        sink = (sink_factory or (lambda n: build_sink(
+            settings.sink, physical=n, filter_fields=settings.source.filter_fields)))(
             str(checkpoint.target))
         sink.open(fingerprint)
     total = None if options.source == "kafka" else count_rows(options.source, settings)

@@ -22,24 +22,32 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar
 
 from embedstream.sinks._handover import handover_payload, parse_handover
 from embedstream.sinks._layout import (
+    CHUNKS,
     FINGERPRINT_POINT_ID,
     HANDOVER_POINT_ID,
+    STATE,
     STATE_SUFFIX,
     STATE_VECTOR,
+    Part,
+    Record,
+    Schema,
+    Scored,
     WritePlan,
     alias_missing_message,
     as_floats,
     dense_vector,
     made_for,
     parse_fingerprint,
+    payload_indexes,
     plan_writes,
     state_from_payload,
 )
 from embedstream.stream.errors import ConfigError, FingerprintMismatch, NeedsOperator, SinkError
+from embedstream.stream.filters import FieldType, Filter
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.names import name_error
 from embedstream.stream.store import (
@@ -54,37 +62,8 @@ from embedstream.stream.store import (
 __all__ = ["CHUNKS", "STATE", "CollectionSink", "Part", "Record", "Schema", "Scored",
            "translated"]
 
-Part = Literal["chunks", "state"]  # the chunk collection or its state companion
-CHUNKS: Part = "chunks"
-STATE: Part = "state"
-Schema = Literal["keyword", "integer"]
-# The payload indexes a new collection gets, in this order.
-_INDEXES: tuple[tuple[Part, str, Schema], ...] = (
-    (CHUNKS, "doc_id", "keyword"),
-    (CHUNKS, "version", "integer"),
-    (CHUNKS, "chunk_index", "integer"),
-    (STATE, "doc_id", "keyword"),
-)
 # How often open resolves the alias again when it moved while opening.
 _RESOLVE_ATTEMPTS = 5
-
-
-class Record(Protocol):
-    """A point as either client library returns it."""
-
-    @property
-    def id(self) -> object: ...
-    @property
-    def vector(self) -> object: ...
-    @property
-    def payload(self) -> Mapping[str, Any] | None: ...
-
-
-class Scored(Record, Protocol):
-    """A point found by a search."""
-
-    @property
-    def score(self) -> float: ...
 
 
 @contextlib.contextmanager
@@ -105,12 +84,14 @@ class CollectionSink(ABC):
     """A sink of one chunk collection and its state companion (see the module
     docstring). ``alias`` is the configured name; ``physical``, when given,
     the physical collection ``open`` uses or creates instead, without reading
-    or touching any alias; ``at`` where the store is, for messages."""
+    or touching any alias; ``at`` where the store is, for messages;
+    ``filter_fields`` the payload fields to index by type (``source.filter_fields``)."""
 
     _STORE: ClassVar[str]  # the store's name in messages
     _KEEP_CAUSE: ClassVar[bool] = True  # whether a translated error keeps its cause
 
-    def __init__(self, alias: str, physical: str | None, at: str) -> None:
+    def __init__(self, alias: str, physical: str | None, at: str,
+                 filter_fields: Mapping[str, FieldType] | None = None) -> None:
         # The one name rule, before any name reaches a path or a request.
         problem = (name_error(alias, "sink.collection", alias=True)
                    or (physical and name_error(physical, "physical collection")))
@@ -120,6 +101,7 @@ class CollectionSink(ABC):
         self._forced = physical
         self._collection = physical or alias
         self._at = at
+        self._indexes = payload_indexes(filter_fields or {})
 
     @property
     def collection(self) -> str:
@@ -184,6 +166,10 @@ class CollectionSink(ABC):
         """Create a payload index on ``field`` of ``part``."""
 
     @abstractmethod
+    def _indexed(self, part: Part) -> Mapping[str, str]:
+        """The payload indexes ``part`` has: field to schema type (as ``Schema``)."""
+
+    @abstractmethod
     def _state_payloads(self, ids: Sequence[str]) -> list[Mapping[str, Any] | None]:
         """The payloads of the state points of these ids that exist."""
 
@@ -203,8 +189,10 @@ class CollectionSink(ABC):
         all), and the offset of the next (None after the last)."""
 
     @abstractmethod
-    def _nearest(self, vector: list[float], limit: int) -> Sequence[Scored]:
-        """The ``limit`` chunk points nearest ``vector``, with their payloads."""
+    def _nearest(self, vector: list[float], limit: int,
+                 only: Filter | None) -> Sequence[Scored]:
+        """The ``limit`` chunk points nearest ``vector`` (among those ``only``
+        matches, when given), with their payloads."""
 
     @abstractmethod
     def _translate(self, what: str, exc: Exception) -> SinkError:
@@ -294,6 +282,9 @@ class CollectionSink(ABC):
                                 "collection exists; delete both to rebuild")
             with self._errors("open"):
                 self._load(CHUNKS)
+            if fingerprint is not None:  # a writer: add the indexes of new filter fields
+                with self._errors("create a payload index"):
+                    self._add_indexes()
             return stored
         if fingerprint is None:
             raise SinkError(f"{self._where} does not exist (or was not made by embedstream)")
@@ -309,11 +300,19 @@ class CollectionSink(ABC):
                 self._adopt(STATE, len(STATE_VECTOR))
             else:
                 self._make(STATE, len(STATE_VECTOR))
-            for part, field, schema in _INDEXES:
+            for part, field, schema in self._indexes:
                 self._index(part, field, schema)
             # Written last: its presence marks the creation as complete.
             self._put_states([(FINGERPRINT_POINT_ID, {"fingerprint": fingerprint.to_json()})])
         return fingerprint
+
+    def _add_indexes(self) -> None:
+        """Index what is not indexed (as its type): a filter field added to the
+        settings later needs no rebuild, as Qdrant indexes existing points."""
+        have = {part: self._indexed(part) for part in (CHUNKS, STATE)}
+        for part, field, schema in self._indexes:
+            if have[part].get(field) != schema:
+                self._index(part, field, schema)
 
     # -- reads and writes ----------------------------------------------------
 
@@ -347,12 +346,13 @@ class CollectionSink(ABC):
             if isinstance(digest := (record.payload or {}).get("content_hash"), str)
         }
 
-    def search(self, vector: Sequence[float], limit: int) -> list[Hit]:
+    def search(self, vector: Sequence[float], limit: int,
+               filter: Filter | None = None) -> list[Hit]:
         self._check_open()
         if limit <= 0:
             return []
         with self._errors("search"):
-            found = self._nearest(as_floats(vector), limit)
+            found = self._nearest(as_floats(vector), limit, filter or None)
         return [Hit(str(p.id), p.score, p.payload or {}) for p in found]
 
     def points(self) -> Iterator[StoredPoint]:

@@ -20,11 +20,12 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from embedstream.stream.errors import FingerprintMismatch, SinkError
+from embedstream.stream.filters import FieldType
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.names import name_problem
 from embedstream.stream.store import (
@@ -36,6 +37,17 @@ from embedstream.stream.store import (
 )
 
 STATE_SUFFIX = "_state"
+Part = Literal["chunks", "state"]  # the chunk collection or its state companion
+CHUNKS: Part = "chunks"
+STATE: Part = "state"
+Schema = Literal["keyword", "integer"] | FieldType  # a payload index's type
+# The payload indexes every collection gets, in this order.
+_INDEXES: tuple[tuple[Part, str, Schema], ...] = (
+    (CHUNKS, "doc_id", "keyword"),
+    (CHUNKS, "version", "integer"),
+    (CHUNKS, "chunk_index", "integer"),
+    (STATE, "doc_id", "keyword"),
+)
 # Fixed id of the fingerprint point in the state collection (uuid5 of
 # "embedstream:fingerprint"); state points use uuid5 ids of another namespace.
 FINGERPRINT_POINT_ID = "c1c86a3b-311e-5a2e-9268-cdbaef47be79"
@@ -48,6 +60,15 @@ TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 # The shape of a new_physical_name: <alias>_<timestamp>, optionally _<n>.
 _STAMP = r"_\d{8}T\d{6}Z(?:_\d+)?"
 _PHYSICAL = re.compile(f".+{_STAMP}")
+
+
+def payload_indexes(filter_fields: Mapping[str, FieldType]
+                    ) -> tuple[tuple[Part, str, Schema], ...]:
+    """The payload indexes a collection has: embedstream's own, then one per
+    filter field (``source.filter_fields``) on the chunks, of its type."""
+    own = {field for part, field, _ in _INDEXES if part == CHUNKS}
+    return _INDEXES + tuple((CHUNKS, name, kind) for name, kind in filter_fields.items()
+                            if name not in own)
 
 
 def valid_name(name: str, *, alias: bool = False) -> bool:
@@ -131,6 +152,24 @@ class WritePlan:
     # by count turns one delete per document into one per distinct count.
     trims: dict[int, list[str]]
     states: list[tuple[str, dict[str, Any]]]  # (state point id, payload)
+
+
+class Record(Protocol):
+    """A point as either client library returns it."""
+
+    @property
+    def id(self) -> object: ...
+    @property
+    def vector(self) -> object: ...
+    @property
+    def payload(self) -> Mapping[str, Any] | None: ...
+
+
+class Scored(Record, Protocol):
+    """A point found by a search."""
+
+    @property
+    def score(self) -> float: ...
 
 
 def as_floats(vector: Vector) -> list[float]:

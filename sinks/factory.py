@@ -7,21 +7,25 @@ second).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import assert_never
 
 from embedstream.stream.config import SinkSettings
 from embedstream.stream.errors import ConfigError
+from embedstream.stream.filters import FieldType
 from embedstream.stream.store import Sink, SinkAdmin
 
 __all__ = ["build_admin", "build_sink"]
 
 
-def build_sink(settings: SinkSettings, physical: str | None = None) -> Sink:
+def build_sink(settings: SinkSettings, physical: str | None = None,
+               filter_fields: Mapping[str, FieldType] | None = None) -> Sink:
     """The sink ``settings.kind`` names, not yet opened.
 
     It opens ``settings.collection`` through the alias of that name, or, given
     ``physical``, exactly that physical collection, never touching the alias
-    (see :mod:`embedstream.stream.store`). Raises
+    (see :mod:`embedstream.stream.store`). ``filter_fields``
+    (``source.filter_fields``) get payload indexes of their types. Raises
     :class:`~embedstream.stream.errors.ConfigError` naming
     the field when the settings cannot describe a working sink. Nothing is
     connected or created until ``open``."""
@@ -29,12 +33,14 @@ def build_sink(settings: SinkSettings, physical: str | None = None) -> Sink:
         from embedstream.sinks.qdrant_edge import QdrantEdgeSink
 
         return QdrantEdgeSink(settings.path, settings.collection, physical=physical,
-                              min_free_bytes=settings.min_free_bytes)
+                              min_free_bytes=settings.min_free_bytes,
+                              filter_fields=filter_fields)
     if settings.kind == "qdrant":
         _require_url(settings)
         from embedstream.sinks.qdrant_server import QdrantServerSink
 
-        return QdrantServerSink.from_settings(settings, physical=physical)
+        return QdrantServerSink.from_settings(settings, physical=physical,
+                                              filter_fields=filter_fields)
     assert_never(settings.kind)
 
 

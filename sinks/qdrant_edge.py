@@ -46,8 +46,9 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import qdrant_edge as qe
 
 from embedstream.sinks._collection import CHUNKS, STATE, CollectionSink, Part, Schema
@@ -61,11 +62,15 @@ from embedstream.sinks._layout import (
 )
 from embedstream.sinks.disk import DiskGuard, FreeBytes, free_bytes
 from embedstream.stream.errors import FingerprintMismatch, NeedsOperator, SinkError
+from embedstream.stream.filters import Condition, FieldType, Filter, Match
 from embedstream.stream.fingerprint import Fingerprint
 
 __all__ = ["QdrantEdgeSink", "open_fingerprint"]
 
-_SCHEMAS = {"keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer}
+_SCHEMAS: dict[Schema, qe.PayloadSchemaType] = {
+    "keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer,
+    "float": qe.PayloadSchemaType.Float, "bool": qe.PayloadSchemaType.Bool,
+    "datetime": qe.PayloadSchemaType.Datetime}
 _EDGE_CONFIG = "edge_config.json"  # where Edge keeps a shard's settings
 # The WAL of a new shard: 4 MiB segments, not Edge's 32 MiB. Edge keeps two open
 # segments of full size (a sparse file where the filesystem allows it), so each
@@ -91,15 +96,17 @@ class QdrantEdgeSink(CollectionSink):
 
     def __init__(self, path: Path | str, collection: str, *,
                  physical: str | None = None, min_free_bytes: int = 0,
-                 free: FreeBytes = free_bytes) -> None:
+                 free: FreeBytes = free_bytes,
+                 filter_fields: Mapping[str, FieldType] | None = None) -> None:
         """``collection`` is the configured name (an alias). ``physical``, when
         given, is the physical collection ``open`` uses or creates instead,
         without reading or touching any alias (a rebuild fills a new collection
         this way while the live consumer keeps using the alias).
         ``min_free_bytes`` is ``sink.min_free_bytes`` (0: no check); ``free``
-        tells the free space of the filesystem holding a path."""
+        tells the free space of the filesystem holding a path. ``filter_fields``
+        (``source.filter_fields``) get payload indexes of their types."""
         self._path = Path(path)
-        super().__init__(collection, physical, str(self._path))
+        super().__init__(collection, physical, str(self._path), filter_fields)
         self._disk = DiskGuard(self._path, min_free_bytes, lambda: self._where, free)
         self._aliases = AliasRegistry(self._path)
         self._lock: ProcessLock | None = None
@@ -271,6 +278,11 @@ class QdrantEdgeSink(CollectionSink):
     def _index(self, part: Part, field: str, schema: Schema) -> None:
         self._shard(part).update(qe.UpdateOperation.create_field_index(field, _SCHEMAS[schema]))
 
+    def _indexed(self, part: Part) -> Mapping[str, str]:
+        names = {schema: name for name, schema in _SCHEMAS.items()}
+        return {field: names.get(info.data_type, str(info.data_type))
+                for field, info in self._shard(part).info().payload_schema.items()}
+
     def _state_payloads(self, ids: Sequence[str]) -> list[Mapping[str, Any] | None]:
         found = self._shard(STATE).retrieve(list(ids), with_payload=True, with_vector=False)
         return [record.payload for record in found]
@@ -299,9 +311,11 @@ class QdrantEdgeSink(CollectionSink):
             offset=offset, limit=SCROLL_PAGE, filter=only, with_payload=payload,
             with_vector=True))
 
-    def _nearest(self, vector: list[float], limit: int) -> list[qe.ScoredPoint]:
+    def _nearest(self, vector: list[float], limit: int,
+                 only: Filter | None) -> list[qe.ScoredPoint]:
         return self._shard(CHUNKS).query(qe.QueryRequest(
-            limit=limit, query=qe.Query.Nearest(vector), with_payload=True))
+            limit=limit, query=qe.Query.Nearest(vector), with_payload=True,
+            filter=None if only is None else _edge_filter(only)))
 
     def _translate(self, what: str, exc: Exception) -> SinkError:
         if "WouldBlock" in str(exc):  # the shard's own WAL lock, held without ours
@@ -324,3 +338,25 @@ def _chunk_filter(doc_ids: list[str], from_index: int = 0) -> qe.Filter:
     if from_index > 0:
         must.append(qe.FieldCondition("chunk_index", range=qe.RangeFloat(gte=from_index)))
     return qe.Filter(must=must)
+
+
+def _edge_filter(only: Filter) -> qe.Filter:
+    """``only`` as a Qdrant Edge filter."""
+    return qe.Filter(must=[_edge_condition(c) for c in only.must] or None,
+                     must_not=[_edge_condition(c) for c in only.must_not] or None)
+
+
+def _edge_condition(condition: Condition) -> qe.FieldCondition:
+    if isinstance(condition, Match):
+        value = condition.value
+        # qdrant-edge-py 0.9 reads a Python bool as an integer (which matches no
+        # stored bool); numpy's bool is read as a bool.
+        return qe.FieldCondition(condition.field, match=qe.MatchValue(
+            cast(bool, np.bool_(value)) if isinstance(value, bool) else value))
+    bounds = {"gt": condition.gt, "gte": condition.gte, "lt": condition.lt,
+              "lte": condition.lte}
+    if condition.datetime:
+        return qe.FieldCondition(condition.field, range=qe.RangeDateTime(
+            **{k: None if v is None else str(v) for k, v in bounds.items()}))
+    return qe.FieldCondition(condition.field, range=qe.RangeFloat(
+        **{k: None if v is None else float(v) for k, v in bounds.items()}))

@@ -46,6 +46,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,15 @@ from embedstream.sinks._server_client import Endpoint, aliases_of, create_alias,
 from embedstream.sinks._server_errors import is_conflict
 from embedstream.stream.config import SinkSettings
 from embedstream.stream.errors import FingerprintMismatch, SinkError
+from embedstream.stream.filters import Condition, FieldType, Filter, Match
 from embedstream.stream.fingerprint import Fingerprint
 
 __all__ = ["QdrantServerSink"]
 
-_SCHEMAS = {"keyword": models.PayloadSchemaType.KEYWORD,
-            "integer": models.PayloadSchemaType.INTEGER}
+_SCHEMAS: dict[Schema, models.PayloadSchemaType] = {
+    "keyword": models.PayloadSchemaType.KEYWORD, "integer": models.PayloadSchemaType.INTEGER,
+    "float": models.PayloadSchemaType.FLOAT, "bool": models.PayloadSchemaType.BOOL,
+    "datetime": models.PayloadSchemaType.DATETIME}
 # Vector floats per request: JSON costs up to ~20 bytes a float, and Qdrant
 # refuses requests over 32 MB by default. 1,000 chunks of dimension 384 fit.
 _MAX_FLOATS_PER_REQUEST = 500_000
@@ -83,7 +87,8 @@ class QdrantServerSink(CollectionSink):
     ``collection`` is the configured name (an alias). ``physical``, when given,
     is the physical collection ``open`` uses or creates instead, without
     reading or touching any alias (a rebuild fills a new collection this way
-    while the live consumer keeps using the alias). ``client`` lets a caller
+    while the live consumer keeps using the alias). ``filter_fields``
+    (``source.filter_fields``) get payload indexes of their types. ``client`` lets a caller
     share an existing client (tests use it to reopen an in-memory store); a
     shared client is not closed by :meth:`close`.
     """
@@ -107,9 +112,10 @@ class QdrantServerSink(CollectionSink):
         tls_verify: bool = True,
         client: QdrantClient | None = None,
         physical: str | None = None,
+        filter_fields: Mapping[str, FieldType] | None = None,
     ) -> None:
         self._endpoint = Endpoint(url, api_key, prefer_grpc, timeout_s, tls_ca_file, tls_verify)
-        super().__init__(collection, physical, url)
+        super().__init__(collection, physical, url, filter_fields)
         # None leaves each to the server's default (the client omits it).
         self._shard_number = shard_number
         self._replication_factor = replication_factor
@@ -118,8 +124,9 @@ class QdrantServerSink(CollectionSink):
         self._owns_client = client is None
 
     @classmethod
-    def from_settings(cls, settings: SinkSettings,
-                      physical: str | None = None) -> QdrantServerSink:
+    def from_settings(cls, settings: SinkSettings, physical: str | None = None,
+                      filter_fields: Mapping[str, FieldType] | None = None
+                      ) -> QdrantServerSink:
         server = Endpoint.from_settings(settings)
         return cls(
             server.url, settings.collection, api_key=server.api_key,
@@ -127,6 +134,7 @@ class QdrantServerSink(CollectionSink):
             tls_ca_file=server.tls_ca_file, tls_verify=server.tls_verify,
             shard_number=settings.shard_number, replication_factor=settings.replication_factor,
             write_consistency_factor=settings.write_consistency_factor, physical=physical,
+            filter_fields=filter_fields,
         )
 
     # -- lifecycle ---------------------------------------------------------
@@ -241,6 +249,12 @@ class QdrantServerSink(CollectionSink):
             self._open().create_payload_index(self._name(part), field, _SCHEMAS[schema],
                                               wait=True)
 
+    def _indexed(self, part: Part) -> Mapping[str, str]:
+        # The in-memory store lists none: its indexes are asked for at every open (harmless).
+        schema = self._open().get_collection(self._name(part)).payload_schema
+        return {field: str(getattr(info.data_type, "value", info.data_type))
+                for field, info in schema.items()}
+
     def _state_payloads(self, ids: Sequence[str]) -> list[Mapping[str, Any] | None]:
         found = self._open().retrieve(self._name(STATE), ids, with_payload=True)
         return [record.payload for record in found]
@@ -274,9 +288,11 @@ class QdrantServerSink(CollectionSink):
         return self._open().scroll(self._collection, scroll_filter=only, limit=SCROLL_PAGE,
                                    offset=offset, with_payload=payload, with_vectors=True)
 
-    def _nearest(self, vector: list[float], limit: int) -> list[models.ScoredPoint]:
-        return self._open().query_points(self._collection, query=vector, limit=limit,
-                                         with_payload=True).points
+    def _nearest(self, vector: list[float], limit: int,
+                 only: Filter | None) -> list[models.ScoredPoint]:
+        return self._open().query_points(
+            self._collection, query=vector, limit=limit, with_payload=True,
+            query_filter=None if only is None else _server_filter(only)).points
 
     def _translate(self, what: str, exc: Exception) -> SinkError:
         return self._endpoint.failure(exc, self._where, what)
@@ -289,3 +305,23 @@ def _chunk_filter(doc_ids: list[str], from_index: int = 0) -> models.Filter:
     if from_index > 0:
         must.append(models.FieldCondition(key="chunk_index", range=models.Range(gte=from_index)))
     return models.Filter(must=must)
+
+
+def _server_filter(only: Filter) -> models.Filter:
+    """``only`` as a qdrant-client filter."""
+    return models.Filter(must=[_server_condition(c) for c in only.must] or None,
+                         must_not=[_server_condition(c) for c in only.must_not] or None)
+
+
+def _server_condition(condition: Condition) -> models.Condition:
+    if isinstance(condition, Match):
+        return models.FieldCondition(key=condition.field,
+                                     match=models.MatchValue(value=condition.value))
+    bounds = {"gt": condition.gt, "gte": condition.gte, "lt": condition.lt,
+              "lte": condition.lte}
+    if condition.datetime:
+        return models.FieldCondition(key=condition.field, range=models.DatetimeRange(
+            **{k: None if v is None else datetime.fromisoformat(str(v))
+               for k, v in bounds.items()}))
+    return models.FieldCondition(key=condition.field, range=models.Range(
+        **{k: None if v is None else float(v) for k, v in bounds.items()}))

@@ -22,7 +22,9 @@ from pydantic_settings import (
 
 from embedstream.stream._config_sources import read_config_file, unparsable_environment
 from embedstream.stream.errors import ConfigError
+from embedstream.stream.filters import FieldType
 from embedstream.stream.names import name_error
+from embedstream.stream.templates import template_parts
 
 __all__ = [
     "RESERVED_PAYLOAD_FIELDS",
@@ -168,10 +170,18 @@ class KafkaSettings(_Section):
 
 
 class SourceSettings(_Section):
-    format: Literal["debezium", "native"] = "debezium"
+    # debezium: the change envelope; debezium-flat: rows flattened by Debezium's
+    # ExtractNewRecordState (__deleted, __op, __lsn, __source_ts_ms); native.
+    format: Literal["debezium", "debezium-flat", "native"] = "debezium"
     id_fields: tuple[str, ...] = ("id",)
     text_fields: tuple[str, ...] = ("name", "description")
+    # Instead of text_fields: "{title}\n\n{body}", fields by name (absent or null: "").
+    text_template: str | None = None
     metadata_fields: tuple[str, ...] = ()
+    # Filterable fields and their types (keyword, integer, float, bool, datetime):
+    # copied into the payload as that type, payload-indexed in the store, usable in
+    # `search --filter` (see embedstream.stream.filters). Not in the fingerprint.
+    filter_fields: dict[str, FieldType] = Field(default_factory=dict)
     version: Literal["auto", "lsn", "ts_ms", "offset"] = "auto"
     # Limits: a message or document over them is dead-lettered (reasons
     # `message_too_large`, `document_too_large`), never a crash.
@@ -180,6 +190,13 @@ class SourceSettings(_Section):
     # max.poll.interval.ms (300 s); raise it with a GPU.
     max_document_chars: int = Field(default=1_000_000, ge=1)
 
+    @field_validator("text_template")
+    @classmethod
+    def _template(cls, template: str | None) -> str | None:
+        if template is not None:
+            template_parts(template)  # raises ValueError naming what is wrong
+        return template
+
     @field_validator("id_fields", "text_fields")
     @classmethod
     def _not_empty(cls, fields: tuple[str, ...]) -> tuple[str, ...]:
@@ -187,9 +204,9 @@ class SourceSettings(_Section):
             raise ValueError("name at least one field")
         return fields
 
-    @field_validator("metadata_fields")
+    @field_validator("metadata_fields", "filter_fields")
     @classmethod
-    def _not_reserved(cls, fields: tuple[str, ...]) -> tuple[str, ...]:
+    def _not_reserved(cls, fields: Any) -> Any:
         clash = sorted(set(fields) & RESERVED_PAYLOAD_FIELDS)
         if clash:
             raise ValueError(f"{clash} are payload fields embedstream writes itself")

@@ -48,6 +48,7 @@ from embedstream.stream.intake import Rejected, take_in
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.offsets import commit_offsets, report_lag
 from embedstream.stream.plan import PreparedEvent
+from embedstream.stream.skip_watch import SkipWatch
 from embedstream.stream.store import Sink
 from embedstream.stream.topic_ids import TopicIds, position_of
 from embedstream.stream.vectors import ChunkVectors, Failure
@@ -94,6 +95,7 @@ class StreamConsumer:
         self._clock = clock
         self._follower = follower
         self._topic_ids = topic_ids
+        self._skips = SkipWatch(metrics, settings.source.format)
         self._batch = self._new_batch()
         self._subscribed = False
         self._pressure = Backpressure(consumer, metrics, self._health, clock)
@@ -225,10 +227,13 @@ class StreamConsumer:
         self._batch.track(position, self._clock())
         taken = take_in(message.key(), message.value(), position, self._settings.source,
                         self._chunker)
+        if isinstance(taken, Skipped):
+            self._metrics.events.labels(op="none", outcome="skipped").inc()
+            self._skips.skipped(taken)
+            return
+        self._skips.taken()
         if isinstance(taken, Rejected):
             self._dead_letter(message, taken.reason, taken.detail, kind=taken.kind)
-        elif isinstance(taken, Skipped):
-            self._metrics.events.labels(op="none", outcome="skipped").inc()
         else:
             self._batch.add(taken, message)
 

@@ -24,7 +24,22 @@ payload decode alike. ``op`` c/r/u upsert from ``after`` (``after`` null is
 ``missing_after``, e.g. a MongoDB update without full-document capture); d
 deletes. t (truncate; not replayed, a known limitation) and m (logical message)
 are skipped, as is any object without ``op``: schema changes, heartbeats,
-transaction markers, and rows flattened by ExtractNewRecordState (unsupported).
+transaction markers, and rows flattened by ExtractNewRecordState (read those
+with ``debezium-flat``; the consumer warns when a source only ever skips).
+
+Debezium, flattened (``format: debezium-flat``, the ExtractNewRecordState
+"unwrap" transform): the value is the row itself (or a JsonConverter envelope
+around it). ``__deleted`` true (boolean or the string) deletes (delete handling
+``rewrite``); a null value is a tombstone (``drop``, or after a rewrite);
+``__op`` (``add.fields=op``) gives the kind, ``d`` deletes, ``t``/``m`` are
+skipped, others are ``unknown_op``. Version as for envelopes, from ``__lsn``
+and ``__source_ts_ms`` (``add.fields=lsn,source.ts_ms``); the id from the key,
+else the row; a row with neither is ``missing_id``, never skipped. ``__``
+fields reach the payload only when named in ``metadata_fields``.
+
+Text, for every format but native: ``text_template`` when set (each
+``{field}`` filled as a text field is, absent or null as ``""``; a result that
+is only blanks is ``""``), else ``text_fields`` as below.
 
 * Id: ``id_fields`` from the key when it holds them all (a JSON object, an
   envelope around one, or for one field a JSON scalar or plain text), else from
@@ -34,7 +49,9 @@ transaction markers, and rows flattened by ExtractNewRecordState (unsupported).
   with a blank line. None present gives an upsert with text ``""``: the row
   exists with no text, so it keeps no chunks. The ``__debezium_unavailable_value``
   placeholder (unchanged TOAST column) is ``unavailable_value``, never embedded.
-* Metadata: the ``metadata_fields`` present in ``after``, copied as they are.
+* Metadata: the ``metadata_fields`` present in ``after``, copied as they are,
+  and the ``filter_fields`` present, each as its type (not readable as it:
+  ``bad_type``; see :mod:`embedstream.stream.filters`).
 * Version: ``lsn`` = integer ``source.lsn``; ``ts_ms`` = ``source.ts_ms`` else
   top-level ``ts_ms``; ``offset`` = the Kafka offset; ``auto`` = integer
   ``source.lsn``, else ``source.ts_ms``, else the offset (a ``ts_ms`` of 0 is
@@ -58,19 +75,20 @@ Native: ``{"id": str|int, "text": str, "metadata": {...}, "version": int,
 "deleted": bool, "ts_ms": int}``, all but ``id`` optional (the key supplies a
 missing id). ``version`` and ``ts_ms`` are signed 64-bit (``ts_ms`` of 0 or less is
 absent). ``version`` defaults to the offset, which ``"offset"`` mode forces;
-metadata is copied whole but may not use a reserved payload field. A native
-tombstone's key is the id as text, a JSON scalar, or ``{"id": ...}``.
+metadata is copied whole (its ``filter_fields`` as their types) but may not use a
+reserved payload field. A native tombstone's key is the id as text, a JSON
+scalar, or ``{"id": ...}``.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from typing import Any
 
+from embedstream.stream._doc_ids import ids_from_key, join_id, pick, unwrap_envelope
 from embedstream.stream.config import RESERVED_PAYLOAD_FIELDS, SourceSettings
 from embedstream.stream.errors import DecodeError
 from embedstream.stream.events import ChangeEvent, Op, Position, Skipped
+from embedstream.stream.filters import filter_payload
 from embedstream.stream.strict_json import (
     INT64_MAX,
     REASONS,
@@ -78,11 +96,11 @@ from embedstream.stream.strict_json import (
     fail,
     int64,
     loads,
-    reject_constant,
     typed_field,
     unwrap_ext,
     utf8,
 )
+from embedstream.stream.templates import template_parts
 
 __all__ = ["REASONS", "SKIP_REASONS", "decode_message", "decode_row"]
 
@@ -93,8 +111,6 @@ SKIP_REASONS = frozenset(
 
 _KINDS = {"c": "create", "r": "read", "u": "update", "d": "delete"}
 _SKIPPED_OPS = {"t": "truncate", "m": "message"}
-_ENVELOPE = frozenset({"schema", "payload"})
-_ID_ALIASES = {"id": "_id", "_id": "id"}
 _UNAVAILABLE = "__debezium_unavailable_value"
 _TOMBSTONE_VERSION = -1
 
@@ -106,6 +122,8 @@ def decode_message(
     try:
         if settings.format == "native":
             return _decode_native(key, value, position, settings)
+        if settings.format == "debezium-flat":
+            return _decode_flat(key, value, position, settings)
         return _decode_debezium(key, value, position, settings)
     except DecodeError:
         raise
@@ -123,100 +141,25 @@ def decode_row(row: dict[str, Any], settings: SourceSettings) -> tuple[str, str,
     Raises :class:`DecodeError` (``missing_id``, ``bad_type``,
     ``unavailable_value``, or ``unexpected``) and nothing else."""
     try:
-        ids = _pick(row, settings.id_fields)
+        ids = pick(row, settings.id_fields)
         if ids is None:
             fail("missing_id", f"row does not hold {list(settings.id_fields)}")
-        return (_join_id(ids), _text(row, settings.text_fields),
-                _metadata(row, settings.metadata_fields))
+        return (join_id(ids), _text(row, settings),
+                _metadata(row, settings))
     except DecodeError:
         raise
     except Exception as error:
         raise DecodeError("unexpected", f"{type(error).__name__}: {error}"[:300]) from error
 
 
-def _unwrap_envelope(obj: Any) -> Any:
-    if isinstance(obj, dict) and "payload" in obj and obj.keys() <= _ENVELOPE:
-        return obj["payload"]
-    return obj
-
-
-def _pick(obj: dict[str, Any], fields: tuple[str, ...]) -> list[Any] | None:
-    """All of ``fields`` from ``obj``, or None if any is missing or null."""
-    values = []
-    for name in fields:
-        alias = _ID_ALIASES.get(name)
-        if obj.get(name) is None and len(fields) == 1 and alias is not None:
-            name = alias  # MongoDB: the key says "id" where the document says "_id"
-        found = obj.get(name)
-        if found is None:
-            return None
-        values.append(found)
-    return values
-
-
-def _key_scalar(value: Any) -> Any:
-    # MongoDB keys hold the _id as extended-JSON text: "{\"$oid\": ...}" or "\"abc\"".
-    if isinstance(value, str) and value.lstrip()[:1] in ("{", '"'):
-        try:
-            parsed = unwrap_ext(json.loads(value, parse_constant=reject_constant))
-        except (ValueError, RecursionError, DecodeError):
-            return value
-        if parsed is not None and not isinstance(parsed, dict | list):
-            return parsed
-    return value
-
-
-def _ids_from_key(key: bytes | None, fields: tuple[str, ...]) -> list[Any] | None:
-    if not key:
-        return None
-    text = utf8(key, "key")
-    try:
-        parsed = json.loads(text, parse_constant=reject_constant)
-    except ValueError:
-        # StringConverter keys: the whole key is the id.
-        if len(fields) == 1 and text.strip() and text.isprintable():
-            return [text]
-        fail("bad_type", "key is neither JSON nor printable text")
-    parsed = _unwrap_envelope(parsed)
-    if isinstance(parsed, dict):
-        picked = _pick(parsed, fields)
-        return None if picked is None else [_key_scalar(v) for v in picked]
-    if len(fields) == 1 and parsed is not None and not isinstance(parsed, list):
-        return [_key_scalar(parsed)]
-    return None
-
-
-def _id_part(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            fail("bad_type", "id is not a finite number")
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, int | str):
-        return str(value)
-    fail("bad_type", f"id value is a {type(value).__name__}, not a scalar")
-
-
-def _join_id(values: list[Any]) -> str:
-    parts = [_id_part(v) for v in values]
-    doc_id = (
-        parts[0]
-        if len(parts) == 1
-        else "/".join(p.replace("%", "%25").replace("/", "%2F") for p in parts)
-    )
-    check_utf8(doc_id, "id")
-    return doc_id
-
-
 def _tombstone(
     key: bytes | None, position: Position, settings: SourceSettings, fields: tuple[str, ...]
 ) -> ChangeEvent:
-    ids = _ids_from_key(key, fields)
+    ids = ids_from_key(key, fields)
     if ids is None:
         fail("missing_id", f"tombstone key does not hold {list(fields)}")
     version = position.offset if settings.version == "offset" else _TOMBSTONE_VERSION
-    return ChangeEvent(_join_id(ids), Op.DELETE, version, position, kind="tombstone",
+    return ChangeEvent(join_id(ids), Op.DELETE, version, position, kind="tombstone",
                        versioned=False)
 
 
@@ -260,28 +203,40 @@ def _version(payload: dict[str, Any], source: dict[str, Any], position: Position
     return (source_ts, True) if source_ts is not None else (position.offset, False)
 
 
-def _text(after: dict[str, Any], fields: tuple[str, ...]) -> str:
-    parts = []
-    for name in fields:
-        value = after.get(name)
-        if value is None:
-            continue
-        if isinstance(value, dict | list):
-            fail("bad_type", f"text field {name!r} is not a scalar")
-        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-        if text == _UNAVAILABLE:
-            fail("unavailable_value", f"text field {name!r} was not captured")
-        if text.strip():
-            parts.append(text)
-    joined = "\n\n".join(parts)
-    check_utf8(joined, "text")
-    return joined
+def _field_text(image: dict[str, Any], name: str) -> str:
+    """A text field's value as text ("" when absent or null)."""
+    value = image.get(name)
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        fail("bad_type", f"text field {name!r} is not a scalar")
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    if text == _UNAVAILABLE:
+        fail("unavailable_value", f"text field {name!r} was not captured")
+    return text
 
 
-def _metadata(after: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
-    metadata = {name: after[name] for name in fields if name in after}
-    if _UNAVAILABLE in metadata.values():
+def _text(image: dict[str, Any], settings: SourceSettings) -> str:
+    """``source.text_template`` filled from ``image``, else the non-blank
+    ``text_fields`` joined with a blank line."""
+    if settings.text_template is not None:
+        text = "".join(literal + (_field_text(image, name) if name else "")
+                       for literal, name in template_parts(settings.text_template))
+        text = text if text.strip() else ""
+    else:
+        text = "\n\n".join(t for name in settings.text_fields
+                            if (t := _field_text(image, name)).strip())
+    check_utf8(text, "text")
+    return text
+
+
+def _metadata(after: dict[str, Any], settings: SourceSettings) -> dict[str, Any]:
+    """``metadata_fields`` as they are, then ``filter_fields`` as their types."""
+    metadata = {name: after[name] for name in settings.metadata_fields if name in after}
+    if _UNAVAILABLE in metadata.values() or any(
+            after.get(name) == _UNAVAILABLE for name in settings.filter_fields):
         fail("unavailable_value", "a metadata field was not captured")
+    metadata.update(filter_payload(after, settings.filter_fields))
     check_utf8(metadata, "metadata")
     return metadata
 
@@ -292,7 +247,7 @@ def _decode_debezium(
     if value is None:
         return _tombstone(key, position, settings, settings.id_fields)
     parsed = loads(utf8(value, "value"))
-    payload = _unwrap_envelope(parsed)
+    payload = unwrap_envelope(parsed)
     if payload is None and parsed is not None:
         return _tombstone(key, position, settings, settings.id_fields)
     if not isinstance(payload, dict):
@@ -306,13 +261,13 @@ def _decode_debezium(
         return Skipped(_SKIPPED_OPS[op], position)
     source = typed_field(payload, "source", (dict,), {})
     after, before = _image(payload, "after"), _image(payload, "before")
-    ids = _ids_from_key(key, settings.id_fields)
+    ids = ids_from_key(key, settings.id_fields)
     for image in (after, before):
         if ids is None and image is not None:
-            ids = _pick(image, settings.id_fields)
+            ids = pick(image, settings.id_fields)
     if ids is None:
         fail("missing_id", f"neither key, after nor before holds {list(settings.id_fields)}")
-    doc_id = _join_id(ids)
+    doc_id = join_id(ids)
     version, versioned = _version(payload, source, position, settings.version)
     ts_ms = int64(payload.get("ts_ms"), 1) or int64(source.get("ts_ms"), 1)
     if op == "d":
@@ -320,9 +275,62 @@ def _decode_debezium(
                            kind="delete", versioned=versioned)
     if after is None:
         fail("missing_after", f"op {op!r} without an after image")
-    text, metadata = _text(after, settings.text_fields), _metadata(after, settings.metadata_fields)
+    text, metadata = _text(after, settings), _metadata(after, settings)
     return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms, _KINDS[op],
                        versioned=versioned)
+
+
+def _decode_flat(
+    key: bytes | None, value: bytes | None, position: Position, settings: SourceSettings
+) -> ChangeEvent | Skipped:
+    if value is None:  # ExtractNewRecordState's delete.handling.mode=drop: tombstones only
+        return _tombstone(key, position, settings, settings.id_fields)
+    parsed = loads(utf8(value, "value"))
+    row = unwrap_envelope(parsed)
+    if row is None and parsed is not None:
+        return _tombstone(key, position, settings, settings.id_fields)
+    if not isinstance(row, dict):
+        fail("bad_type", f"value is a JSON {type(row).__name__}, not an object")
+    op = row.get("__op")
+    if op is not None:
+        if not isinstance(op, str) or op not in _KINDS.keys() | _SKIPPED_OPS.keys():
+            fail("unknown_op", f"__op {str(op)[:20]!r}")
+        if op in _SKIPPED_OPS:
+            return Skipped(_SKIPPED_OPS[op], position)
+    ids = ids_from_key(key, settings.id_fields) or pick(row, settings.id_fields)
+    if ids is None:
+        fail("missing_id", f"neither key nor row holds {list(settings.id_fields)}")
+    doc_id = join_id(ids)
+    version, versioned = _flat_version(row, position, settings.version)
+    ts_ms = int64(row.get("__source_ts_ms"), 1) or int64(row.get("__ts_ms"), 1)
+    if _deleted_flag(row.get("__deleted")) or op == "d":  # delete.handling.mode=rewrite
+        return ChangeEvent(doc_id, Op.DELETE, version, position, source_ts_ms=ts_ms,
+                           kind="delete", versioned=versioned)
+    text, metadata = _text(row, settings), _metadata(row, settings)
+    return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms,
+                       _KINDS.get(op or "u", "update"), versioned=versioned)
+
+
+def _deleted_flag(value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    fail("bad_type", f"__deleted is {str(value)[:20]!r}, not true or false")
+
+
+def _flat_version(row: dict[str, Any], position: Position, mode: str) -> tuple[int, bool]:
+    """As :func:`_version`, from ``add.fields``' ``__lsn`` and ``__source_ts_ms``."""
+    lsn, source_ts = int64(row.get("__lsn")), int64(row.get("__source_ts_ms"), 1)
+    if mode == "lsn" and lsn is None:
+        fail("missing_version", "no integer __lsn (add.fields=lsn)")
+    if mode == "ts_ms" and source_ts is None:
+        fail("missing_version", "no __source_ts_ms (add.fields=source.ts_ms)")
+    if mode == "offset":
+        return position.offset, False
+    if mode != "ts_ms" and lsn is not None:
+        return lsn, True
+    return (source_ts, True) if source_ts is not None else (position.offset, False)
 
 
 def _decode_native(
@@ -334,10 +342,10 @@ def _decode_native(
     if not isinstance(doc, dict):
         fail("bad_type", f"value is a JSON {type(doc).__name__}, not an object")
     raw_id = typed_field(doc, "id", (str, int), None)
-    ids = [raw_id] if raw_id is not None else _ids_from_key(key, ("id",))
+    ids = [raw_id] if raw_id is not None else ids_from_key(key, ("id",))
     if ids is None:
         fail("missing_id", "neither value nor key holds an id")
-    doc_id = _join_id(ids)
+    doc_id = join_id(ids)
     version = typed_field(doc, "version", (int,), None)
     versioned = version is not None and settings.version != "offset"
     if version is not None and int64(version) is None:
@@ -353,6 +361,7 @@ def _decode_native(
                            versioned=versioned)
     text = typed_field(doc, "text", (str,), "")
     metadata = typed_field(doc, "metadata", (dict,), {})
+    metadata = {**metadata, **filter_payload(metadata, settings.filter_fields)}
     clash = sorted(metadata.keys() & RESERVED_PAYLOAD_FIELDS)
     if clash:
         fail("bad_type", f"metadata keys {clash} are reserved payload fields")

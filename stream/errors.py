@@ -19,6 +19,7 @@ __all__ = [
     "FingerprintMismatch",
     "KafkaUnavailable",
     "NeedsOperator",
+    "QueryError",
     "SinkError",
     "SinkUnavailable",
     "SourceError",
@@ -33,6 +34,12 @@ class EmbedstreamError(Exception):
 
 class ConfigError(EmbedstreamError):
     """The configuration is invalid; the message names the offending field."""
+
+
+class QueryError(EmbedstreamError):
+    """A search cannot be run as asked: a filter on a field that is not a filter
+    field, an operator or value its type does not take, a malformed line of a
+    queries file. The message names the field, expression or line."""
 
 
 class DecodeError(EmbedstreamError):

@@ -32,6 +32,19 @@ class Metrics:
             ["op", "outcome"],
             registry=r,
         )
+        self.skipped = Counter(
+            "embedstream_skipped_total",
+            "Messages with no document change in them, by reason (schema_change, transaction, "
+            "heartbeat, no_op, truncate, message)",
+            ["reason"],
+            registry=r,
+        )
+        self.only_skipped = Gauge(
+            "embedstream_source_only_skipped",
+            "1 while more than 1,000 messages were read since the start and all were skipped "
+            "(e.g. flattened rows read as source.format: debezium): nothing is indexed",
+            registry=r,
+        )
         self.dlq_records = Counter(
             "embedstream_dlq_records_total",
             "Messages written to the dead-letter topic, by reason",

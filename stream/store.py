@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from embedstream.stream.filters import Filter
 from embedstream.stream.fingerprint import Fingerprint
 
 __all__ = [
@@ -107,7 +108,7 @@ class DocState:
 class ChunkPoint:
     """One chunk's vector and payload. ``payload`` holds ``doc_id``,
     ``chunk_index``, ``text``, ``start``, ``end``, ``version``, ``content_hash``
-    and the configured metadata fields."""
+    and the configured metadata and filter fields."""
 
     chunk_index: int
     vector: Vector
@@ -179,8 +180,11 @@ class Sink(Protocol):
 
     def open(self, fingerprint: Fingerprint | None) -> None:
         """Create the collection (dimension and cosine distance from the
-        fingerprint, payload indexes on ``doc_id`` and ``version``) or check
-        that the existing one was made under the same fingerprint.
+        fingerprint, payload indexes on ``doc_id``, ``version``, ``chunk_index``
+        and each filter field the sink was built with) or check that the
+        existing one was made under the same fingerprint, then, given a
+        fingerprint, create the payload indexes of filter fields it lacks
+        (Qdrant indexes the points already there; no rebuild).
 
         Raises :class:`~embedstream.stream.errors.FingerprintMismatch` when it was not.
         ``None`` opens an existing collection without checking (for reading
@@ -211,8 +215,10 @@ class Sink(Protocol):
         text, so a vector is never attached to a different text."""
         ...
 
-    def search(self, vector: Sequence[float], limit: int) -> list[Hit]:
-        """Nearest chunks by cosine similarity, best first."""
+    def search(self, vector: Sequence[float], limit: int,
+               filter: Filter | None = None) -> list[Hit]:
+        """Nearest chunks by cosine similarity, best first; with ``filter``, only
+        chunks that match it (see :mod:`embedstream.stream.filters`)."""
         ...
 
     def points(self) -> Iterator[StoredPoint]:

@@ -777,11 +777,16 @@ CONFIGS = [
     debezium_settings(("pk",), "offset"),
     native_settings("auto"),
     native_settings("offset"),
+    SourceSettings(format="debezium-flat", id_fields=("id",), text_fields=("title", "body"),
+                   metadata_fields=("lang", "__table")),
+    SourceSettings(format="debezium-flat", id_fields=("tenant", "id"), version="lsn",
+                   text_template="{title}: {body}"),
 ]
 shape_keys = st.sampled_from(
     ["op", "before", "after", "source", "ts_ms", "payload", "schema", "id", "_id", "pk",
      "tenant", "text", "title", "body", "metadata", "version", "deleted", "lsn", "status",
-     "ddl", "name", "description", "lang", "tags", "$oid", "$numberLong", "$date"]
+     "ddl", "name", "description", "lang", "tags", "$oid", "$numberLong", "$date",
+     "__deleted", "__op", "__lsn", "__source_ts_ms"]
 )
 shapes = st.recursive(
     json_scalars | raw_literals,

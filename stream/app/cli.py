@@ -66,25 +66,11 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     return run_consumer(_settings(args))
 
 
-def _cmd_search(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    from embedstream.stream.app.service import build_pipeline
+def _cmd_search(args: argparse.Namespace) -> int:
+    from embedstream.stream.app.search_cmd import run_search
 
-    pipeline = build_pipeline(_settings(args))
-    try:
-        [vector] = pipeline.embedder.embed([args.query])
-        hits = pipeline.sink.search(vector.tolist(), limit=args.k)
-    finally:
-        pipeline.close()
-    for hit in hits:
-        payload = hit.payload
-        if args.json:
-            out.write(json.dumps({"doc_id": payload.get("doc_id"), "score": hit.score,
-                                  "chunk_index": payload.get("chunk_index"),
-                                  "text": payload.get("text")}) + "\n")
-        else:
-            text = " ".join(str(payload.get("text", "")).split())
-            out.write(f"{hit.score:.3f}  {payload.get('doc_id')}  {text[:160]}\n")
-    return 0
+    return run_search(_settings(args), sys.stdout, query=args.query, queries=args.queries,
+                      filters=args.filter, k=args.k, as_json=args.json)
 
 
 def _cmd_export(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -181,9 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     consume.set_defaults(run=_cmd_consume)
 
     search = with_config(commands.add_parser("search", help="top chunks for a query"))
-    search.add_argument("query")
-    search.add_argument("-k", type=int, default=5)
+    search.add_argument("query", nargs="?", help="the query (or --queries)")
+    search.add_argument("-k", type=int, default=5, help="hits per query")
     search.add_argument("--json", action="store_true", help="one JSON object per hit")
+    search.add_argument("--filter", action="append", default=[], metavar="EXPR",
+                        help="FIELD=VALUE, FIELD!=VALUE, FIELD<VALUE (<=, >, >=) on a "
+                             "source.filter_fields field; repeated: all must hold")
+    search.add_argument("--queries", type=Path, default=None, metavar="FILE.jsonl",
+                        help='a batch: {"id", "text", "filter"?} per line in, '
+                             '{"id", "hits"} per line out, in order (with --json)')
     search.set_defaults(run=_cmd_search)
 
     export = with_config(commands.add_parser("export", help="every point as a JSON line"))

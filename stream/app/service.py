@@ -97,7 +97,7 @@ def build_pipeline(settings: Settings, sink: Sink | None = None,
             dimension=embedder.dimension, normalized=True, chunker=chunker.spec,
             provider=settings.embed.provider,
         )
-        sink = sink or build_sink(settings.sink)
+        sink = sink or build_sink(settings.sink, filter_fields=settings.source.filter_fields)
     except BaseException:
         embedder.close()
         raise
@@ -153,7 +153,8 @@ def build_consumer(
     follower = None
     if follow_alias:
         def open_sink(physical: str) -> Sink:
-            sink = build_sink(settings.sink, physical=physical)
+            sink = build_sink(settings.sink, physical=physical,
+                              filter_fields=settings.source.filter_fields)
             try:
                 sink.open(pipeline.fingerprint)
             except BaseException:
