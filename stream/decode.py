@@ -241,9 +241,10 @@ def _metadata(after: dict[str, Any], settings: SourceSettings) -> dict[str, Any]
     return metadata
 
 
-def _decode_debezium(
-    key: bytes | None, value: bytes | None, position: Position, settings: SourceSettings
-) -> ChangeEvent | Skipped:
+def _object_value(key: bytes | None, value: bytes | None, position: Position,
+                  settings: SourceSettings) -> dict[str, Any] | ChangeEvent:
+    """The value's JSON object (out of a JsonConverter envelope), or the tombstone
+    a null value (or a null payload) is."""
     if value is None:
         return _tombstone(key, position, settings, settings.id_fields)
     parsed = loads(utf8(value, "value"))
@@ -252,12 +253,26 @@ def _decode_debezium(
         return _tombstone(key, position, settings, settings.id_fields)
     if not isinstance(payload, dict):
         fail("bad_type", f"value is a JSON {type(payload).__name__}, not an object")
+    return payload
+
+
+def _skipped_op(op: Any, field: str) -> bool:
+    """Whether ``op`` (from ``field``) is one that is skipped; ``unknown_op`` if unknown."""
+    if not isinstance(op, str) or op not in _KINDS.keys() | _SKIPPED_OPS.keys():
+        fail("unknown_op", f"{field} {str(op)[:20]!r}")
+    return op in _SKIPPED_OPS
+
+
+def _decode_debezium(
+    key: bytes | None, value: bytes | None, position: Position, settings: SourceSettings
+) -> ChangeEvent | Skipped:
+    payload = _object_value(key, value, position, settings)
+    if isinstance(payload, ChangeEvent):
+        return payload
     op = payload.get("op")
     if op is None:
         return Skipped(_why_no_op(payload), position)
-    if not isinstance(op, str) or op not in _KINDS.keys() | _SKIPPED_OPS.keys():
-        fail("unknown_op", f"op {str(op)[:20]!r}")
-    if op in _SKIPPED_OPS:
+    if _skipped_op(op, "op"):
         return Skipped(_SKIPPED_OPS[op], position)
     source = typed_field(payload, "source", (dict,), {})
     after, before = _image(payload, "after"), _image(payload, "before")
@@ -283,20 +298,13 @@ def _decode_debezium(
 def _decode_flat(
     key: bytes | None, value: bytes | None, position: Position, settings: SourceSettings
 ) -> ChangeEvent | Skipped:
-    if value is None:  # ExtractNewRecordState's delete.handling.mode=drop: tombstones only
-        return _tombstone(key, position, settings, settings.id_fields)
-    parsed = loads(utf8(value, "value"))
-    row = unwrap_envelope(parsed)
-    if row is None and parsed is not None:
-        return _tombstone(key, position, settings, settings.id_fields)
-    if not isinstance(row, dict):
-        fail("bad_type", f"value is a JSON {type(row).__name__}, not an object")
+    # A tombstone: ExtractNewRecordState's delete.handling.mode=drop sends only these.
+    row = _object_value(key, value, position, settings)
+    if isinstance(row, ChangeEvent):
+        return row
     op = row.get("__op")
-    if op is not None:
-        if not isinstance(op, str) or op not in _KINDS.keys() | _SKIPPED_OPS.keys():
-            fail("unknown_op", f"__op {str(op)[:20]!r}")
-        if op in _SKIPPED_OPS:
-            return Skipped(_SKIPPED_OPS[op], position)
+    if op is not None and _skipped_op(op, "__op"):
+        return Skipped(_SKIPPED_OPS[op], position)
     ids = ids_from_key(key, settings.id_fields) or pick(row, settings.id_fields)
     if ids is None:
         fail("missing_id", f"neither key nor row holds {list(settings.id_fields)}")
