@@ -117,7 +117,8 @@ def test_rebuild_from_kafka_hands_over_with_no_event_lost_or_applied_twice(
     writes = Writes()
     # Every sink the live consumer opens (the first, and the one it follows to) records.
     monkeypatch.setattr(service, "build_sink",
-                        lambda s, physical=None: writes.wrap(build_sink(s, physical=physical)))
+                        lambda s, physical=None, **options: writes.wrap(
+                            build_sink(s, physical=physical, **options)))
     feed = Feed(bootstrap, topic)
     feed.send(300)  # history the rebuild reads from the topic
     assert feed.producer.flush(30) == 0
