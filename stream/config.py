@@ -9,7 +9,7 @@ at start and passed to whatever needs it. An invalid value fails at start with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -24,6 +24,7 @@ from embedstream.stream._config_sources import read_config_file, unparsable_envi
 from embedstream.stream.errors import ConfigError
 from embedstream.stream.filters import FieldType
 from embedstream.stream.names import name_error
+from embedstream.stream.redact import checked_header_secret, checked_secret, secret_problem
 from embedstream.stream.templates import template_parts
 
 __all__ = [
@@ -60,28 +61,6 @@ def _reveal(value: KafkaOptionValue | SecretStr) -> Any:
     return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
-def _secret_problem(secret: str, http_header: bool = False) -> str | None:
-    """Why ``secret`` cannot be used, never quoting it (errors and logs would show it)."""
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in secret):
-        # Most often a trailing newline, copied in with the value (Kubernetes secrets).
-        return ("contains a control character (a trailing newline?); "
-                "the value is not shown")
-    if http_header and not secret.isascii():
-        return "contains non-ASCII characters, which an HTTP header cannot carry"
-    return None
-
-
-def _clean_secret(secret: SecretStr | None, http_header: bool = False) -> SecretStr | None:
-    problem = secret and _secret_problem(secret.get_secret_value(), http_header)
-    if problem:
-        raise ValueError(problem)
-    return secret
-
-
-def _clean_header_secret(secret: SecretStr | None) -> SecretStr | None:
-    return _clean_secret(secret, http_header=True)
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -102,7 +81,7 @@ class KafkaSecurity(_Section):
     ssl_key_password: SecretStr | None = None
     ssl_endpoint_identification_algorithm: Literal["https", "none"] | None = None
 
-    _no_control_characters = field_validator("sasl_password", "ssl_key_password")(_clean_secret)
+    _no_control_characters = field_validator("sasl_password", "ssl_key_password")(checked_secret)
 
     def librdkafka(self) -> dict[str, str]:
         """The librdkafka settings, secrets revealed (for the client only)."""
@@ -150,7 +129,7 @@ class KafkaSettings(_Section):
         for key, value in hidden.items():
             # A PEM key (ssl.key.pem) is lines of text: its newlines belong to it.
             if isinstance(value, SecretStr) and not str(key).endswith(".pem") and (
-                    problem := _secret_problem(value.get_secret_value())):
+                    problem := secret_problem(value.get_secret_value())):
                 raise ValueError(f"{key}: {problem}")
         return hidden
 
@@ -232,7 +211,7 @@ class EmbedSettings(_Section):
     # https://RESOURCE.openai.azure.com/openai/deployments/DEPLOYMENT.
     api_base: str = "https://api.openai.com/v1"
     api_key: SecretStr | None = None
-    _usable_key = field_validator("api_key")(_clean_header_secret)
+    _usable_key = field_validator("api_key")(checked_header_secret)
     # Header the key goes in: "Authorization" sends "Bearer KEY"; Azure wants "api-key".
     api_key_header: str = Field(default="Authorization", pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
     # Query parameters on every request (Azure: {"api-version": "2024-10-21"}).
@@ -277,7 +256,7 @@ class SinkSettings(_Section):
     path: Path = Path("./embedstream-data")
     url: str | None = None
     api_key: SecretStr | None = None
-    _usable_key = field_validator("api_key")(_clean_header_secret)
+    _usable_key = field_validator("api_key")(checked_header_secret)
     collection: str = "documents"  # an alias; embedstream.stream.names says what names fit
     prefer_grpc: bool = False
     timeout_s: float = Field(default=30.0, gt=0)
@@ -366,6 +345,10 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     bulk: BulkSettings = BulkSettings()
 
+    # The config file's contents, below the arguments and the environment; set on a
+    # subclass by load_settings (a class per file: pydantic asks the class for sources).
+    file_data: ClassVar[dict[str, Any] | None] = None
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -375,9 +358,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Earlier sources win: explicit arguments, then environment (then the file,
-        # added by load_settings).
-        return init_settings, env_settings
+        # Earlier sources win: explicit arguments, then environment, then the file.
+        if cls.file_data is None:
+            return init_settings, env_settings
+        return init_settings, env_settings, InitSettingsSource(settings_cls, cls.file_data)
 
 
 def _format_validation_error(error: ValidationError, origin: str) -> str:
@@ -390,20 +374,7 @@ def _format_validation_error(error: ValidationError, origin: str) -> str:
 
 def _with_file(data: dict[str, Any]) -> type[Settings]:
     """Settings that take what neither the arguments nor the environment set from ``data``."""
-
-    class FileSettings(Settings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return init_settings, env_settings, InitSettingsSource(settings_cls, data)
-
-    return FileSettings
+    return type("FileSettings", (Settings,), {"file_data": data})
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

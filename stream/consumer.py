@@ -228,7 +228,6 @@ class StreamConsumer:
         taken = take_in(message.key(), message.value(), position, self._settings.source,
                         self._chunker)
         if isinstance(taken, Skipped):
-            self._metrics.events.labels(op="none", outcome="skipped").inc()
             self._skips.skipped(taken)
             return
         self._skips.taken()

@@ -1,4 +1,8 @@
-"""Secret values kept out of error messages and log lines.
+"""Secret values: refused when unusable, kept out of error messages and log lines.
+
+:func:`secret_problem` says why a secret cannot be used (a control character,
+most often the trailing newline of a copied Kubernetes secret), never quoting it;
+the settings refuse such values when they load.
 
 The settings hold secrets as ``SecretStr`` (no repr shows them), but a library's
 error can still quote one: an HTTP client naming a header value it refused, a
@@ -23,9 +27,34 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, SecretStr
 
-__all__ = ["MASK", "RedactingFilter", "Redactor", "settings_secrets"]
+__all__ = ["MASK", "RedactingFilter", "Redactor", "checked_header_secret", "checked_secret",
+           "secret_problem", "settings_secrets"]
 
 MASK = "***"
+
+
+def secret_problem(secret: str, http_header: bool = False) -> str | None:
+    """Why ``secret`` cannot be used, never quoting it (errors and logs would show it)."""
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in secret):
+        # Most often a trailing newline, copied in with the value (Kubernetes secrets).
+        return ("contains a control character (a trailing newline?); "
+                "the value is not shown")
+    if http_header and not secret.isascii():
+        return "contains non-ASCII characters, which an HTTP header cannot carry"
+    return None
+
+
+def checked_secret(secret: SecretStr | None, http_header: bool = False) -> SecretStr | None:
+    """``secret``, or ValueError (a pydantic validator's) saying why it cannot be used."""
+    problem = secret and secret_problem(secret.get_secret_value(), http_header)
+    if problem:
+        raise ValueError(problem)
+    return secret
+
+
+def checked_header_secret(secret: SecretStr | None) -> SecretStr | None:
+    """:func:`checked_secret` for a value sent in an HTTP header."""
+    return checked_secret(secret, http_header=True)
 
 
 def _forms(secret: str) -> set[str]:

@@ -35,8 +35,9 @@ class SkipWatch:
         self._warned = False
 
     def skipped(self, skipped: Skipped) -> None:
-        """A message was skipped: count it by reason, and watch for a source that only skips."""
+        """A message was skipped: count it, by reason too; watch for a source that only skips."""
         position = skipped.position
+        self._metrics.events.labels(op="none", outcome="skipped").inc()
         self._metrics.skipped.labels(reason=skipped.reason).inc()
         log.debug("skipped %s[%d]@%d: %s", position.topic, position.partition, position.offset,
                   skipped.reason)

@@ -44,6 +44,8 @@ class TopicIds:
         """Look ``topics`` up again (a failure leaves them unknown, logged)."""
         if not topics:
             return
+        # Looked up now: where their partitions were read so far no longer matters.
+        self._last_offset = {tp: o for tp, o in self._last_offset.items() if tp[0] not in topics}
         futures = self._admin.describe_topics(TopicCollection(sorted(topics)),
                                               request_timeout=self._timeout_s)
         for topic, future in futures.items():

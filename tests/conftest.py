@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from embedstream.stream.app.broker import LocalBroker
+from embedstream.stream.app.broker import LocalBroker, free_port
+from embedstream.stream.health import Health, serve_http
+from embedstream.stream.metrics import Metrics
 
 # ======================================================================================
 # The slow mark: a test that starts the broker or loads the real model must carry it
@@ -175,3 +177,21 @@ def cli_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+# ======================================================================================
+# The HTTP endpoint (/metrics, /healthz, /readyz) of a started consumer
+# ======================================================================================
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[int, Health]]:
+    """The endpoint of a started consumer owning one partition, on a free port."""
+    metrics = Metrics()
+    health = Health(30.0, ready_gauge=metrics.ready)
+    health.set_partitions(1)
+    health.started()
+    port = free_port()
+    server = serve_http(metrics, health, "127.0.0.1", port)
+    yield port, health
+    server.close()

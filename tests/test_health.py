@@ -8,12 +8,8 @@ import json
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
-import pytest
-
-from embedstream.stream.app.broker import free_port
-from embedstream.stream.health import Health, serve_http
+from embedstream.stream.health import Health
 from embedstream.stream.metrics import Metrics
 
 
@@ -48,19 +44,6 @@ def test_ready_only_when_started_assigned_answering_and_turning() -> None:
 # ======================================================================================
 # The HTTP endpoint: three paths, GET and HEAD, one answer per connection
 # ======================================================================================
-
-@pytest.fixture
-def served() -> Iterator[tuple[int, Health]]:
-    """The endpoint of a started consumer owning one partition, on a free port."""
-    metrics = Metrics()
-    health = Health(30.0, ready_gauge=metrics.ready)
-    health.set_partitions(1)
-    health.started()
-    port = free_port()
-    server = serve_http(metrics, health, "127.0.0.1", port)
-    yield port, health
-    server.close()
-
 
 def request(port: int, path: str, method: str = "GET",
             data: bytes | None = None) -> tuple[int, dict[str, str], bytes]:

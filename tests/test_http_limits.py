@@ -20,10 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from embedstream.stream.app.broker import free_port
 from embedstream.stream.config import MetricsSettings
-from embedstream.stream.health import Health, serve_http
-from embedstream.stream.metrics import Metrics
+from embedstream.stream.health import Health
 
 IDLE, SLOW = 1000, 50
 # The promised limits (stream/health.py HTTP_MAX_CONNECTIONS and HTTP_TIMEOUT_S).
@@ -129,13 +127,8 @@ def timed_get(port: int, path: str) -> tuple[int, float]:
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="counts connections in /proc")
 def test_idle_and_slow_clients_cost_no_threads_and_do_not_stall_the_loop(
-        enough_descriptors: None) -> None:
-    metrics = Metrics()
-    health = Health(30.0, ready_gauge=metrics.ready)
-    health.set_partitions(1)
-    health.started()
-    port = free_port()
-    server = serve_http(metrics, health, "127.0.0.1", port)
+        enough_descriptors: None, served: tuple[int, Health]) -> None:
+    port, _ = served
     ticker = Ticker()
     ticker.start()
     threads_before = threading.active_count()  # the server's and the ticker's included
@@ -185,7 +178,6 @@ def test_idle_and_slow_clients_cost_no_threads_and_do_not_stall_the_loop(
         ticker.stop.set()
         for conn in clients:
             conn.close()
-        server.close()
     measured = (f"worst tick gap {ticker.worst_gap_s * 1000:.0f} ms, request p50 "
                 f"{sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms, max "
                 f"{max(latencies) * 1000:.1f} ms, threads {max(threads)} "
