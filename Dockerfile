@@ -27,7 +27,7 @@ COPY pyproject.toml README.md ./
 COPY stream ./stream
 COPY sinks ./sinks
 COPY bulk ./bulk
-RUN pip install . \
+RUN pip install ".[schema-registry]" \
     && groupadd --gid 10001 embedstream \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin embedstream
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -21,13 +21,24 @@ from pydantic_settings import (
 )
 
 from embedstream.stream._config_sources import read_config_file, unparsable_environment
+from embedstream.stream._kafka_settings import (
+    KafkaSecurity,
+    KafkaSettings,
+    SchemaRegistrySettings,
+)
+from embedstream.stream._section import Section
+from embedstream.stream._source_settings import (
+    RESERVED_PAYLOAD_FIELDS,
+    RouteSettings,
+    SourceSettings,
+    check_routes,
+)
 from embedstream.stream.errors import ConfigError
-from embedstream.stream.filters import FieldType
 from embedstream.stream.names import name_error
-from embedstream.stream.redact import checked_header_secret, checked_secret, secret_problem
-from embedstream.stream.templates import template_parts
+from embedstream.stream.redact import checked_header_secret
 
 __all__ = [
+    "DEFAULT_ROUTE",
     "RESERVED_PAYLOAD_FIELDS",
     "BulkSettings",
     "ChunkSettings",
@@ -35,164 +46,19 @@ __all__ = [
     "KafkaSecurity",
     "KafkaSettings",
     "MetricsSettings",
+    "RouteSettings",
+    "SchemaRegistrySettings",
     "Settings",
     "SinkSettings",
     "SourceSettings",
     "load_settings",
 ]
 
-# Payload keys embedstream writes itself; a metadata field may not shadow one.
-RESERVED_PAYLOAD_FIELDS = frozenset(
-    {"doc_id", "chunk_index", "text", "start", "end", "version", "content_hash"}
-)
-
-KafkaOptionValue = str | int | float | bool
-
-# librdkafka settings that hold secrets: kept as SecretStr when given in
-# `kafka.options`, so no repr, log line or error message shows them.
-_SECRET_OPTION_MARKERS = ("password", "secret", "sasl.jaas.config", "ssl.key.pem")
+# The name of the one route that kafka.topics, source and sink.collection make.
+DEFAULT_ROUTE = "default"
 
 
-def _is_secret_option(key: object) -> bool:
-    return isinstance(key, str) and any(m in key for m in _SECRET_OPTION_MARKERS)
-
-
-def _reveal(value: KafkaOptionValue | SecretStr) -> Any:
-    return value.get_secret_value() if isinstance(value, SecretStr) else value
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class KafkaSecurity(_Section):
-    """TLS and SASL for every Kafka client (consumer, DLQ producer, admin).
-
-    Each field maps to the librdkafka setting of the same name with dots;
-    anything not here can still go through ``kafka.options``."""
-
-    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_ca_location: str | None = None
-    ssl_certificate_location: str | None = None
-    ssl_key_location: str | None = None
-    ssl_key_password: SecretStr | None = None
-    ssl_endpoint_identification_algorithm: Literal["https", "none"] | None = None
-
-    _no_control_characters = field_validator("sasl_password", "ssl_key_password")(checked_secret)
-
-    def librdkafka(self) -> dict[str, str]:
-        """The librdkafka settings, secrets revealed (for the client only)."""
-        pairs: dict[str, str | SecretStr | None] = {
-            "security.protocol": self.protocol,
-            "sasl.mechanism": self.sasl_mechanism,
-            "sasl.username": self.sasl_username,
-            "sasl.password": self.sasl_password,
-            "ssl.ca.location": self.ssl_ca_location,
-            "ssl.certificate.location": self.ssl_certificate_location,
-            "ssl.key.location": self.ssl_key_location,
-            "ssl.key.password": self.ssl_key_password,
-            "ssl.endpoint.identification.algorithm": self.ssl_endpoint_identification_algorithm,
-        }
-        return {k: _reveal(v) for k, v in pairs.items() if v is not None}
-
-
-class KafkaSettings(_Section):
-    bootstrap_servers: str = "127.0.0.1:9092"
-    topics: tuple[str, ...] = ("dbserver1.inventory.products",)
-    group_id: str = "embedstream"
-    # Any librdkafka setting, passed through to consumer and DLQ producer alike.
-    # Values of secret settings (passwords, secrets) are held as SecretStr.
-    options: dict[str, KafkaOptionValue | SecretStr] = Field(
-        default_factory=lambda: dict[str, KafkaOptionValue | SecretStr](
-            {"session.timeout.ms": 6000})
-    )
-    security: KafkaSecurity = KafkaSecurity()
-    dlq_topic: str | None = None
-    # Most messages taken from the client per poll; bounds per-iteration work.
-    poll_max_messages: int = Field(default=1000, ge=1)
-    # A dead-letter record's value is cut to this many bytes (the header
-    # `embedstream.dlq.truncated` then holds the original size; the whole
-    # message stays in the source topic at the offset the headers name).
-    # Kafka refuses records over the broker's message.max.bytes (1 MB default).
-    dlq_max_value_bytes: int = Field(default=900_000, ge=0)
-
-    @field_validator("options", mode="before")
-    @classmethod
-    def _hide_secret_options(cls, options: Any) -> Any:
-        if not isinstance(options, dict):
-            return options
-        hidden = {key: value if not _is_secret_option(key) or isinstance(value, SecretStr)
-                  else SecretStr(str(value)) for key, value in options.items()}
-        for key, value in hidden.items():
-            # A PEM key (ssl.key.pem) is lines of text: its newlines belong to it.
-            if isinstance(value, SecretStr) and not str(key).endswith(".pem") and (
-                    problem := secret_problem(value.get_secret_value())):
-                raise ValueError(f"{key}: {problem}")
-        return hidden
-
-    def librdkafka_options(self) -> dict[str, KafkaOptionValue]:
-        """``options`` as librdkafka takes them, secrets revealed (for the client only)."""
-        return {k: _reveal(v) for k, v in self.options.items()}
-
-    @field_validator("topics")
-    @classmethod
-    def _at_least_one_topic(cls, topics: tuple[str, ...]) -> tuple[str, ...]:
-        if not topics or any(not t for t in topics):
-            raise ValueError("name at least one non-empty topic")
-        return topics
-
-    def dlq_topic_for(self, topic: str) -> str:
-        return self.dlq_topic or f"{topic}.dlq"
-
-
-class SourceSettings(_Section):
-    # debezium: the change envelope; debezium-flat: rows flattened by Debezium's
-    # ExtractNewRecordState (__deleted, __op, __lsn, __source_ts_ms); native.
-    format: Literal["debezium", "debezium-flat", "native"] = "debezium"
-    id_fields: tuple[str, ...] = ("id",)
-    text_fields: tuple[str, ...] = ("name", "description")
-    # Instead of text_fields: "{title}\n\n{body}", fields by name (absent or null: "").
-    text_template: str | None = None
-    metadata_fields: tuple[str, ...] = ()
-    # Filterable fields and their types (keyword, integer, float, bool, datetime):
-    # copied into the payload as that type, payload-indexed in the store, usable in
-    # `search --filter` (see embedstream.stream.filters). Not in the fingerprint.
-    filter_fields: dict[str, FieldType] = Field(default_factory=dict)
-    version: Literal["auto", "lsn", "ts_ms", "offset"] = "auto"
-    # Limits: a message or document over them is dead-lettered (reasons
-    # `message_too_large`, `document_too_large`), never a crash.
-    max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
-    # About 250k tokens: embedding more on a CPU takes longer than
-    # max.poll.interval.ms (300 s); raise it with a GPU.
-    max_document_chars: int = Field(default=1_000_000, ge=1)
-
-    @field_validator("text_template")
-    @classmethod
-    def _template(cls, template: str | None) -> str | None:
-        if template is not None:
-            template_parts(template)  # raises ValueError naming what is wrong
-        return template
-
-    @field_validator("id_fields", "text_fields")
-    @classmethod
-    def _not_empty(cls, fields: tuple[str, ...]) -> tuple[str, ...]:
-        if not fields:
-            raise ValueError("name at least one field")
-        return fields
-
-    @field_validator("metadata_fields", "filter_fields")
-    @classmethod
-    def _not_reserved(cls, fields: Any) -> Any:
-        clash = sorted(set(fields) & RESERVED_PAYLOAD_FIELDS)
-        if clash:
-            raise ValueError(f"{clash} are payload fields embedstream writes itself")
-        return fields
-
-
-class EmbedSettings(_Section):
+class EmbedSettings(Section):
     """Where vectors come from: a local sentence-transformers model (``provider: local``,
     the default) or an OpenAI-compatible ``/embeddings`` API (``provider: openai``:
     OpenAI, Azure OpenAI, TEI, vLLM, Infinity, Ollama). The fields after
@@ -247,11 +113,11 @@ class EmbedSettings(_Section):
     give_up_after_s: float = Field(default=60.0, gt=0)
 
 
-class ChunkSettings(_Section):
+class ChunkSettings(Section):
     max_tokens: int = Field(default=256, ge=8)
 
 
-class SinkSettings(_Section):
+class SinkSettings(Section):
     kind: Literal["qdrant-edge", "qdrant"] = "qdrant-edge"
     path: Path = Path("./embedstream-data")
     url: str | None = None
@@ -286,7 +152,7 @@ class SinkSettings(_Section):
         return name
 
 
-class BulkSettings(_Section):
+class BulkSettings(Section):
     """The bulk rebuild (``embedstream rebuild``): engine sizes, file reading, checkpoints."""
 
     # Padded tokens (rows x longest) per forward pass; 0 picks 4096 on a CPU
@@ -315,7 +181,7 @@ class BulkSettings(_Section):
     progress_interval_s: float = Field(default=10.0, gt=0)
 
 
-class MetricsSettings(_Section):
+class MetricsSettings(Section):
     """The HTTP endpoint: ``/metrics``, ``/healthz`` (the loop is turning) and
     ``/readyz`` (started and the store is answering)."""
 
@@ -344,6 +210,10 @@ class Settings(BaseSettings):
     sink: SinkSettings = SinkSettings()
     metrics: MetricsSettings = MetricsSettings()
     bulk: BulkSettings = BulkSettings()
+    # Many topics to many collections, each route with its own source settings and
+    # collection. Without it, kafka.topics (or kafka.topic_pattern), source and
+    # sink.collection are one route, named "default".
+    routes: tuple[RouteSettings, ...] = ()
 
     # The config file's contents, below the arguments and the environment; set on a
     # subclass by load_settings (a class per file: pydantic asks the class for sources).
@@ -362,6 +232,58 @@ class Settings(BaseSettings):
         if cls.file_data is None:
             return init_settings, env_settings
         return init_settings, env_settings, InitSettingsSource(settings_cls, cls.file_data)
+
+
+    @model_validator(mode="after")
+    def _routes_alone(self) -> Settings:
+        if not self.routes:
+            return self
+        check_routes(self.routes)
+        # With routes, each names its own; a top-level value would be silently unused.
+        unused = [name for name, given in (
+            ("kafka.topics", "topics" in self.kafka.model_fields_set),
+            ("kafka.topic_pattern", self.kafka.topic_pattern is not None),
+            ("source", "source" in self.model_fields_set),
+            ("sink.collection", "collection" in self.sink.model_fields_set)) if given]
+        if unused:
+            raise ValueError(f"with routes, give {', '.join(unused)} in each route instead")
+        return self
+
+    def all_routes(self) -> tuple[RouteSettings, ...]:
+        """Every route: ``routes``, or the one that kafka.topics, source and
+        sink.collection make (named ``default``)."""
+        if self.routes:
+            return self.routes
+        return (RouteSettings(name=DEFAULT_ROUTE, topics=self.kafka.topics,
+                              topic_pattern=self.kafka.topic_pattern, source=self.source,
+                              collection=self.sink.collection),)
+
+    def for_route(self, name: str | None) -> Settings:
+        """These settings narrowed to one route (by name or collection):
+        kafka.topics (or topic_pattern), source and sink.collection are the
+        route's, ``routes`` holds it alone. ``None`` picks the only route; with
+        several, :class:`ConfigError` asks which."""
+        routes = self.all_routes()
+        if name is None:
+            if len(routes) > 1:
+                raise ConfigError("several routes are configured: name one with --route "
+                                  f"(one of {', '.join(r.name for r in routes)})")
+            route = routes[0]
+        else:
+            found = [r for r in routes if name in (r.name, r.collection)]
+            if not found:
+                raise ConfigError(f"no route or route collection is named {name!r} (routes: "
+                                  f"{', '.join(f'{r.name} -> {r.collection}' for r in routes)})")
+            route = found[0]
+        kafka = self.kafka.model_copy(update={"topics": route.topics,
+                                              "topic_pattern": route.topic_pattern})
+        sink = self.sink.model_copy(update={"collection": route.collection})
+        return self.model_copy(update={"kafka": kafka, "source": route.source, "sink": sink,
+                                       "routes": (route,) if self.routes else ()})
+
+    def route_name(self) -> str:
+        """The name of the route these settings serve (after :meth:`for_route`)."""
+        return self.routes[0].name if len(self.routes) == 1 else DEFAULT_ROUTE
 
 
 def _format_validation_error(error: ValidationError, origin: str) -> str:

@@ -20,6 +20,7 @@ __all__ = [
     "KafkaUnavailable",
     "NeedsOperator",
     "QueryError",
+    "RegistryUnavailable",
     "SinkError",
     "SinkUnavailable",
     "SourceError",
@@ -81,6 +82,14 @@ class KafkaUnavailable(Unavailable):
     A refusal does not pass with time: whoever catches :class:`Unavailable` to wait
     and retry should stop retrying this one after a while (the commands raising it
     stop at once and say what failed)."""
+
+
+class RegistryUnavailable(Unavailable):
+    """The Schema Registry could not be reached or failed (connection refused,
+    timeout, 5xx): an outage, not a bad message. The consumer pauses, reports not
+    ready and reads the message again later; nothing is dead-lettered or committed.
+    An unknown schema id or a value that does not match its schema is a
+    :class:`DecodeError` instead (a dead letter)."""
 
 
 class SinkError(EmbedstreamError):
