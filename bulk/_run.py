@@ -80,15 +80,16 @@ class RebuildRun:
             return (None, None), ()
         if isinstance(record, BulkEvent) and record.event.op is Op.DELETE:
             return ([], None), ()
-        text = record.text if isinstance(record, SourceRow) else record.event.text
+        text, title = ((record.text, record.title) if isinstance(record, SourceRow)
+                       else (record.event.text, record.event.title))
         limit = self.settings.source.max_document_chars
         if len(text) > limit:
             return (None, ("document_too_large", f"{len(text)} characters > {limit}")), ()
         try:
-            chunks = self.chunker().chunk(text)
+            chunks = self.chunker().chunk(text, title)  # as the stream's take_in does
         except Exception as error:
             return (None, ("chunk_failed", repr(error)[:300])), ()
-        return (chunks, None), [c.text for c in chunks]
+        return (chunks, None), [c.embed_text for c in chunks]
 
     def write(self, unit: EmbeddedUnit[Record, Prepared]) -> None:
         writes: list[DocumentWrite] = []
@@ -159,7 +160,7 @@ class RebuildRun:
     def _document(self, record: Record, chunks: list[Chunk], vectors: Any) -> DocumentWrite:
         if isinstance(record, SourceRow):
             event = ChangeEvent(record.doc_id, Op.UPSERT, _FILE_STATE.version, _FILE_POSITION,
-                                record.text, record.metadata)
+                                record.text, record.metadata, title=record.title)
             state = _FILE_STATE
         else:
             assert isinstance(record, BulkEvent)

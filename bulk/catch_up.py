@@ -18,6 +18,10 @@ consumer may have dead-lettered it too before the swap, but it moves past the
 catch-up's range, so the failure list is the record to keep. So is a document
 with a text that cannot be embedded even alone (out of memory, refused by a
 remote provider), which is not written, as the stream would dead-letter it.
+
+Schema Registry framed values are read as the snapshot reads them
+(:func:`~embedstream.bulk.kafka_source.take_in_patiently`: an outage is waited out
+for up to ``embed.give_up_after_s``, then stops the rebuild, resumable).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from embedstream.bulk.kafka_source import (
     partition_ends,
     snapshot_consumer,
     snapshot_topic_ids,
+    take_in_patiently,
     topic_partitions,
 )
 from embedstream.stream.apply import apply_batch
@@ -40,9 +45,10 @@ from embedstream.stream.chunking import Chunker
 from embedstream.stream.config import Settings
 from embedstream.stream.embedding import Embedder
 from embedstream.stream.events import Position, Skipped
-from embedstream.stream.intake import Rejected, take_in
+from embedstream.stream.intake import Rejected
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.plan import PreparedEvent
+from embedstream.stream.registry import ValueReader, build_reader
 from embedstream.stream.store import Sink
 from embedstream.stream.topic_ids import TopicIds, position_of
 from embedstream.stream.vectors import ChunkVectors, Failure
@@ -69,12 +75,15 @@ class CatchUpReport:
 
 def catch_up(settings: Settings, sink: Sink, chunker: Chunker, embedder: Embedder,
              covered: Mapping[Partition, int], *, rounds: int = 2,
-             on_failure: OnFailure | None = None) -> CatchUpReport:
+             on_failure: OnFailure | None = None,
+             reader: ValueReader | None = None) -> CatchUpReport:
     """Apply every event from ``covered`` to the partitions' current ends to
     ``sink``, ``rounds`` times over (each round chases the end found when it
-    starts); returns the offsets reached (see the module docstring)."""
+    starts); returns the offsets reached (see the module docstring). ``reader``
+    reads framed values (default: one built from ``settings``)."""
     if not covered:
         return CatchUpReport()
+    reader = reader if reader is not None else build_reader(settings)
     consumer = snapshot_consumer(settings)
     # Counted nowhere that is read: the live consumer's metrics are its own.
     metrics = Metrics()
@@ -102,7 +111,7 @@ def catch_up(settings: Settings, sink: Sink, chunker: Chunker, embedder: Embedde
                 batch: list[PreparedEvent] = []
                 for message in consumer.consume(_BATCH_MESSAGES, timeout=_POLL_S):
                     prepared = _prepare(settings, chunker, message, report, ends, behind,
-                                        on_failure, topic_ids)
+                                        on_failure, topic_ids, reader)
                     if prepared is not None:
                         batch.append(prepared)
                 if batch:
@@ -117,7 +126,8 @@ def catch_up(settings: Settings, sink: Sink, chunker: Chunker, embedder: Embedde
 
 def _prepare(settings: Settings, chunker: Chunker, message: Message, report: CatchUpReport,
              ends: Mapping[Partition, int], behind: set[Partition],
-             on_failure: OnFailure | None, topic_ids: TopicIds) -> PreparedEvent | None:
+             on_failure: OnFailure | None, topic_ids: TopicIds,
+             reader: ValueReader) -> PreparedEvent | None:
     error = message.error()
     if error is not None and error.code() != KafkaError._PARTITION_EOF:
         if error.fatal():
@@ -137,7 +147,7 @@ def _prepare(settings: Settings, chunker: Chunker, message: Message, report: Cat
     if offset + 1 >= ends.get(tp, 0):
         behind.discard(tp)
     position = position_of(message, topic_ids)
-    taken = take_in(message.key(), message.value(), position, settings.source, chunker)
+    taken = take_in_patiently(message, position, settings, chunker, reader)
     if isinstance(taken, Rejected):  # reported, like a bulk row that fails
         _report(report, on_failure, position, (taken.reason, taken.detail))
         return None

@@ -19,6 +19,12 @@ Guaranteed:
 * ``covered`` holds, per partition, the offset the snapshot reads up to: every
   event before it is in the snapshot; the stream must apply everything from it.
 
+Schema Registry framed values are read with one
+:class:`~embedstream.stream.registry.ValueReader` per snapshot (schemas fetched once
+per id). A registry outage is waited out (:func:`take_in_patiently`) for up to
+``embed.give_up_after_s``, then raises
+:class:`~embedstream.stream.errors.RegistryUnavailable`: the rebuild stops, resumable.
+
 Not guaranteed: that the marks are the true log ends at open (a broker may
 report a lower one); whatever the snapshot does not cover, the handover applies.
 """
@@ -26,19 +32,28 @@ report a lower one); whatever the snapshot does not cover, the handover applies.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
+from embedstream.stream.chunking import Chunker
 from embedstream.stream.config import Settings
-from embedstream.stream.errors import KafkaUnavailable
+from embedstream.stream.errors import KafkaUnavailable, RegistryUnavailable
 from embedstream.stream.events import ChangeEvent, Position, Skipped
 from embedstream.stream.intake import Rejected, take_in
 from embedstream.stream.kafka_config import kafka_client_config
-from embedstream.stream.plan import fold
+from embedstream.stream.plan import PreparedEvent, fold
+from embedstream.stream.registry import ValueReader, build_reader
 from embedstream.stream.store import DocState
 from embedstream.stream.topic_ids import TopicIds, position_of
 
@@ -50,6 +65,7 @@ __all__ = [
     "Partition",
     "partition_ends",
     "snapshot_consumer",
+    "take_in_patiently",
     "topic_ends",
     "topic_partitions",
 ]
@@ -59,6 +75,7 @@ log = logging.getLogger("embedstream.bulk")
 Partition = tuple[str, int]
 _METADATA_TIMEOUT_S = 15.0
 _POLL_S = 1.0
+_REGISTRY_BACKOFF_MAX_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +164,14 @@ class KafkaSnapshot:
         self.covered: dict[Partition, int] = dict(covered or {})
         self._consumer: Consumer | None = None
         self._topic_ids: TopicIds | None = None
+        self._reader: ValueReader | None = None
 
     def open(self) -> None:
         consumer = snapshot_consumer(self._settings)
         try:
             partitions = topic_partitions(consumer, self._settings.kafka.topics)
             self._topic_ids = snapshot_topic_ids(self._settings)
+            self._reader = build_reader(self._settings)
             if not self.covered:
                 self.covered = partition_ends(consumer, partitions)
         except BaseException:
@@ -208,9 +227,9 @@ class KafkaSnapshot:
             pending.discard(tp)
             consumer.pause([TopicPartition(*tp)])
 
-    def _decode(self, message: Any, position: Position,
+    def _decode(self, message: Message, position: Position,
                 seen: dict[str, DocState]) -> BulkEvent | BulkFailure | BulkSkip:
-        taken = take_in(message.key(), message.value(), position, self._settings.source, None)
+        taken = take_in_patiently(message, position, self._settings, None, self._reader)
         if isinstance(taken, Rejected):
             return BulkFailure(position, taken.reason, taken.detail)
         if isinstance(taken, Skipped):
@@ -220,3 +239,30 @@ class KafkaSnapshot:
             return BulkSkip(position)  # older than an event already read: stale
         seen[taken.event.doc_id] = folded.state
         return BulkEvent(taken.event, folded.state)
+
+
+def take_in_patiently(message: Message, position: Position, settings: Settings,
+                      chunker: Chunker | None, reader: ValueReader | None
+                      ) -> PreparedEvent | Skipped | Rejected:
+    """:func:`~embedstream.stream.intake.take_in`, waiting out a Schema Registry outage
+    (backing off from its ``retry_after`` doubling up to 10 s) for up to
+    ``embed.give_up_after_s``; then :class:`RegistryUnavailable` saying what to do."""
+    patience = settings.embed.give_up_after_s
+    deadline: float | None = None
+    wait = 0.0
+    while True:
+        try:
+            return take_in(message.key(), message.value(), position, settings.source, chunker,
+                           reader=reader)
+        except RegistryUnavailable as error:
+            now = time.monotonic()
+            deadline = deadline if deadline is not None else now + patience
+            if now >= deadline:
+                raise RegistryUnavailable(
+                    f"{error} (for {patience:g} s, embed.give_up_after_s, at "
+                    f"{position.topic}[{position.partition}]@{position.offset}); run the "
+                    "same rebuild again once it answers: it resumes where it stopped",
+                    error.retry_after) from None
+            wait = min(max(wait * 2, error.retry_after), _REGISTRY_BACKOFF_MAX_S)
+            log.warning("Schema Registry unavailable, retrying in %.1f s: %s", wait, error)
+            time.sleep(min(wait, deadline - now))

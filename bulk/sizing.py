@@ -145,7 +145,7 @@ def calibrate(settings: Settings, sample: str | None, docs: int = _SAMPLE_DOCS) 
         tokenizer_workers=settings.bulk.tokenizer_workers, bucket_texts=settings.bulk.bucket_texts)
 
     def prepare(row: SourceRow) -> tuple[None, list[str]]:
-        return None, [c.text for c in chunker.chunk(row.text)]
+        return None, [c.embed_text for c in chunker.chunk(row.text, row.title)]
 
     def ignore(unit: EmbeddedUnit[SourceRow, None]) -> None:
         return None

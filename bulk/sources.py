@@ -2,9 +2,10 @@
 
 :func:`read_rows` turns one path or glob of JSONL/NDJSON, TSV or Parquet files
 (JSONL and TSV optionally ``.gz`` or ``.zst``) into one item per row, in file
-order, files in sorted path order. Each row's ``(doc_id, text, metadata)`` comes
-from :func:`embedstream.stream.decode.decode_row`, so ids, text and metadata follow exactly
-the stream's rules (``source.id_fields``, ``text_fields``, ``metadata_fields``).
+order, files in sorted path order. Each row's ``(doc_id, text, metadata, title)``
+comes from :func:`embedstream.stream.decode.decode_row`, so they follow exactly the
+stream's rules (``source.id_fields``, ``text_fields`` or ``text_template``,
+``metadata_fields``, ``filter_fields``, ``title_field``).
 
 Guaranteed:
 
@@ -50,6 +51,7 @@ from embedstream.stream.config import Settings
 from embedstream.stream.decode import decode_row
 from embedstream.stream.errors import ConfigError, DecodeError, SourceError
 from embedstream.stream.strict_json import loads
+from embedstream.stream.templates import template_parts
 
 __all__ = ["RowFailure", "SourceRow", "count_rows", "expand_files", "read_rows"]
 
@@ -68,6 +70,7 @@ class SourceRow:
     text: str
     metadata: Mapping[str, Any]
     where: str  # "path:line" (1-based) for JSONL/TSV, "path#index" (0-based) for Parquet
+    title: str | None = None  # source.title_field's value: embedded in front of each chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +146,10 @@ def _read(files: list[tuple[Path, Kind, Compression]], settings: Settings,
 
 def _decoded(row: dict[str, Any], where: str, settings: Settings) -> SourceRow | RowFailure:
     try:
-        doc_id, text, metadata = decode_row(row, settings.source)
+        doc_id, text, metadata, title = decode_row(row, settings.source)
     except DecodeError as error:
         return RowFailure(where, error.reason, error.detail)
-    return SourceRow(doc_id, text, metadata, where)
+    return SourceRow(doc_id, text, metadata, where, title)
 
 
 def _text_line(raw: bytes | None, where: str,
@@ -245,7 +248,13 @@ def _tsv_header(raw: bytes | None, where: str) -> tuple[str, ...]:
 def _parquet_columns(schema: pa.Schema, settings: Settings) -> list[str] | None:
     """The columns a row needs (others are never read), or None for all."""
     source = settings.source
-    wanted = {*source.id_fields, *source.text_fields, *source.metadata_fields}
+    wanted = {*source.id_fields, *source.metadata_fields, *source.filter_fields}
+    if source.text_template is not None:
+        wanted |= {name for _, name in template_parts(source.text_template) if name}
+    else:
+        wanted |= set(source.text_fields)
+    if source.title_field is not None:
+        wanted.add(source.title_field)
     if source.id_fields in (("id",), ("_id",)):
         wanted |= {"id", "_id"}  # with one id field, decode_row takes either
     picked = [name for name in schema.names if name in wanted]

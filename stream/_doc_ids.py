@@ -9,6 +9,7 @@ from typing import Any
 
 from embedstream.stream.errors import DecodeError
 from embedstream.stream.strict_json import check_utf8, fail, reject_constant, unwrap_ext, utf8
+from embedstream.stream.wire import Deserialized
 
 __all__ = ["id_part", "ids_from_key", "join_id", "key_scalar", "pick", "unwrap_envelope"]
 
@@ -48,18 +49,21 @@ def key_scalar(value: Any) -> Any:
     return value
 
 
-def ids_from_key(key: bytes | None, fields: tuple[str, ...]) -> list[Any] | None:
-    if not key:
+def ids_from_key(key: bytes | Deserialized | None, fields: tuple[str, ...]) -> list[Any] | None:
+    if isinstance(key, Deserialized):  # a Schema Registry key: read as its JSON would be
+        parsed = unwrap_envelope(key.value)
+    elif not key:
         return None
-    text = utf8(key, "key")
-    try:
-        parsed = json.loads(text, parse_constant=reject_constant)
-    except ValueError:
-        # StringConverter keys: the whole key is the id.
-        if len(fields) == 1 and text.strip() and text.isprintable():
-            return [text]
-        fail("bad_type", "key is neither JSON nor printable text")
-    parsed = unwrap_envelope(parsed)
+    else:
+        text = utf8(key, "key")
+        try:
+            parsed = json.loads(text, parse_constant=reject_constant)
+        except ValueError:
+            # StringConverter keys: the whole key is the id.
+            if len(fields) == 1 and text.strip() and text.isprintable():
+                return [text]
+            fail("bad_type", "key is neither JSON nor printable text")
+        parsed = unwrap_envelope(parsed)
     if isinstance(parsed, dict):
         picked = pick(parsed, fields)
         return None if picked is None else [key_scalar(v) for v in picked]

@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import TypeVar
 
+from embedstream.stream.config import DEFAULT_ROUTE
 from embedstream.stream.errors import SinkError
 from embedstream.stream.events import ChangeEvent, Position
 from embedstream.stream.metrics import Metrics
@@ -71,12 +72,14 @@ def apply_batch(
     metrics: Metrics,
     on_failure: FailureCallback,
     failed: MutableMapping[Position, Failure] | None = None,
+    route: str = DEFAULT_ROUTE,
 ) -> list[ChangeEvent]:
     """Apply ``events`` (in log order) to ``sink``; returns the winning events
     written, in the order their documents first appear (see the module docstring).
 
     ``failed``: the failures of earlier attempts at this same batch, by position;
-    new ones are added. Leave it out when a batch is never retried."""
+    new ones are added. Leave it out when a batch is never retried. ``route``:
+    the route label of the events counted."""
     failed = {} if failed is None else failed
     by_doc = group_by_document(events)
     stored = call_sink(metrics, "read_state", lambda: sink.document_states(list(by_doc)))
@@ -102,7 +105,7 @@ def apply_batch(
     if writes:
         call_sink(metrics, "apply", lambda: sink.apply(writes))
     for op, outcome in outcomes:
-        metrics.events.labels(op=op, outcome=outcome).inc()
+        metrics.events.labels(op=op, outcome=outcome, route=route).inc()
     return [item.winner.event for item in writing if item.winner]
 
 

@@ -9,11 +9,16 @@ not ready, and retries after an exponential backoff that honours the store's
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from embedstream.stream.errors import EmbedderUnavailable, SinkUnavailable, Unavailable
+from embedstream.stream.errors import (
+    EmbedderUnavailable,
+    RegistryUnavailable,
+    SinkUnavailable,
+    Unavailable,
+)
 from embedstream.stream.health import Health
 from embedstream.stream.metrics import Metrics
 
@@ -49,7 +54,8 @@ class Backpressure:
                              max(error.retry_after, self.backoff_s * 2 or _FIRST_BACKOFF_S))
         self.retry_at = self._clock() + self.backoff_s
         what = ("store" if isinstance(error, SinkUnavailable)
-                else "embedding API" if isinstance(error, EmbedderUnavailable) else "service")
+                else "embedding API" if isinstance(error, EmbedderUnavailable)
+                else "schema registry" if isinstance(error, RegistryUnavailable) else "service")
         log.warning("%s unavailable, retrying in %.1fs: %s", what, self.backoff_s, error)
         self._health.set_ready(f"{what} unavailable: {error}")
         # Every retry: partitions assigned since the last one must wait too.
@@ -60,7 +66,7 @@ class Backpressure:
     def resume(self) -> None:
         """The store answered: fetch again."""
         if self.retry_at is not None:
-            log.info("store available again; resuming")
+            log.info("available again; resuming")
             self._health.set_ready(None)
         self.retry_at, self.backoff_s = None, 0.0
         if self._paused:
@@ -78,6 +84,21 @@ class Backpressure:
             log.debug("resume of newly assigned partitions: %s", error)
         if self.waiting:
             self._paused += partitions
+
+    def rewind(self, unread: Sequence[Message], assigned: Collection[tuple[str, int]]) -> None:
+        """Seek each assigned partition back to its first message in ``unread`` (messages
+        read but not taken in, to be read again once the outage is over)."""
+        first: dict[tuple[str, int], int] = {}
+        for message in unread:
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            if message.error() is None and topic is not None and partition is not None \
+                    and offset is not None and (topic, partition) in assigned:
+                first.setdefault((topic, partition), offset)
+        for (topic, partition), offset in first.items():
+            try:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as error:  # not fetching it yet: the committed offset holds
+                log.info("cannot seek %s[%d] back to %d: %s", topic, partition, offset, error)
 
     def forget(self, partitions: Collection[tuple[str, int]]) -> None:
         """Partitions no longer ours are not resumed."""

@@ -7,10 +7,13 @@ non-blank character, and the same text always gives the same chunks. Cuts fall
 at paragraph ends where possible, else sentence ends, else between words.
 Boundaries are content-defined (see the design notes below), so an edit
 re-chunks only its neighbourhood and later chunks come out byte-identical.
+With a title (``source.title_field``), each chunk carries a header embedded in
+front of its text, within the same token bound (see "Titles" below).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from collections.abc import Iterator
@@ -23,13 +26,19 @@ __all__ = ["Chunk", "Chunker", "TokenChunker", "content_hash"]
 
 
 def content_hash(text: str) -> str:
-    """Stable hash of a chunk's text (hex sha256)."""
+    """Stable hash of a text (hex sha256): of a chunk, the text it embeds."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A piece of a document: ``text == document[start:end]``."""
+    """A piece of a document: ``text == document[start:end]``.
+
+    ``header`` is embedded in front of ``text`` (a contextual chunk header: the
+    document's title and a blank line; empty without a title). ``n_tokens`` and
+    ``content_hash`` are of what is embedded, :attr:`embed_text`; without a header
+    that is ``text`` itself, so the hash is ``content_hash(text)`` as it always was.
+    """
 
     index: int
     start: int
@@ -37,6 +46,12 @@ class Chunk:
     text: str
     n_tokens: int
     content_hash: str
+    header: str = ""
+
+    @property
+    def embed_text(self) -> str:
+        """What the model embeds for this chunk: ``header + text``."""
+        return self.header + self.text if self.header else self.text
 
 
 class Chunker(Protocol):
@@ -45,8 +60,9 @@ class Chunker(Protocol):
         """Everything that decides where boundaries fall (for the fingerprint)."""
         ...
 
-    def chunk(self, text: str) -> list[Chunk]:
-        """Deterministic chunks covering ``text``'s non-blank content, in order."""
+    def chunk(self, text: str, title: str | None = None) -> list[Chunk]:
+        """Deterministic chunks covering ``text``'s non-blank content, in order;
+        with a ``title``, each embedding it in front of its text (a header)."""
         ...
 
 
@@ -83,6 +99,13 @@ class Chunker(Protocol):
 #    nDCG@10 (bench/scifact.py, a document scores its best chunk) rose from 0.647 to 0.687
 #    (stock MiniLM on whole documents: 0.645).
 #
+# Titles. A titled document's chunks are embedded as ``title + "\n\n" + text`` (a contextual
+# header). Header and chunk must fit the model together: the header is counted alone and the
+# chunk cap lowered by that count, so header + chunk <= max_tokens (exact for WordPiece, which
+# counts across whitespace additively). A title takes at most max_tokens // _TITLE_SHARE
+# tokens, cut at a token edge, so it never crowds out the text. Only forced cuts and
+# over-long sentences see the lower cap: hits, so most boundaries, do not change.
+#
 # Token counts come from one batched tokenizer call per window (paragraph-sized units,
 # tokenized in parallel in Rust) and are read off the offsets: a span holds the tokens that
 # start inside it. Neighbouring pieces are merged unless the pre-tokenizer puts a word
@@ -117,6 +140,8 @@ _WINDOW_SPACE = re.compile(r"[^\S\x1c-\x1f]+")
 # Default boundary parameters (see "Sizes" above).
 _MIN_TOKENS, _DIVISOR, _PARAGRAPH_DIVISOR = 16, 48, 16
 _VERIFY_BATCH = 64
+# A title's header takes at most 1/_TITLE_SHARE of max_tokens (see "Titles" above).
+_TITLE_SHARE, _HEADER_GAP = 4, "\n\n"
 
 # (start, end, first token, end token, n): n >= 0 marks a run of sub-word tokens, a chunk of
 # its own because its edges are inside a word; n is then its re-tokenised count.
@@ -145,7 +170,10 @@ class TokenChunker:
     trimmed of surrounding whitespace, together covering every non-whitespace character;
     the output depends only on ``text``, ``spec`` and the tokenizer; no cut falls inside a
     token; ``n_tokens <= max_tokens``, ``n_tokens`` counting the tokens of the chunk text
-    alone without special tokens (exact for WordPiece tokenizers, see above).
+    alone without special tokens (exact for WordPiece tokenizers, see above). With a
+    ``title``: every chunk's ``header`` is the title (cut to ``max_tokens // 4`` tokens)
+    and a blank line, ``n_tokens`` counts header and text together and stays within
+    ``max_tokens``, and the text, ``start`` and ``end`` are the document's own.
     The cap needs ``max_tokens >= 8`` (the config's minimum) to be safe: below that a
     single sub-word token of an over-long word may need more tokens alone than allowed, and
     such a chunk is kept whole (``n_tokens`` then says so) rather than cut inside a token.
@@ -196,6 +224,8 @@ class TokenChunker:
             raise ValueError(f"window_chars must be >= 2, got {window_chars}")
         # Not in ``spec``: windows bound memory and leave boundaries alone (see the notes).
         self._window_chars = window_chars
+        # Copies of this chunker with a lower cap, for chunks under a title, by cap.
+        self._capped: dict[int, TokenChunker] = {}
 
     @property
     def spec(self) -> str:
@@ -205,9 +235,41 @@ class TokenChunker:
             ":segments=sentences:hash=blake2b64"
         )
 
-    def chunk(self, text: str) -> list[Chunk]:
+    def chunk(self, text: str, title: str | None = None) -> list[Chunk]:
+        header, header_tokens = self.header(title) if title else ("", 0)
+        if header_tokens == 0:
+            return self._chunk(text, header, 0)
+        cap = self.max_tokens - header_tokens
+        capped = self._capped.get(cap)
+        if capped is None:
+            # Same tokenizer and parameters, a lower cap: a shallow copy (no tokenizer copy).
+            capped = copy.copy(self)
+            capped.max_tokens, capped.min_tokens = cap, min(self.min_tokens, cap)
+            capped._capped = {}
+            self._capped[cap] = capped
+        return capped._chunk(text, header, header_tokens)
+
+    def header(self, title: str) -> tuple[str, int]:
+        """The header embedded in front of each chunk of a document titled ``title``
+        (the title, whitespace-trimmed and cut at a token edge to at most
+        ``max_tokens // 4`` tokens, then a blank line) and its token count; ``("", 0)``
+        when nothing of the title is left."""
+        budget = self.max_tokens // _TITLE_SHARE
+        title = title.strip()
+        offsets = self._backend.encode(title, add_special_tokens=False).offsets
+        keep = min(len(offsets), budget)
+        while keep > 0:
+            cut = title if keep == len(offsets) else title[:offsets[keep - 1][1]].rstrip()
+            header = cut + _HEADER_GAP
+            n = len(self._backend.encode(header, add_special_tokens=False).ids)
+            if n <= budget:
+                return header, n
+            keep -= n - budget  # the cut re-tokenised longer (or the gap costs tokens)
+        return "", 0
+
+    def _chunk(self, text: str, header: str, header_tokens: int) -> list[Chunk]:
         chunks: list[Chunk] = []
-        group = _Grouper(self, text, chunks)
+        group = _Grouper(self, text, chunks, header, header_tokens)
         base = 0  # tokens in earlier windows: token indices are document-wide
         for blocks, paragraph_ends in self._windows(text):
             tokens = TokenTable(self._backend, text, blocks)
@@ -319,15 +381,17 @@ class _Grouper:
     The open chunk spans text[open_s:open_e] and tokens [open_i0, open_i1); a span's count
     is taken between token indices so tokens inside gaps are counted too."""
 
-    def __init__(self, chunker: TokenChunker, text: str, chunks: list[Chunk]) -> None:
+    def __init__(self, chunker: TokenChunker, text: str, chunks: list[Chunk],
+                 header: str = "", header_tokens: int = 0) -> None:
         self.chunker, self.text, self.chunks = chunker, text, chunks
+        self.header, self.header_tokens = header, header_tokens
         self.open_s = self.open_e = self.open_i0 = self.open_i1 = -1
 
     def emit(self, start: int, end: int, n_tokens: int) -> None:
         piece = self.text[start:end]
-        self.chunks.append(
-            Chunk(len(self.chunks), start, end, piece, n_tokens, content_hash(piece))
-        )
+        self.chunks.append(Chunk(len(self.chunks), start, end, piece,
+                                 n_tokens + self.header_tokens,
+                                 content_hash(self.header + piece), self.header))
 
     def close(self) -> None:
         if self.open_s >= 0:

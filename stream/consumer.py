@@ -14,6 +14,11 @@ One thread runs the loop; nothing here starts another. What is guaranteed:
 * While the store is unavailable, the consumer pauses its partitions and keeps
   polling (so the group does not evict it), reports not ready, and retries the
   batch with exponential backoff; nothing past the failed batch is committed.
+  While the Schema Registry is, the same, and the messages not yet read are
+  sought back to be read again: none is dead-lettered for an outage.
+* One group serves every route (:mod:`embedstream.stream.route_sides`): each
+  message is read by its topic's route, into that route's collection; a
+  checkpoint flushes every route's store before it commits.
 * Bad records never stop the loop: an undecodable message, one over
   ``source.max_message_bytes``, a document over ``source.max_document_chars``,
   one the chunker fails on, or one whose text cannot be embedded even alone
@@ -40,20 +45,19 @@ from embedstream.stream.chunking import Chunker
 from embedstream.stream.config import Settings
 from embedstream.stream.dead_letters import DeadLetters
 from embedstream.stream.embedding import Embedder
-from embedstream.stream.errors import EmbedderUnavailable, SinkUnavailable
+from embedstream.stream.errors import EmbedderUnavailable, RegistryUnavailable, SinkUnavailable
 from embedstream.stream.events import ChangeEvent, Skipped
-from embedstream.stream.handover import AliasFollower
 from embedstream.stream.health import Health
 from embedstream.stream.intake import Rejected, take_in
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.offsets import commit_offsets, report_lag
 from embedstream.stream.plan import PreparedEvent
-from embedstream.stream.skip_watch import SkipWatch
+from embedstream.stream.route_sides import Route, RouteSides
 from embedstream.stream.store import Sink
 from embedstream.stream.topic_ids import TopicIds, position_of
 from embedstream.stream.vectors import ChunkVectors, Failure
 
-__all__ = ["AppliedCallback", "StreamConsumer"]
+__all__ = ["AppliedCallback", "Route", "StreamConsumer"]
 
 log = logging.getLogger("embedstream.consumer")
 
@@ -74,28 +78,29 @@ class StreamConsumer:
         dead_letters: DeadLetters,
         chunker: Chunker,
         embedder: Embedder,
-        sink: Sink,
+        routes: Sequence[Route],
         metrics: Metrics,
         on_applied: AppliedCallback | None = None,
         health: Health | None = None,
         clock: Callable[[], float] = time.monotonic,
-        follower: AliasFollower | None = None,
         topic_ids: TopicIds | None = None,
+        ensure_dlq: Callable[[set[str]], None] | None = None,
     ) -> None:
         self._settings = settings
         self._consumer = consumer
         self._dead_letters = dead_letters
         self._chunker = chunker
         self._embedder = embedder
-        self._sink = sink
+        self._routes = RouteSides(routes, settings, metrics)
+        # Makes the dead-letter topics of topics assigned (a pattern's topic may be new).
+        self._ensure_dlq = ensure_dlq
+        self._dlq_ready: set[str] = set()
         self._metrics = metrics
         self._on_applied = on_applied
         self._health = health or Health(settings.metrics.liveness_timeout_s)
         self._chunk_vectors = ChunkVectors(embedder, metrics)
         self._clock = clock
-        self._follower = follower
         self._topic_ids = topic_ids
-        self._skips = SkipWatch(metrics, settings.source.format)
         self._batch = self._new_batch()
         self._subscribed = False
         self._pressure = Backpressure(consumer, metrics, self._health, clock)
@@ -110,8 +115,14 @@ class StreamConsumer:
 
     @property
     def sink(self) -> Sink:
-        """The store written now (another one after following a rebuild's alias)."""
-        return self._sink
+        """The first route's store, written now (another one after following a
+        rebuild's alias); with one route, the store."""
+        return next(iter(self._routes)).sink
+
+    @property
+    def sinks(self) -> dict[str, Sink]:
+        """Each route's store, by route name."""
+        return {route.name: route.sink for route in self._routes}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -134,7 +145,7 @@ class StreamConsumer:
         """Join the group (once); :meth:`step` then drives the loop."""
         if not self._subscribed:
             self._consumer.subscribe(
-                list(self._settings.kafka.topics),
+                self._routes.subscription(),
                 on_assign=self._on_assign,
                 on_revoke=self._on_revoke,
                 on_lost=self._on_lost,
@@ -148,15 +159,22 @@ class StreamConsumer:
         partitions, which applies and checkpoints what is batched if the store answers."""
         self._consumer.close()
         self._dead_letters.close()
-        if self._follower:
-            self._follower.close()
+        self._routes.close()
 
     def step(self) -> None:
         """One poll of the loop: read what is there, apply the batch when it is
         due, checkpoint when that is due."""
         self._health.beat()
-        for message in self._poll():
-            self._take(message)
+        messages = self._poll()
+        for index, message in enumerate(messages):
+            try:
+                self._take(message)
+            except RegistryUnavailable as error:
+                # Read again once the registry answers: nothing of these is batched,
+                # dead-lettered or committed meanwhile.
+                self._pressure.rewind(messages[index:], self.assigned)
+                self._pressure.back_off(error)
+                break
             if self._batch.full and not self._pressure.waiting:
                 self._flush()
         now = self._clock()
@@ -168,12 +186,14 @@ class StreamConsumer:
             self._flush()
         if not self._pressure.waiting and self._checkpoint_due(now):
             self._checkpoint()
-        if self._follower and not self._pressure.waiting \
-                and self._follower.needs_drain(self._sink, now) \
-                and self._flush() and self._checkpoint():
-            # Between checkpoints only: all applied so far is in the old collection.
-            self._sink, moved = self._follower.follow(self._sink, self.assigned)
-            self.committed.update(moved)
+        for route in self._routes:
+            if route.follower and not self._pressure.waiting \
+                    and route.follower.needs_drain(route.sink, now) \
+                    and self._flush() and self._checkpoint():
+                # Between checkpoints only: all applied so far is in the old collection.
+                route.sink, moved = route.follower.follow(
+                    route.sink, self._routes.owned_by(route, self.assigned))
+                self.committed.update(moved)
         if now >= self._next_lag_report:
             report_lag(self._consumer, self.assigned, self._metrics)
             self._next_lag_report = now + _LAG_REPORT_EVERY_S
@@ -221,31 +241,40 @@ class StreamConsumer:
         assert topic is not None and partition is not None and offset is not None
         if (topic, partition) not in self.assigned:
             return  # fetched before a revoke that ran since: its new owner reads it
-        if self._follower and self._follower.ignores((topic, partition), offset):
+        route = self._routes.of(topic)
+        if route and route.follower and route.follower.ignores((topic, partition), offset):
             return  # read before the partition moved to a rebuild's handover offset
         position = position_of(message, self._topic_ids)
-        self._batch.track(position, self._clock())
-        taken = take_in(message.key(), message.value(), position, self._settings.source,
-                        self._chunker)
-        if isinstance(taken, Skipped):
-            self._skips.skipped(taken)
+        if route is None:
+            self._batch.track(position, self._clock())
+            self._routes.unrouted.skipped(Skipped("unrouted", position))
             return
-        self._skips.taken()
+        taken = take_in(message.key(), message.value(), position, route.settings.source,
+                        self._chunker, reader=route.reader)
+        # Tracked only once read: a registry outage above leaves the offset uncovered.
+        self._batch.track(position, self._clock())
+        skips = route.skips
+        assert skips is not None
+        if isinstance(taken, Skipped):
+            skips.skipped(taken)
+            return
+        skips.taken()
         if isinstance(taken, Rejected):
-            self._dead_letter(message, taken.reason, taken.detail, kind=taken.kind)
+            self._dead_letter(message, taken.reason, taken.detail, taken.kind, route.name)
         else:
             self._batch.add(taken, message)
 
-    def _dead_letter(self, message: Message, reason: str, detail: str, kind: str) -> None:
+    def _dead_letter(self, message: Message, reason: str, detail: str, kind: str,
+                     route: str) -> None:
         log.warning(
             "dead-lettering %s[%d]@%d: %s: %s",
             message.topic(), message.partition(), message.offset(), reason, detail[:200],
         )
         cut = self._dead_letters.send(message, reason, detail)  # True: cut to fit the topic
-        self._metrics.dlq_records.labels(reason=reason).inc()
+        self._metrics.dlq_records.labels(reason=reason, route=route).inc()
         if cut:
             self._metrics.dlq_truncated.inc()
-        self._metrics.events.labels(op=kind, outcome="dead_lettered").inc()
+        self._metrics.events.labels(op=kind, outcome="dead_lettered", route=route).inc()
 
     # -- writing -----------------------------------------------------------------
 
@@ -281,7 +310,8 @@ class StreamConsumer:
             self._checkpoint_at = None
             return True
         try:
-            call_sink(self._metrics, "flush", self._sink.flush)
+            for route in self._routes:  # every store first, then the commit
+                call_sink(self._metrics, "flush", route.sink.flush)
         except SinkUnavailable as error:
             self._pressure.back_off(error)
             return False
@@ -295,20 +325,31 @@ class StreamConsumer:
     def _apply(self, batch: MicroBatch) -> tuple[float, list[ChangeEvent]]:
         """Apply the batch; returns when the store acknowledged it and what it applied."""
 
-        def dead_letter(winner: PreparedEvent, failure: Failure) -> None:
-            self._dead_letter(batch.raw[winner.event.position], *failure, kind=winner.event.kind)
+        by_route: dict[str, list[PreparedEvent]] = {}
+        for prepared in batch.events:
+            route = self._routes.of(prepared.event.position.topic)
+            assert route is not None  # only routed messages are batched
+            by_route.setdefault(route.name, []).append(prepared)
+        applied: list[ChangeEvent] = []
+        for name, events in by_route.items():
+            def dead_letter(winner: PreparedEvent, failure: Failure, route: str = name) -> None:
+                self._dead_letter(batch.raw[winner.event.position], *failure,
+                                  kind=winner.event.kind, route=route)
 
-        # Kept on the batch, so a retry of it neither dead-letters nor writes them again.
-        applied = apply_batch(batch.events, self._sink, self._chunk_vectors, self._metrics,
-                              dead_letter, batch.dead_lettered)
+            # Kept on the batch, so a retry of it neither dead-letters nor writes them
+            # again; a retry after one route's store failed re-applies the others' as
+            # no-ops (the version guard).
+            applied += apply_batch(events, self._routes[name].sink, self._chunk_vectors,
+                                   self._metrics, dead_letter, batch.dead_lettered, route=name)
         return time.time(), applied
 
     def _observe(self, batch: MicroBatch, applied: list[ChangeEvent], acked_at: float) -> None:
         self._metrics.batch_events.observe(batch.messages)
         self._metrics.batch_token_fill.observe(batch.tokens / batch.max_tokens)
         for event in applied:
-            if event.source_ts_ms is not None:
-                self._metrics.freshness.observe(max(0.0, acked_at - event.source_ts_ms / 1000))
+            if event.source_ts_ms is not None and (route := self._routes.of(event.position.topic)):
+                self._metrics.freshness.labels(route=route.name).observe(
+                    max(0.0, acked_at - event.source_ts_ms / 1000))
         if self._on_applied is not None:
             self._on_applied(applied, acked_at)
 
@@ -335,10 +376,20 @@ class StreamConsumer:
         self._pressure.clear_pause(partitions)
         if self._topic_ids is not None:  # a topic may have been recreated since
             self._topic_ids.refresh({tp.topic for tp in partitions})
-        if self._follower:
-            self._follower.on_assign([(tp.topic, tp.partition) for tp in partitions])
+        self._make_dead_letter_topics({tp.topic for tp in partitions})
+        self._routes.assigned([(tp.topic, tp.partition) for tp in partitions])
         log.info("assigned %s; now own %s",
                  sorted((tp.topic, tp.partition) for tp in partitions), sorted(self.assigned))
+
+    def _make_dead_letter_topics(self, topics: set[str]) -> None:
+        new = {t for t in topics - self._dlq_ready if self._routes.of(t) is not None}
+        if not new or self._ensure_dlq is None:
+            return
+        try:
+            self._ensure_dlq(new)
+            self._dlq_ready |= new
+        except KafkaException as error:  # dead letters of these wait in the producer meanwhile
+            log.warning("cannot create the dead-letter topics of %s yet: %s", sorted(new), error)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Commit what we have applied while we still own the partitions.
@@ -347,8 +398,8 @@ class StreamConsumer:
         log.info("revoked %s", sorted(revoked))
         if self._failed or not (self._flush() and self._checkpoint()):
             self._drop(revoked)
-        elif self._follower:
-            self._follower.forget(revoked)
+        else:
+            self._routes.forget(revoked)
         self.assigned -= revoked
         self._health.set_partitions(len(self.assigned))
 
@@ -368,5 +419,4 @@ class StreamConsumer:
         for key in partitions:
             self._uncommitted.pop(key, None)
         self._pressure.forget(partitions)
-        if self._follower:
-            self._follower.forget(partitions)
+        self._routes.forget(partitions)

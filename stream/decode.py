@@ -4,11 +4,17 @@
 raises nothing but :class:`~embedstream.stream.errors.DecodeError`, with ``reason`` one of
 ``not_utf8``, ``invalid_json``, ``bad_type``, ``missing_id``, ``unknown_op``,
 ``missing_after``, ``missing_version``, ``unavailable_value`` or ``unexpected``
-(a bug here, never a valid input): the sets ``REASONS`` and ``SKIP_REASONS``
+(a bug here, never a valid input; the Schema Registry reasons in ``REASONS``
+come from :mod:`embedstream.stream.registry`, before decoding): the sets
+``REASONS`` and ``SKIP_REASONS``
 (tests/test_decode_fuzz.py holds every decode to this). JSON must be strict (no
 ``NaN``, no number beyond a float such as ``1e400``), and ids, text and metadata
 must encode as UTF-8 (no lone surrogates). Nesting too deep for the parser (about
 1,000 levels) is ``invalid_json``.
+
+A key or value a Schema Registry deserializer already read comes as a
+:class:`~embedstream.stream.wire.Deserialized`: its object is read exactly as the
+same JSON would be (no UTF-8 or JSON parse), with the same decoders.
 
 Ids are stable across a key's events: one id field gives ``str(value)`` (``1004``
 and ``"1004"`` give ``"1004"``; an integral float its integer text); several are
@@ -52,6 +58,9 @@ is only blanks is ``""``), else ``text_fields`` as below.
 * Metadata: the ``metadata_fields`` present in ``after``, copied as they are,
   and the ``filter_fields`` present, each as its type (not readable as it:
   ``bad_type``; see :mod:`embedstream.stream.filters`).
+* Title (``source.title_field`` set): that field of ``after`` (or the flattened
+  row) read as a text field is, whitespace-trimmed; absent, null or blank gives
+  no title (None). It is embedded in front of each chunk, never stored as text.
 * Version: ``lsn`` = integer ``source.lsn``; ``ts_ms`` = ``source.ts_ms`` else
   top-level ``ts_ms``; ``offset`` = the Kafka offset; ``auto`` = integer
   ``source.lsn``, else ``source.ts_ms``, else the offset (a ``ts_ms`` of 0 is
@@ -76,8 +85,8 @@ Native: ``{"id": str|int, "text": str, "metadata": {...}, "version": int,
 missing id). ``version`` and ``ts_ms`` are signed 64-bit (``ts_ms`` of 0 or less is
 absent). ``version`` defaults to the offset, which ``"offset"`` mode forces;
 metadata is copied whole (its ``filter_fields`` as their types) but may not use a
-reserved payload field. A native tombstone's key is the id as text, a JSON
-scalar, or ``{"id": ...}``.
+reserved payload field; the title is ``metadata[title_field]``, read as above. A
+native tombstone's key is the id as text, a JSON scalar, or ``{"id": ...}``.
 """
 
 from __future__ import annotations
@@ -101,6 +110,7 @@ from embedstream.stream.strict_json import (
     utf8,
 )
 from embedstream.stream.templates import template_parts
+from embedstream.stream.wire import Deserialized
 
 __all__ = ["REASONS", "SKIP_REASONS", "decode_message", "decode_row"]
 
@@ -116,7 +126,8 @@ _TOMBSTONE_VERSION = -1
 
 
 def decode_message(
-    key: bytes | None, value: bytes | None, position: Position, settings: SourceSettings
+    key: bytes | Deserialized | None, value: bytes | Deserialized | None, position: Position,
+    settings: SourceSettings,
 ) -> ChangeEvent | Skipped:
     """Decode one message; raise :class:`DecodeError` if it cannot be (see module doc)."""
     try:
@@ -133,10 +144,11 @@ def decode_message(
         raise DecodeError("unexpected", f"{type(error).__name__}: {error}"[:300]) from error
 
 
-def decode_row(row: dict[str, Any], settings: SourceSettings) -> tuple[str, str, dict[str, Any]]:
-    """``(doc_id, text, metadata)`` of one row of a file (a bulk rebuild source),
-    read with the stream's rules: ``id_fields`` joined as for keys and ``after``,
-    ``text_fields`` joined with a blank line, ``metadata_fields`` copied.
+def decode_row(row: dict[str, Any], settings: SourceSettings
+               ) -> tuple[str, str, dict[str, Any], str | None]:
+    """``(doc_id, text, metadata, title)`` of one row of a file (a bulk rebuild
+    source), read with the stream's rules: ``id_fields`` joined as for keys and
+    ``after``, the text, metadata and title as from ``after``.
 
     Raises :class:`DecodeError` (``missing_id``, ``bad_type``,
     ``unavailable_value``, or ``unexpected``) and nothing else."""
@@ -145,7 +157,7 @@ def decode_row(row: dict[str, Any], settings: SourceSettings) -> tuple[str, str,
         if ids is None:
             fail("missing_id", f"row does not hold {list(settings.id_fields)}")
         return (join_id(ids), _text(row, settings),
-                _metadata(row, settings))
+                _metadata(row, settings), _title(row, settings))
     except DecodeError:
         raise
     except Exception as error:
@@ -153,7 +165,8 @@ def decode_row(row: dict[str, Any], settings: SourceSettings) -> tuple[str, str,
 
 
 def _tombstone(
-    key: bytes | None, position: Position, settings: SourceSettings, fields: tuple[str, ...]
+    key: bytes | Deserialized | None, position: Position, settings: SourceSettings,
+    fields: tuple[str, ...],
 ) -> ChangeEvent:
     ids = ids_from_key(key, fields)
     if ids is None:
@@ -230,6 +243,15 @@ def _text(image: dict[str, Any], settings: SourceSettings) -> str:
     return text
 
 
+def _title(image: dict[str, Any], settings: SourceSettings) -> str | None:
+    """``source.title_field`` of ``image`` as text, trimmed; None if unset, absent or blank."""
+    if settings.title_field is None:
+        return None
+    title = _field_text(image, settings.title_field).strip()
+    check_utf8(title, "title")
+    return title or None
+
+
 def _metadata(after: dict[str, Any], settings: SourceSettings) -> dict[str, Any]:
     """``metadata_fields`` as they are, then ``filter_fields`` as their types."""
     metadata = {name: after[name] for name in settings.metadata_fields if name in after}
@@ -241,19 +263,24 @@ def _metadata(after: dict[str, Any], settings: SourceSettings) -> dict[str, Any]
     return metadata
 
 
-def _object_value(key: bytes | None, value: bytes | None, position: Position,
-                  settings: SourceSettings) -> dict[str, Any] | ChangeEvent:
+def _object_value(key: bytes | Deserialized | None, value: bytes | Deserialized | None,
+                  position: Position, settings: SourceSettings) -> dict[str, Any] | ChangeEvent:
     """The value's JSON object (out of a JsonConverter envelope), or the tombstone
     a null value (or a null payload) is."""
     if value is None:
         return _tombstone(key, position, settings, settings.id_fields)
-    parsed = loads(utf8(value, "value"))
+    parsed = _parsed(value)
     payload = unwrap_envelope(parsed)
     if payload is None and parsed is not None:
         return _tombstone(key, position, settings, settings.id_fields)
     if not isinstance(payload, dict):
         fail("bad_type", f"value is a JSON {type(payload).__name__}, not an object")
     return payload
+
+
+def _parsed(value: bytes | Deserialized) -> Any:
+    """The value as parsed JSON: a deserializer's object as it is, else the bytes parsed."""
+    return value.value if isinstance(value, Deserialized) else loads(utf8(value, "value"))
 
 
 def _skipped_op(op: Any, field: str) -> bool:
@@ -264,7 +291,8 @@ def _skipped_op(op: Any, field: str) -> bool:
 
 
 def _decode_debezium(
-    key: bytes | None, value: bytes | None, position: Position, settings: SourceSettings
+    key: bytes | Deserialized | None, value: bytes | Deserialized | None, position: Position,
+    settings: SourceSettings,
 ) -> ChangeEvent | Skipped:
     payload = _object_value(key, value, position, settings)
     if isinstance(payload, ChangeEvent):
@@ -292,11 +320,12 @@ def _decode_debezium(
         fail("missing_after", f"op {op!r} without an after image")
     text, metadata = _text(after, settings), _metadata(after, settings)
     return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms, _KINDS[op],
-                       versioned=versioned)
+                       versioned=versioned, title=_title(after, settings))
 
 
 def _decode_flat(
-    key: bytes | None, value: bytes | None, position: Position, settings: SourceSettings
+    key: bytes | Deserialized | None, value: bytes | Deserialized | None, position: Position,
+    settings: SourceSettings,
 ) -> ChangeEvent | Skipped:
     # A tombstone: ExtractNewRecordState's delete.handling.mode=drop sends only these.
     row = _object_value(key, value, position, settings)
@@ -316,7 +345,8 @@ def _decode_flat(
                            kind="delete", versioned=versioned)
     text, metadata = _text(row, settings), _metadata(row, settings)
     return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms,
-                       _KINDS.get(op or "u", "update"), versioned=versioned)
+                       _KINDS.get(op or "u", "update"), versioned=versioned,
+                       title=_title(row, settings))
 
 
 def _deleted_flag(value: Any) -> bool:
@@ -342,11 +372,12 @@ def _flat_version(row: dict[str, Any], position: Position, mode: str) -> tuple[i
 
 
 def _decode_native(
-    key: bytes | None, value: bytes | None, position: Position, settings: SourceSettings
+    key: bytes | Deserialized | None, value: bytes | Deserialized | None, position: Position,
+    settings: SourceSettings,
 ) -> ChangeEvent:
     if value is None:
         return _tombstone(key, position, settings, ("id",))
-    doc = loads(utf8(value, "value"))
+    doc = _parsed(value)
     if not isinstance(doc, dict):
         fail("bad_type", f"value is a JSON {type(doc).__name__}, not an object")
     raw_id = typed_field(doc, "id", (str, int), None)
@@ -376,4 +407,4 @@ def _decode_native(
     check_utf8(text, "text")
     check_utf8(metadata, "metadata")
     return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms,
-                       versioned=versioned)
+                       versioned=versioned, title=_title(metadata, settings))

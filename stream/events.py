@@ -55,6 +55,10 @@ class ChangeEvent:
 
     ``kind`` is a bounded label for metrics: ``create``, ``read`` (snapshot),
     ``update``, ``delete``, ``tombstone`` or ``native``.
+
+    ``title``: the document's title (``source.title_field``; None when that is
+    unset, or the field absent, null or blank), embedded in front of each chunk's
+    text; the stored text stays ``text``'s own.
     """
 
     doc_id: str
@@ -66,6 +70,7 @@ class ChangeEvent:
     source_ts_ms: int | None = None
     kind: str = "native"
     versioned: bool = True
+    title: str | None = None
 
     @property
     def order_key(self) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """Prometheus metrics, built in one place and passed to whoever records them.
 
 Every name starts with ``embedstream_`` and is in base units (seconds, bytes).
-Labels are bounded: topic, partition, op kind, outcome, reason code, sink
+Labels are bounded: topic, partition, route (a configured name), op kind, outcome,
+reason code, sink
 operation; never a document id.
 """
 
@@ -28,27 +29,28 @@ class Metrics:
         self.events = Counter(
             "embedstream_events_total",
             "Messages read, by kind of change and outcome "
-            "(applied, moved, stale, skipped, dead_lettered)",
-            ["op", "outcome"],
+            "(applied, moved, stale, skipped, dead_lettered), by route",
+            ["op", "outcome", "route"],
             registry=r,
         )
         self.skipped = Counter(
             "embedstream_skipped_total",
             "Messages with no document change in them, by reason (schema_change, transaction, "
-            "heartbeat, no_op, truncate, message)",
-            ["reason"],
+            "heartbeat, no_op, truncate, message; unrouted: a topic no route takes), by route",
+            ["reason", "route"],
             registry=r,
         )
         self.only_skipped = Gauge(
             "embedstream_source_only_skipped",
             "1 while more than 1,000 messages were read since the start and all were skipped "
-            "(e.g. flattened rows read as source.format: debezium): nothing is indexed",
+            "(e.g. flattened rows read as source.format: debezium): nothing is indexed, by route",
+            ["route"],
             registry=r,
         )
         self.dlq_records = Counter(
             "embedstream_dlq_records_total",
-            "Messages written to the dead-letter topic, by reason",
-            ["reason"],
+            "Messages written to the dead-letter topic, by reason and route",
+            ["reason", "route"],
             registry=r,
         )
         self.dlq_truncated = Counter(
@@ -99,7 +101,8 @@ class Metrics:
         )
         self.freshness = Histogram(
             "embedstream_freshness_seconds",
-            "Source event time to the store acknowledging the write",
+            "Source event time to the store acknowledging the write, by route",
+            ["route"],
             buckets=_FRESHNESS_BUCKETS,
             registry=r,
         )

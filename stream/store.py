@@ -212,7 +212,8 @@ class Sink(Protocol):
         Lets an update reuse the vector of an unchanged chunk text instead of
         embedding it again. Sound because every vector in a collection was made
         under the collection's fingerprint, and the key is a hash of the exact
-        text, so a vector is never attached to a different text."""
+        input embedded (the chunk's text, under its title header with
+        ``source.title_field``), so a vector is never attached to a different input."""
         ...
 
     def search(self, vector: Sequence[float], limit: int,

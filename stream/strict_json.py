@@ -39,6 +39,11 @@ REASONS = frozenset(
         "missing_after",
         "missing_version",
         "unavailable_value",
+        # Schema Registry framed values (embedstream.stream.registry).
+        "unknown_schema",
+        "schema_mismatch",
+        "no_schema_registry",
+        "not_framed",
         "unexpected",
     }
 )

@@ -1,11 +1,13 @@
 """Vectors for the chunks a batch writes: reused where the store holds the exact
 text, embedded otherwise, and split in halves when embedding runs out of memory.
 
-Guarantees: every returned vector is the embedder's vector of exactly its
-chunk's text (reused vectors are keyed by the text's sha256 and were made under
-the collection's fingerprint). A text that cannot be embedded even alone (out of
-memory, or refused by a remote provider: :class:`~embedstream.stream.errors.EmbedFailures`)
-is reported as failed with its reason, never given a placeholder vector.
+Guarantees: every returned vector is the embedder's vector of exactly what its
+chunk embeds, :attr:`~embedstream.stream.chunking.Chunk.embed_text` (its text, after
+the title's header when there is one; reused vectors are keyed by that input's
+sha256, ``content_hash``, and were made under the collection's fingerprint). A
+text that cannot be embedded even alone (out of memory, or refused by a remote
+provider: :class:`~embedstream.stream.errors.EmbedFailures`) is reported as failed
+with its reason, never given a placeholder vector.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class ChunkVectors:
                 vectors[chunk.content_hash] = self._carried.pop(chunk.content_hash)
                 embedded.add(chunk.content_hash)
             if chunk.content_hash not in vectors:
-                new_texts.setdefault(chunk.content_hash, chunk.text)
+                new_texts.setdefault(chunk.content_hash, chunk.embed_text)
         embedded |= new_texts.keys()
         failed: dict[str, Failure] = {}
         if new_texts:

@@ -414,7 +414,7 @@ def test_collections_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rows[0] == {"name": live.collection, "points": 2, "aliases": ["docs"],
                        "model": "test/model", "dimension": DIM, "current": True,
-                       "in_use": False}
+                       "route": "default", "in_use": False}
 
     assert cli.main(["collections", "switch", "docs_old", "--config", config]) == 0
     assert capsys.readouterr().out == f"docs -> docs_old (was {live.collection})\n"

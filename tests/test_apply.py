@@ -118,8 +118,9 @@ def test_a_retried_batch_reports_a_failed_document_once_and_never_writes_it(
     texts = sorted(str(p.payload["text"]) for p in real.points())
     assert texts == ["Of a", "Second draft"]
     # Outcomes are counted once, by the attempt that wrote: not again through the outage.
-    assert count(metrics, "embedstream_events_total", op="u", outcome="stale") == 1
-    assert count(metrics, "embedstream_events_total", op="u", outcome="applied") == 1
+    events = "embedstream_events_total"
+    assert count(metrics, events, op="u", outcome="stale", route="default") == 1
+    assert count(metrics, events, op="u", outcome="applied", route="default") == 1
     real.close()
 
 

@@ -130,5 +130,6 @@ def test_a_stream_of_malformed_messages_is_dead_lettered_and_never_stops_the_loo
                            for d in dead):
         assert (record.key(), record.value()) == messages[offset], "original bytes kept"
     counted = sum(metrics.registry.get_sample_value(
-        "embedstream_dlq_records_total", {"reason": r}) or 0 for r in set(got.values()))
+        "embedstream_dlq_records_total", {"reason": r, "route": "default"}) or 0
+        for r in set(got.values()))
     assert counted == len(expected_reasons)

@@ -29,6 +29,9 @@ DOCS = {
     "bread": "Sourdough bread rises because wild yeast and lactic acid bacteria ferment the dough.",
 }
 
+STALE = 'embedstream_events_total{op="native",outcome="stale",route="default"}'
+APPLIED = 'embedstream_events_total{op="native",outcome="applied",route="default"}'
+
 
 def native(doc_id: str, text: str, version: int) -> tuple[bytes, bytes]:
     return doc_id.encode(), json.dumps({"id": doc_id, "text": text, "version": version,
@@ -142,12 +145,12 @@ def test_consume_serves_metrics_and_stops_cleanly_on_sigterm(store: dict[str, An
         while time.monotonic() < deadline:
             text = scrape()
             # The checkpoint (flush, then commit) follows within sink.flush_interval_ms.
-            if (sample(text, 'embedstream_events_total{op="native",outcome="stale"}') >= 3
+            if (sample(text, STALE) >= 3
                     and sample(text, "embedstream_commits_total") >= 1):
                 break
             time.sleep(0.5)
-        assert sample(text, 'embedstream_events_total{op="native",outcome="stale"}') == 3
-        assert sample(text, 'embedstream_events_total{op="native",outcome="applied"}') == 0
+        assert sample(text, STALE) == 3
+        assert sample(text, APPLIED) == 0
         assert sample(text, "embedstream_commits_total") >= 1
         assert 'embedstream_build_info{' in text and "all-MiniLM-L6-v2" in text
     finally:

@@ -176,7 +176,7 @@ def test_huge_headers_or_key_are_dead_lettered_and_the_stream_goes_on(
     assert notes["embedstream.dlq.key_truncated"] == b"1200000"
     assert key_one.value() == b"not json {" and b"k" * 1000 in key_one.key()
     assert metrics.registry.get_sample_value(
-        "embedstream_dlq_records_total", {"reason": "invalid_json"}) == 2
+        "embedstream_dlq_records_total", {"reason": "invalid_json", "route": "default"}) == 2
     assert metrics.registry.get_sample_value("embedstream_dlq_truncated_records_total") == 2
 
     # `dlq list` says what was cut; `dlq replay` resubmits neither.

@@ -21,6 +21,8 @@ FLAT = SourceSettings(format="debezium-flat", id_fields=("id",), text_fields=("t
                       metadata_fields=("lang", "__table"))
 AT = Position("db.public.articles", 0, 41)
 
+ONLY_SKIPPED, DEFAULT = "embedstream_source_only_skipped", {"route": "default"}
+
 
 def decode(value: dict[str, Any] | None, key: Any = None,
            settings: SourceSettings = FLAT) -> ChangeEvent | Skipped:
@@ -122,27 +124,27 @@ def test_a_template_with_anything_but_plain_field_names_is_refused_at_load(
 def test_a_source_that_only_skips_raises_the_alarm_once(
         caplog: pytest.LogCaptureFixture) -> None:
     metrics = Metrics()
-    watch = SkipWatch(metrics, "debezium")
+    watch = SkipWatch(metrics, "debezium", "default")
     row = Skipped("no_op", AT)
     with caplog.at_level(logging.WARNING, logger="embedstream.consumer"):
         for _ in range(ONLY_SKIPPED_AFTER):
             watch.skipped(row)
-        assert metrics.registry.get_sample_value("embedstream_source_only_skipped") == 0
+        assert metrics.registry.get_sample_value(ONLY_SKIPPED, DEFAULT) == 0
         for _ in range(5):
             watch.skipped(row)
-    assert metrics.registry.get_sample_value("embedstream_source_only_skipped") == 1
+    assert metrics.registry.get_sample_value(ONLY_SKIPPED, DEFAULT) == 1
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "source.format: debezium-flat" in warnings[0]
     assert metrics.registry.get_sample_value(
-        "embedstream_skipped_total", {"reason": "no_op"}) == ONLY_SKIPPED_AFTER + 5
+        "embedstream_skipped_total", {"reason": "no_op", **DEFAULT}) == ONLY_SKIPPED_AFTER + 5
     watch.taken()
-    assert metrics.registry.get_sample_value("embedstream_source_only_skipped") == 0
+    assert metrics.registry.get_sample_value(ONLY_SKIPPED, DEFAULT) == 0
 
 
 def test_a_source_that_also_indexes_never_raises_it() -> None:
     metrics = Metrics()
-    watch = SkipWatch(metrics, "debezium")
+    watch = SkipWatch(metrics, "debezium", "default")
     watch.taken()
     for _ in range(ONLY_SKIPPED_AFTER * 2):
         watch.skipped(Skipped("heartbeat", AT))
-    assert metrics.registry.get_sample_value("embedstream_source_only_skipped") == 0
+    assert metrics.registry.get_sample_value(ONLY_SKIPPED, DEFAULT) == 0

@@ -322,7 +322,8 @@ def test_out_of_memory_halves_the_batch_and_dead_letters_what_fails_alone(
     headers = dict(dead.headers())
     assert headers["embedstream.error.reason"] == b"embed_out_of_memory"
     assert (dead.key(), dead.value()) == poison
-    assert sample(metrics, "embedstream_dlq_records_total", reason="embed_out_of_memory") == 1
+    assert sample(metrics, "embedstream_dlq_records_total", reason="embed_out_of_memory",
+                  route="default") == 1
     # Every stored vector is the model's vector of its own text.
     points = list(pipeline.sink.points())
     fresh = np.asarray(pipeline.embedder.real.embed([p.payload["text"] for p in points]))
@@ -353,7 +354,8 @@ def test_partitions_lost_past_max_poll_interval_are_dropped_uncommitted_and_repl
         time.sleep(9)
 
         def replayed() -> bool:
-            stale = sample(metrics, "embedstream_events_total", op="native", outcome="stale")
+            stale = sample(metrics, "embedstream_events_total", op="native", outcome="stale",
+                           route="default")
             lost = sample(metrics, "embedstream_rebalance_partitions_total", event="lost")
             if lost == 0:  # nothing may be committed for partitions it no longer owns
                 assert read_committed(broker, group, topic, 1)[0] == 0

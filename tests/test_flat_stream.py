@@ -101,5 +101,6 @@ def test_flattened_rows_are_indexed_as_the_oracle_says(
     for doc, text in live.items():
         assert stored[doc] == [(0, text)], f"{doc}: the last revision's text, one chunk"
     assert metrics.registry.get_sample_value("embedstream_dlq_records_total",
-                                             {"reason": "missing_id"}) is None
-    assert not metrics.registry.get_sample_value("embedstream_source_only_skipped")
+                                             {"reason": "missing_id", "route": "default"}) is None
+    assert metrics.registry.get_sample_value("embedstream_source_only_skipped",
+                                             {"route": "default"}) == 0

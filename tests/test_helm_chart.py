@@ -1,69 +1,41 @@
 """The Helm chart (helm/embedstream), rendered offline with the real Helm library.
 
-Each ``ci/*.yaml`` values file is rendered and linted with helm-python-sdk, and
-every manifest is validated against the Kubernetes schemas of kubernetes-validate
-(the CRDs it has no schema for are checked here by hand). No cluster is needed.
+Each ``ci/*.yaml`` values file is rendered and linted with helm-python-sdk, every
+manifest is validated against the Kubernetes schemas of kubernetes-validate (the
+CRDs it has no schema for are checked here by hand), and the rendered config.yaml,
+with the pod's EMBEDSTREAM_* environment, is loaded by embedstream's own
+``load_settings``, so a chart default the settings refuse fails here. No cluster
+is needed. Routes and the Schema Registry: tests/test_helm_routes.py.
 """
 
 from __future__ import annotations
 
 import json
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-helm = pytest.importorskip("helm_python")
+from .helmkit import (
+    CHART,
+    CI_FILES,
+    ci_values,
+    container,
+    helm,
+    render,
+    rendered_settings,
+    secret_env,
+)
+
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-CHART = Path(__file__).resolve().parents[1] / "helm" / "embedstream"
-CI_FILES = sorted((CHART / "ci").glob("*.yaml"))
 KUBE_VERSION = kubernetes_validate.latest_version()
 CRDS = {
     "ServiceMonitor": "monitoring.coreos.com/v1",
     "PrometheusRule": "monitoring.coreos.com/v1",
     "ScaledObject": "keda.sh/v1alpha1",
 }
-SECRET_ENV = {
-    "EMBEDSTREAM_KAFKA__SECURITY__SASL_PASSWORD",
-    "EMBEDSTREAM_KAFKA__SECURITY__SSL_KEY_PASSWORD",
-    "EMBEDSTREAM_SINK__API_KEY",
-    "EMBEDSTREAM_EMBED__API_KEY",
-}
-
-
-def ci_values(name: str) -> dict[str, Any]:
-    return yaml.safe_load((CHART / "ci" / name).read_text()) or {}
-
-
-@cache
-def _render(values_json: str) -> tuple[dict[str, Any], ...]:
-    with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(json.loads(values_json), name="es", namespace="search")
-    return tuple(doc for path, text in sorted(manifests.items()) if not path.endswith(".txt")
-                 for doc in yaml.safe_load_all(text) if doc)
-
-
-def render(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The manifests by kind (and name for the second of a kind)."""
-    out: dict[str, dict[str, Any]] = {}
-    for doc in _render(json.dumps(values, sort_keys=True)):
-        key = doc["kind"] if doc["kind"] not in out else f"{doc['kind']}/{doc['metadata']['name']}"
-        out[key] = doc
-    return out
-
-
-def container(pod_owner: dict[str, Any]) -> dict[str, Any]:
-    (only,) = pod_owner["spec"]["template"]["spec"]["containers"]
-    return only
-
-
-def secret_env(pod_owner: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The credentials' environment variables and the secretKeyRef each comes from."""
-    return {e["name"]: e["valueFrom"]["secretKeyRef"]
-            for e in container(pod_owner)["env"] if e["name"] in SECRET_ENV}
 
 
 @pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
@@ -113,6 +85,9 @@ def test_consumer_pod(ci_file: Path) -> None:
     assert config["metrics"]["port"] == 9108 and config["metrics"]["enabled"] is True
     user_config = ci_values(ci_file.name).get("config", {})
     for section, settings in user_config.items():
+        if not isinstance(settings, dict):  # routes: a list, passed as given
+            assert config[section] == settings, section
+            continue
         for key, value in settings.items():
             if not (section == "sink" and key == "path"):
                 assert config[section][key] == value, (section, key)
@@ -129,6 +104,40 @@ def test_consumer_pod(ci_file: Path) -> None:
     assert service["ports"][0]["targetPort"] == "metrics"
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["selector"].items() <= pod_labels.items()
+
+
+@pytest.mark.parametrize("ci_file", CI_FILES, ids=lambda p: p.name)
+def test_ci_config_is_one_the_settings_accept(ci_file: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    values = ci_values(ci_file.name)
+    manifests = render(values)
+    owners = ["Deployment", *(["Job"] if "Job" in manifests else [])]
+    for owner in owners:
+        settings = rendered_settings(manifests, owner, tmp_path, monkeypatch)
+        routes = values.get("config", {}).get("routes")
+        assert [r.name for r in settings.all_routes()] == (
+            [r["name"] for r in routes] if routes else ["default"])
+        assert settings.metrics.port == values.get("metricsPort", 9108)
+        registry = settings.kafka.schema_registry
+        if registry is not None and registry.basic_auth_user is not None:
+            password = registry.basic_auth_password
+            assert password is not None and password.get_secret_value().startswith("not-a-real")
+        args = container(manifests[owner])["args"]
+        if "--route" in args:  # the rebuild Job's route is one the command finds
+            route = args[args.index("--route") + 1]
+            assert route in {r.name for r in settings.for_route(route).routes}
+
+
+def test_the_default_route_is_what_the_chart_always_read(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # values.yaml no longer sets kafka.topics, source and sink.collection (they
+    # would clash with routes): the app's defaults, the same as the chart's were.
+    settings = rendered_settings(render({}), "Deployment", tmp_path, monkeypatch)
+    (route,) = settings.all_routes()
+    assert (route.name, route.topics, route.topic_pattern, route.collection) == (
+        "default", ("dbserver1.inventory.products",), None, "documents")
+    assert route.source.format == "debezium"
+    assert settings.kafka.bootstrap_servers == "kafka:9092"
 
 
 def test_defaults_config_is_the_values_config() -> None:
@@ -192,6 +201,7 @@ def test_existing_secret_and_kafka_tls() -> None:
     ({"keda": {"enabled": True}}, "keda.enabled needs config.sink.kind: qdrant"),
     ({"config": {"sink": {"kind": "qdrant"}}}, "set config.sink.url"),
     ({"config": {"sink": {"api_key": "x"}}}, "config.sink.api_key is a secret"),
+    ({"config": {"embed": {"api_key": "x"}}}, "config.embed.api_key is a secret"),
 ])
 def test_misconfiguration_fails_clearly(values: dict[str, Any], message: str) -> None:
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError, match=message):
@@ -207,50 +217,3 @@ def test_schema_rejects_bad_values() -> None:
                 chart.validate_schema(bad)
     report = helm.lint(CHART, {"replicaCount": "two"})
     assert any("replicaCount" in error for error in report["errors"])
-
-
-def test_monitoring_objects() -> None:
-    manifests = render(ci_values("server-values.yaml"))
-    dashboard = manifests["ConfigMap/es-embedstream-dashboard"]
-    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(dashboard["data"]["embedstream.json"])["title"]
-    relabelled = render({"dashboard": {"enabled": True, "label": "dash", "labelValue": "yes"}})
-    assert relabelled["ConfigMap/es-embedstream-dashboard"]["metadata"]["labels"]["dash"] == "yes"
-    rules = manifests["PrometheusRule"]["spec"]
-    expected = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"]
-    assert rules == {"groups": expected} and isinstance(rules["groups"], list)
-    monitor = manifests["ServiceMonitor"]
-    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= manifests["Service"]["metadata"][
-        "labels"].items()
-    assert manifests["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
-    scaled = manifests["ScaledObject"]["spec"]
-    assert scaled["scaleTargetRef"]["name"] == manifests["Deployment"]["metadata"]["name"]
-    assert "replicas" not in manifests["Deployment"]["spec"]  # KEDA owns the count
-    (trigger,) = scaled["triggers"]
-    assert trigger["type"] == "prometheus"
-    assert trigger["metadata"]["query"].startswith("sum(embedstream_consumer_lag_messages{")
-    assert trigger["metadata"]["threshold"] == "5000"
-    assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (1, 6)
-
-
-def test_rebuild_job_and_gpu() -> None:
-    manifests = render(ci_values("edge-gpu-values.yaml"))
-    job = manifests["Job"]
-    assert job["spec"]["backoffLimit"] == 1 and job["spec"]["ttlSecondsAfterFinished"] == 3600
-    rebuild = container(job)
-    assert rebuild["args"][1:] == ["rebuild", "--config", "/etc/embedstream/config.yaml",
-                                   "--source", "kafka", "--collection", "documents_v2",
-                                   "--engine", "local"]
-    consumer = container(manifests["Deployment"])
-    assert rebuild["volumeMounts"] == consumer["volumeMounts"]
-    assert rebuild["securityContext"] == consumer["securityContext"]
-    assert consumer["resources"]["limits"]["nvidia.com/gpu"] == 1
-    pod = manifests["Deployment"]["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
-    claim = next(v for v in pod["volumes"] if v["name"] == "data")["persistentVolumeClaim"]
-    assert claim["claimName"] == manifests["PersistentVolumeClaim"]["metadata"]["name"]
-    minimal = container(render({"rebuild": {"enabled": True, "source": "/data/*.parquet"}})["Job"])
-    assert minimal["args"][-2:] == ["--source", "/data/*.parquet"]

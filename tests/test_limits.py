@@ -64,4 +64,4 @@ def test_oversized_messages_and_documents_are_dead_lettered_and_the_stream_goes_
     assert metrics.registry.get_sample_value("embedstream_dlq_truncated_records_total") == 2
     for reason in ("message_too_large", "document_too_large"):
         assert metrics.registry.get_sample_value(
-            "embedstream_dlq_records_total", {"reason": reason}) == 1
+            "embedstream_dlq_records_total", {"reason": reason, "route": "default"}) == 1

@@ -104,7 +104,7 @@ def test_a_tombstone_or_update_that_moved_partitions_wins(
     assert texts["edited"] == "The edited text.", "an edit that moved partitions was dropped"
     assert len(texts) == 22 + 2
     moved = {op: metrics.registry.get_sample_value(
-        "embedstream_events_total", {"op": op, "outcome": "moved"})
+        "embedstream_events_total", {"op": op, "outcome": "moved", "route": "default"})
         for op in ("tombstone", "native")}
     assert moved == {"tombstone": 1.0, "native": 1.0}, "writes across partitions count as moved"
 

@@ -98,7 +98,7 @@ def alert_expressions() -> list[tuple[str, str]]:
 def grafana_to_promql(expr: str) -> str:
     """Grafana's variables replaced by what they stand for in a plain query."""
     return (expr.replace("$__rate_interval", "5m").replace("$namespace", ".*")
-            .replace("$job", ".*"))
+            .replace("$job", ".*").replace("$route", ".*"))
 
 
 # -- rules -------------------------------------------------------------------------------
@@ -151,6 +151,23 @@ def test_the_dashboard_has_its_panels_and_every_query_is_valid_promql(tmp_path: 
     checked = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True,
                              text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_route_labelled_panels_follow_the_route_variable() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    route = next(v for v in dashboard["templating"]["list"] if v["name"] == "route")
+    assert route["query"]["query"].startswith("label_values(embedstream_events_total{")
+    assert route["query"]["query"].endswith(", route)") and route["includeAll"] is True
+    labelled = ("embedstream_events_total", "embedstream_skipped_total",
+                "embedstream_source_only_skipped", "embedstream_dlq_records_total",
+                "embedstream_freshness_seconds")
+    filtered = set()
+    for title, expr in dashboard_queries():
+        if any(name in expr for name in labelled) and not title.startswith("variable"):
+            assert 'route=~"$route"' in expr, title
+            assert "by (route, " in expr or "by (route)" in expr, title  # a line per route
+            filtered |= {name for name in labelled if name in expr}
+    assert filtered == set(labelled)
 
 
 # -- what the service exports -------------------------------------------------------------

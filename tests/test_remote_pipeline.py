@@ -92,7 +92,8 @@ def test_the_stream_dead_letters_refused_texts_and_waits_out_an_outage(
         run_until(stream, lambda: sum(stream.committed.values()) >= 16, 60,
                   "the recovery after the outage")
         assert set(stored_docs(pipeline.sink, 16)) == {f"d{i}" for i in range(16)} - {"d5"}
-        assert sample(metrics, "embedstream_dlq_records_total", reason="embed_rejected") == 1
+        assert sample(metrics, "embedstream_dlq_records_total", reason="embed_rejected",
+                      route="default") == 1
         assert sample(metrics, "embedstream_embed_requests_total", outcome="unavailable") >= 2
         assert vectors_are_the_models(list(pipeline.sink.points()), minilm) >= 0.999
     finally:

@@ -29,6 +29,8 @@ from .streamkit import create_topic, produce, unique
 SECRET = "PLANTED-s3cr3t-7f1c9a"
 ROOT = Path(__file__).resolve().parents[1]
 
+DEAD_LETTERED = 'embedstream_dlq_records_total{reason="invalid_json",route="default"}'
+
 
 def run_cli(config: dict[str, Any], tmp_path: Path, *args: str,
             timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -139,7 +141,7 @@ def test_a_running_service_shows_no_secret_in_logs_metrics_or_probes(
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
                     metrics = r.read().decode()
-                if 'embedstream_dlq_records_total{reason="invalid_json"}' in metrics:
+                if DEAD_LETTERED in metrics:
                     break
             except (urllib.error.URLError, ConnectionError):
                 pass
@@ -151,7 +153,7 @@ def test_a_running_service_shows_no_secret_in_logs_metrics_or_probes(
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=30)[0].decode()
     assert process.returncode == 0, output[-2000:]
-    assert 'embedstream_dlq_records_total{reason="invalid_json"} 1.0' in answers[0]
+    assert f"{DEAD_LETTERED} 1.0" in answers[0]
     assert '"logger": "embedstream.librdkafka"' in output and "sasl.password" in output
     for text in (output, *answers):
         assert SECRET not in text

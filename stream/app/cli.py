@@ -52,12 +52,26 @@ def _setup_logging(level: str, redactor: Redactor) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """The settings; for a command serving one route (``--route``), narrowed to it."""
     settings = load_settings(args.config)
     # From here on no log line or error message shows a secret's value, whoever wrote it.
     redactor: Redactor | None = getattr(args, "redactor", None)  # set by main()
     if redactor is not None:
         redactor.add(settings_secrets(settings))
+    if hasattr(args, "route"):
+        route = args.route
+        collection = getattr(args, "collection", None)  # rebuild's alias may name the route
+        if route is None and collection is not None and any(
+                r.collection == collection for r in settings.all_routes()):
+            route = collection
+        settings = settings.for_route(route)
     return settings
+
+
+def _with_route(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub.add_argument("--route", default=None, metavar="NAME",
+                     help="the route (its name or collection) when routes are configured")
+    return sub
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
@@ -76,7 +90,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     from embedstream.sinks.factory import build_sink
 
-    sink = build_sink(_settings(args).sink)
+    settings = _settings(args)
+    sink = build_sink(settings.sink, filter_fields=settings.source.filter_fields)
     count = 0
     try:
         sink.open(None)  # reading needs no model, so no fingerprint to check
@@ -92,15 +107,17 @@ def _cmd_export(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 def _cmd_dlq_list(args: argparse.Namespace) -> int:
     from embedstream.stream.app.dlq import list_dead_letters
+    from embedstream.stream.app.service import with_pattern_topics
 
-    list_dead_letters(_settings(args), sys.stdout, as_json=args.json)
+    list_dead_letters(with_pattern_topics(_settings(args)), sys.stdout, as_json=args.json)
     return 0
 
 
 def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     from embedstream.stream.app.dlq import replay_dead_letters
+    from embedstream.stream.app.service import with_pattern_topics
 
-    report = replay_dead_letters(_settings(args), dry_run=args.dry_run)
+    report = replay_dead_letters(with_pattern_topics(_settings(args)), dry_run=args.dry_run)
     print(report.summary(), flush=True)
     return 0
 
@@ -128,12 +145,15 @@ def _cmd_collections_switch(args: argparse.Namespace) -> int:
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:
     from embedstream.bulk.rebuild import RebuildOptions, rebuild
+    from embedstream.stream.app.service import with_pattern_topics
 
     options = RebuildOptions(
         source=args.source, collection=args.collection, output=args.output,
         engine=args.engine, restart=args.restart, swap=not args.no_swap,
         handover=not args.no_handover)
-    report = rebuild(_settings(args), options)
+    settings = _settings(args)
+    report = rebuild(with_pattern_topics(settings) if args.source == "kafka" else settings,
+                     options)
     print(report.to_json())
     return 0
 
@@ -166,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     consume = with_config(commands.add_parser("consume", help="run the streaming consumer"))
     consume.set_defaults(run=_cmd_consume)
 
-    search = with_config(commands.add_parser("search", help="top chunks for a query"))
+    search = _with_route(with_config(commands.add_parser("search", help="top chunks for a query")))
     search.add_argument("query", nargs="?", help="the query (or --queries)")
     search.add_argument("-k", type=int, default=5, help="hits per query")
     search.add_argument("--json", action="store_true", help="one JSON object per hit")
@@ -178,18 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
                              '{"id", "hits"} per line out, in order (with --json)')
     search.set_defaults(run=_cmd_search)
 
-    export = with_config(commands.add_parser("export", help="every point as a JSON line"))
+    export = _with_route(with_config(commands.add_parser(
+        "export", help="every point as a JSON line")))
     export.add_argument("--format", choices=["jsonl"], default="jsonl")
     export.set_defaults(run=_cmd_export)
 
     dlq = commands.add_parser("dlq", help="inspect and replay dead-letter records")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
-    dlq_list = with_config(dlq_commands.add_parser(
-        "list", help="every dead-letter record, earliest first (commits nothing)"))
+    dlq_list = _with_route(with_config(dlq_commands.add_parser(
+        "list", help="every dead-letter record, earliest first (commits nothing)")))
     dlq_list.add_argument("--json", action="store_true", help="one JSON object per record")
     dlq_list.set_defaults(run=_cmd_dlq_list)
-    dlq_replay = with_config(dlq_commands.add_parser(
-        "replay", help="resubmit the records the current config decodes to their source topic"))
+    dlq_replay = _with_route(with_config(dlq_commands.add_parser(
+        "replay", help="resubmit the records the current config decodes to their source topic")))
     dlq_replay.add_argument("--dry-run", action="store_true",
                             help="report what would be resubmitted; produce and commit nothing")
     dlq_replay.set_defaults(run=_cmd_dlq_replay)
@@ -208,18 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     collections_drop.add_argument("--force", action="store_true",
                                   help="drop it even if an alias points at it (removes the alias)")
     collections_drop.set_defaults(run=_cmd_collections_drop)
-    collections_switch = with_config(collections_commands.add_parser(
-        "switch", help="point sink.collection (the alias) at another collection"))
+    collections_switch = _with_route(with_config(collections_commands.add_parser(
+        "switch", help="point sink.collection (the alias) at another collection")))
     collections_switch.add_argument("name", help="physical collection name (see `list`)")
     collections_switch.set_defaults(run=_cmd_collections_switch)
 
-    rebuild = with_config(commands.add_parser(
-        "rebuild", help="re-embed a whole corpus into a new collection, then swap the alias"))
+    rebuild = _with_route(with_config(commands.add_parser(
+        "rebuild", help="re-embed a whole corpus into a new collection, then swap the alias")))
     rebuild.add_argument("--source", required=True,
                          help="'kafka' (the configured topics up to their current ends) or a "
                               "path or glob of .jsonl/.tsv/.parquet files (.gz, .zst)")
     rebuild.add_argument("--collection", default=None,
-                         help="the alias to rebuild (default: sink.collection)")
+                         help="the alias to rebuild (default: sink.collection, or the "
+                              "route's collection)")
     rebuild.add_argument("--output", type=Path, default=None,
                          help="write vectors to FILE.parquet or FILE.npy (+ FILE.ids.jsonl) "
                               "instead of a store")

@@ -12,7 +12,7 @@ repaired. They only read or change the store; none needs the model or Kafka.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 from embedstream.sinks.factory import build_admin
@@ -24,25 +24,32 @@ __all__ = ["drop_collection", "list_collections", "switch_collection"]
 
 
 def list_collections(settings: Settings, out: TextIO, *, as_json: bool = False) -> None:
-    """Write every physical collection: a table, or one JSON object per line
-    (``name``, ``points``, ``aliases``, ``model``, ``dimension``, ``current``,
-    ``in_use``). ``current`` marks the collection ``sink.collection`` opens:
-    its alias's target, or a collection of that very name made before aliases."""
-    alias = settings.sink.collection
+    """Write every physical collection of the store: a table, or one JSON object
+    per line (``name``, ``points``, ``aliases``, ``model``, ``dimension``,
+    ``current``, ``route``, ``in_use``). ``current`` marks a collection a route's
+    alias opens (``route`` names that route): the alias's target, or a collection
+    of that very name made before aliases. With ``routes`` configured the table
+    has a ROUTE column."""
     problem: NeedsOperator | None = None
+    routes = settings.all_routes()
+    opened_by: dict[str, str] = {}  # collection -> the route whose alias opens it
     admin = build_admin(settings.sink)
     try:
         infos = admin.collections()
-        try:
-            current = admin.resolve(alias)
-        except NeedsOperator as error:
-            # A damaged aliases.json: the listing is what the operator needs
-            # to repair it, so it is shown first, then the error.
-            current, problem = None, error
+        names = {info.name for info in infos}
+        for route in routes:
+            try:
+                current = admin.resolve(route.collection)
+            except NeedsOperator as error:
+                # A damaged aliases.json: the listing is what the operator needs
+                # to repair it, so it is shown first, then the error.
+                current, problem = None, error
+            if current is None and route.collection in names:
+                current = route.collection
+            if current is not None:
+                opened_by.setdefault(current, route.name)
     finally:
         admin.close()
-    if current is None and any(info.name == alias for info in infos):
-        current = alias
     if as_json:
         for info in infos:
             fingerprint = info.fingerprint
@@ -50,14 +57,17 @@ def list_collections(settings: Settings, out: TextIO, *, as_json: bool = False) 
                 "name": info.name, "points": info.points, "aliases": list(info.aliases),
                 "model": fingerprint.model if fingerprint else None,
                 "dimension": fingerprint.dimension if fingerprint else None,
-                "current": info.name == current, "in_use": info.in_use,
+                "current": info.name in opened_by, "route": opened_by.get(info.name),
+                "in_use": info.in_use,
             }) + "\n")
     elif not infos:
         out.write("no collections\n")
     else:
-        out.write(_table(infos, current))
-        if current is not None:
-            out.write(f"\n* = the collection sink.collection {alias!r} opens\n")
+        out.write(_table(infos, opened_by, with_route=bool(settings.routes)))
+        if opened_by and settings.routes:
+            out.write("\n* = the collection a route's alias opens\n")
+        elif opened_by:
+            out.write(f"\n* = the collection sink.collection {routes[0].collection!r} opens\n")
     if problem is not None:
         raise problem
 
@@ -88,16 +98,18 @@ def switch_collection(settings: Settings, target: str, out: TextIO) -> None:
     out.write(f"{settings.sink.collection} -> {target} (was {previous})\n")
 
 
-def _table(infos: Sequence[CollectionInfo], current: str | None) -> str:
-    rows = [("", "NAME", "POINTS", "ALIASES", "MODEL", "DIM")]
+def _table(infos: Sequence[CollectionInfo], opened_by: Mapping[str, str],
+           with_route: bool) -> str:
+    rows = [("", "NAME", "POINTS", "ALIASES", "MODEL", "DIM", *(("ROUTE",) if with_route else ()))]
     for info in infos:
         fingerprint = info.fingerprint
         points = ("in use" if info.in_use else "?") if info.points is None else str(info.points)
         rows.append((
-            "*" if info.name == current else "", info.name, points,
+            "*" if info.name in opened_by else "", info.name, points,
             ",".join(info.aliases) or "-",
             fingerprint.model if fingerprint else ("?" if info.in_use else "(not embedstream)"),
             str(fingerprint.dimension) if fingerprint else "-",
+            *((opened_by.get(info.name, "-"),) if with_route else ()),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []

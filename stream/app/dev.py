@@ -3,13 +3,17 @@
 Starts the bundled broker on a free port, replays real page revisions as
 Debezium events into it, runs the consumer on an embedded Qdrant Edge store
 until it has caught up, then shows a search, and an update and a delete
-changing what the search returns. Last, it rebuilds the topic into a new
-collection with the bulk engine, moves the alias, and shows the running
-consumer following it: a page written after the rebuild is found there.
+changing what the search returns. Beside the pages it runs two more routes
+(:mod:`embedstream.stream.app.dev_routes`): a shop's flattened rows by topic
+pattern and support tickets in Avro through a Schema Registry, each into its
+own collection. Last, it rebuilds the pages topic into a new collection with
+the bulk engine, moves the alias, and shows the running consumer following it:
+a page written after the rebuild is found there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -22,6 +26,7 @@ from typing import Any
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
+from embedstream.stream.app import dev_routes
 from embedstream.stream.app.broker import LocalBroker
 from embedstream.stream.app.devdata import (
     BUILTIN_PAGES,
@@ -34,9 +39,10 @@ from embedstream.stream.app.service import Pipeline, build_consumer, build_pipel
 from embedstream.stream.config import (
     KafkaSettings,
     MetricsSettings,
+    RouteSettings,
+    SchemaRegistrySettings,
     Settings,
     SinkSettings,
-    SourceSettings,
 )
 from embedstream.stream.consumer import StreamConsumer
 from embedstream.stream.dead_letters import ensure_topics
@@ -103,8 +109,10 @@ class _Progress:
             print(line, flush=True)
 
 
-def _produce(producer: Producer, messages: Iterable[DevMessage]) -> dict[tuple[str, int], int]:
-    """Produce and return, per partition, the offset after the last message."""
+def _produce(producer: Producer, messages: Iterable[DevMessage | tuple[str, DevMessage]]
+             ) -> dict[tuple[str, int], int]:
+    """Produce (to the pages topic, or the topic given with a message) and return,
+    per partition, the offset after the last message."""
     ends: dict[tuple[str, int], int] = {}
 
     def delivered(error: Any, message: Any) -> None:
@@ -113,8 +121,9 @@ def _produce(producer: Producer, messages: Iterable[DevMessage]) -> dict[tuple[s
         key = (message.topic(), message.partition())
         ends[key] = max(ends.get(key, 0), message.offset() + 1)
 
-    for message in messages:
-        producer.produce(TOPIC, key=message.key, value=message.value, on_delivery=delivered)
+    for item in messages:
+        topic, message = item if isinstance(item, tuple) else (TOPIC, item)
+        producer.produce(topic, key=message.key, value=message.value, on_delivery=delivered)
     producer.flush(30)
     return ends
 
@@ -140,38 +149,70 @@ def run_dev(revisions: Path | None, data_dir: Path | None, pages: int,
     rows = _select_rows(revisions, pages, revisions_per_page)
     messages = list(revision_events(rows))
     latest = {m.doc_id: m.text for m in messages}
-    with LocalBroker() as broker, tempfile.TemporaryDirectory() as scratch:
+    registry = _registry()
+    with LocalBroker() as broker, tempfile.TemporaryDirectory() as scratch, registry:
         print(f"broker: Tansu on {broker.bootstrap_servers} (in memory)")
+        registry_url = getattr(registry, "url", None)
+        if registry_url:
+            print(f"schema registry: {registry_url} (in memory)")
+        routes = dev_routes.routes_config(TOPIC, avro=registry_url is not None)
+        dev_routes.print_config(routes, registry_url)
         settings = Settings(
-            kafka=KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topics=(TOPIC,),
+            kafka=KafkaSettings(bootstrap_servers=broker.bootstrap_servers,
                                 group_id="embedstream-dev",
+                                schema_registry=SchemaRegistrySettings(url=registry_url)
+                                if registry_url else None,
                                 options={"session.timeout.ms": 6000}),
-            source=SourceSettings(format="debezium", id_fields=("id",), text_fields=("text",),
-                                  metadata_fields=("commit",)),
-            sink=SinkSettings(kind="qdrant-edge", path=data_dir or Path(scratch) / "store",
-                              collection="pages"),
+            routes=tuple(RouteSettings.model_validate(route) for route in routes),
+            sink=SinkSettings(kind="qdrant-edge", path=data_dir or Path(scratch) / "store"),
             metrics=MetricsSettings(enabled=False),
         )
-        ensure_topics(AdminClient(kafka_client_config(settings, "admin")), [TOPIC], partitions=2)
+        others = dev_routes.flattened_rows()
+        if registry_url:
+            others += dev_routes.avro_tickets(registry_url)
+        ensure_topics(AdminClient(kafka_client_config(settings, "admin")),
+                      [TOPIC, *{topic for topic, _ in others}], partitions=2)
         producer = Producer(kafka_client_config(settings, "producer"))
         print(f"replaying {len(messages)} change events for {len(latest)} pages "
-              f"into topic {TOPIC} ...")
-        target = _produce(producer, messages)
+              f"into topic {TOPIC}, and {len(others)} into the other routes' topics ...")
+        target = _produce(producer, [*messages, *others])
+        expected: dict[str, dict[str, str | None]] = {"shop": {}, "tickets": {}}
+        for topic, message in others:
+            expected["tickets" if topic == dev_routes.TICKETS_TOPIC else "shop"][
+                message.doc_id] = message.text
         print(f"store: Qdrant Edge at {settings.sink.path}; loading the model ...")
         pipeline = build_pipeline(settings)
         try:
-            return _demo(pipeline, producer, target, latest)
+            return _demo(pipeline, producer, target, latest, expected)
         finally:
             pipeline.close()
             producer.close()
 
 
+def _registry() -> Any:
+    """The in-memory Schema Registry for the Avro route, or a null context when the
+    ``schema-registry`` extra is not installed (the demo then runs without that route)."""
+    try:
+        import confluent_kafka.schema_registry.avro  # noqa: F401
+    except ImportError:
+        print("(the schema-registry extra is not installed: no Avro route)")
+        return contextlib.nullcontext()
+    from embedstream.stream.app.registry_server import SchemaRegistryServer
+
+    return SchemaRegistryServer()
+
+
 def _demo(pipeline: Pipeline, producer: Producer, target: dict[tuple[str, int], int],
-          latest: dict[str, str | None]) -> int:
+          latest: dict[str, str | None], expected: dict[str, dict[str, str | None]]) -> int:
     progress = _Progress(target)
     stream = progress.stream = build_consumer(pipeline, Metrics(), on_applied=progress.on_applied)
     try:
         _consume_until_caught_up(stream, progress)
+        print("\nroutes: the shop's flattened rows and the Avro tickets, each in its collection")
+        routed = dev_routes.show_routes(pipeline.sinks, pipeline.embedder.embed, expected)
+        print("\n" + ("each route's collection holds exactly its live rows" if routed
+                      else "unexpected documents in a route's collection"))
+        print("\nroute pages:")
         top = _search(pipeline, "How do I change the log level of the connector?")
         question = "Which tool keeps a vector index of these pages in step with every change?"
         _search(pipeline, question)
@@ -197,7 +238,7 @@ def _demo(pipeline: Pipeline, producer: Producer, target: dict[tuple[str, int], 
         ok = deleted not in after_log and after_new[:1] == [updated]
         print("\n" + ("the update and the delete show in the search results"
                       if ok else "unexpected search results after the update and delete"))
-        return 0 if ok and _rebuild_and_follow(pipeline, stream, producer, progress,
+        return 0 if ok and routed and _rebuild_and_follow(pipeline, stream, producer, progress,
                                                updated, question) else 1
     finally:
         stream.close()
@@ -211,8 +252,8 @@ def _rebuild_and_follow(pipeline: Pipeline, stream: StreamConsumer, producer: Pr
     from embedstream.bulk.rebuild import RebuildOptions, rebuild
 
     print("\nrebuild: re-embedding the whole topic into a new collection, then moving "
-          f"the alias {pipeline.settings.sink.collection!r} ...")
-    report = rebuild(pipeline.settings, RebuildOptions(source="kafka"))
+          f"the alias {pipeline.settings.for_route('pages').sink.collection!r} ...")
+    report = rebuild(pipeline.settings.for_route("pages"), RebuildOptions(source="kafka"))
     print(f"  {report.documents} documents, {report.chunks} chunks into {report.target} "
           f"({report.precision}, {report.padding_fraction:.1%} padding); snapshot up to "
           f"{report.covered}, handover at {report.handover}; previous: {report.previous}")

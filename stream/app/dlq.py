@@ -8,8 +8,9 @@ captured at the start, never waiting for more records, partitions
 ``assign``-ed without joining a consumer group.
 
 :func:`replay_dead_letters` decodes each record again under the *current*
-``source`` settings, with the consumer's own checks (``decode_message`` and the
-``source.max_message_bytes`` / ``source.max_document_chars`` limits). A record
+``source`` settings, with the consumer's own checks (``take_in``: the
+``source.max_message_bytes`` / ``source.max_document_chars`` limits, and Schema
+Registry framed values read with the current ``kafka.schema_registry``). A record
 that passes is produced back to its source topic and partition (from its
 headers) with its original key, value and non-``embedstream.*`` headers, plus
 ``embedstream.replayed.from: <dlq topic>/<partition>/<offset>``; the consumer
@@ -56,8 +57,11 @@ source headers (``no_source``) or from a topic no longer configured
 (``source_not_configured``). The whole message stays in its source topic.
 
 Whatever Kafka fails or refuses (metadata, offsets, reading, a delivery, the
-commit) raises :class:`~embedstream.stream.errors.KafkaUnavailable` saying what failed; the
-command line prints it and exits 2. Clients are created per call, never at import.
+commit) raises :class:`~embedstream.stream.errors.KafkaUnavailable` saying what failed; a
+Schema Registry that cannot be reached raises
+:class:`~embedstream.stream.errors.RegistryUnavailable` (nothing of the batch is
+committed, so the next replay looks at it again); the command line prints either
+and exits 2. Clients are created per call, never at import.
 """
 
 from __future__ import annotations
@@ -83,10 +87,10 @@ from embedstream.stream.app.dlq_read import (
     read_dead_letters,
 )
 from embedstream.stream.config import Settings
-from embedstream.stream.decode import decode_message
-from embedstream.stream.errors import DecodeError, KafkaUnavailable
-from embedstream.stream.events import ChangeEvent
+from embedstream.stream.errors import KafkaUnavailable, RegistryUnavailable
+from embedstream.stream.intake import Rejected, take_in
 from embedstream.stream.kafka_config import kafka_client_config
+from embedstream.stream.registry import ValueReader, build_reader
 
 # Replay's names, and those of embedstream.stream.app.dlq_read re-exported (DeadLetter, dlq_topics,
 # list_dead_letters, read_dead_letters): the module's public names are unchanged.
@@ -137,8 +141,9 @@ class ReplayReport:
         return text
 
 
-def _why_not(letter: DeadLetter, settings: Settings) -> str | None:
-    """None if the consumer would now take ``letter``, else the reason it would not."""
+def _why_not(letter: DeadLetter, settings: Settings, reader: ValueReader) -> str | None:
+    """None if the consumer would now take ``letter``, else the reason it would not.
+    Raises :class:`RegistryUnavailable` when the registry cannot tell."""
     source = letter.source
     if source is None:
         return "no_source"
@@ -146,16 +151,13 @@ def _why_not(letter: DeadLetter, settings: Settings) -> str | None:
         return "source_not_configured"
     if letter.truncated:
         return "truncated_in_dlq"
-    limits = settings.source
-    if len(letter.value or b"") > limits.max_message_bytes:
-        return "message_too_large"
     try:
-        decoded = decode_message(letter.key, letter.value, source, limits)
-    except DecodeError as error:
-        return error.reason
-    if isinstance(decoded, ChangeEvent) and len(decoded.text) > limits.max_document_chars:
-        return "document_too_large"
-    return None
+        taken = take_in(letter.key, letter.value, source, settings.source, None, reader=reader)
+    except RegistryUnavailable as error:
+        raise RegistryUnavailable(
+            f"dlq: cannot decide on {letter.coordinates}: {error}; nothing of this batch "
+            "is committed, so the next replay looks at it again", error.retry_after) from None
+    return taken.reason if isinstance(taken, Rejected) else None
 
 
 class _Resubmitter:
@@ -215,6 +217,7 @@ def replay_dead_letters(settings: Settings, *, dry_run: bool = False,
     report = ReplayReport(dry_run=dry_run)
     # Still-failing records per partition since the last resubmitted one of it.
     failing: dict[tuple[str, int], list[str]] = {}
+    reader = build_reader(settings)  # one registry client (and schema cache) per replay
     consumer = _consumer(settings, replay_group(settings))
     producer = None if dry_run else _Resubmitter(settings, timeout)
     try:
@@ -224,7 +227,7 @@ def replay_dead_letters(settings: Settings, *, dry_run: bool = False,
             for message in batch:
                 letter = DeadLetter.from_message(message)
                 tp = (letter.topic, letter.partition)
-                reason = _why_not(letter, settings)
+                reason = _why_not(letter, settings, reader)
                 if reason is not None:
                     report.still_failing[reason] += 1
                     failing.setdefault(tp, []).append(letter.coordinates)

@@ -25,20 +25,28 @@ from embedstream.sinks.factory import build_admin, build_sink
 from embedstream.stream import __version__
 from embedstream.stream.chunking import TokenChunker
 from embedstream.stream.config import Settings
-from embedstream.stream.consumer import AppliedCallback, StreamConsumer
+from embedstream.stream.consumer import AppliedCallback, Route, StreamConsumer
 from embedstream.stream.dead_letters import DeadLetters, ensure_topics
 from embedstream.stream.embedding import Embedder, SentenceTransformerEmbedder
-from embedstream.stream.errors import KafkaUnavailable, SinkUnavailable, StoreDiskFull
+from embedstream.stream.errors import (
+    ConfigError,
+    KafkaUnavailable,
+    SinkUnavailable,
+    StoreDiskFull,
+)
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.handover import AliasFollower
 from embedstream.stream.health import Health, serve_metrics
 from embedstream.stream.kafka_config import kafka_client_config
 from embedstream.stream.metrics import Metrics
+from embedstream.stream.registry import ValueReader, build_registry_client
 from embedstream.stream.remote_embedding import OpenAIEmbedder
+from embedstream.stream.routing import TopicRouter
 from embedstream.stream.store import Sink
 from embedstream.stream.topic_ids import TopicIds
 
-__all__ = ["Pipeline", "build_consumer", "build_embedder", "build_pipeline", "run_consumer"]
+__all__ = ["Pipeline", "build_consumer", "build_embedder", "build_pipeline", "run_consumer",
+           "with_pattern_topics"]
 
 log = logging.getLogger("embedstream")
 _START_RETRY_S = 5.0  # between attempts to open a store that is unavailable at the start
@@ -46,17 +54,28 @@ _librdkafka_log = logging.getLogger("embedstream.librdkafka")
 
 @dataclass
 class Pipeline:
-    """The model side and the store, ready to use; shared by consume, search and export."""
+    """The model side and each route's store, ready to use; shared by consume,
+    search and export (which narrow the settings to one route first)."""
 
     settings: Settings
     embedder: Embedder
     chunker: TokenChunker
     fingerprint: Fingerprint
-    sink: Sink
+    sinks: dict[str, Sink]  # by route name, in configuration order
+
+    @property
+    def sink(self) -> Sink:
+        """The first route's store (with one route, the store)."""
+        return next(iter(self.sinks.values()))
+
+    @sink.setter
+    def sink(self, sink: Sink) -> None:
+        self.sinks[next(iter(self.sinks))] = sink
 
     def close(self) -> None:
         try:
-            self.sink.close()
+            for sink in self.sinks.values():
+                sink.close()
         finally:
             self.embedder.close()
 
@@ -80,11 +99,12 @@ OpenWait = Callable[[SinkUnavailable], bool]
 
 def build_pipeline(settings: Settings, sink: Sink | None = None,
                    metrics: Metrics | None = None, wait: OpenWait | None = None) -> Pipeline:
-    """Load the model (or reach the API), build the chunker, open the store under
-    the fingerprint.
+    """Load the model (or reach the API), build the chunker, open each route's
+    store under the fingerprint (one model serves every route).
 
-    ``sink`` replaces the one ``settings.sink`` describes (not yet opened; e.g.
-    several consumers of one process sharing an in-memory store). ``metrics``
+    ``sink`` replaces the one ``settings.sink`` describes, with one route only
+    (not yet opened; e.g. several consumers of one process sharing an in-memory
+    store). ``metrics``
     receives the remote embedder's request figures. ``wait``: what to do while
     the store is unavailable at the start (default: raise at once)."""
     embedder = build_embedder(settings, metrics)
@@ -97,19 +117,27 @@ def build_pipeline(settings: Settings, sink: Sink | None = None,
             dimension=embedder.dimension, normalized=True, chunker=chunker.spec,
             provider=settings.embed.provider,
         )
-        sink = sink or build_sink(settings.sink, filter_fields=settings.source.filter_fields)
     except BaseException:
         embedder.close()
         raise
-    pipeline = Pipeline(settings, embedder, chunker, fingerprint, sink)
+    pipeline = Pipeline(settings, embedder, chunker, fingerprint, {})
     try:
-        while True:
-            try:
-                sink.open(fingerprint)
-                break
-            except SinkUnavailable as error:
-                if wait is None or not wait(error):
-                    raise
+        for route in settings.all_routes():
+            narrowed = settings.for_route(route.name)
+            if sink is None:
+                opening = build_sink(narrowed.sink, filter_fields=route.source.filter_fields)
+            elif len(settings.all_routes()) == 1:
+                opening = sink
+            else:
+                raise ValueError("build_pipeline(sink=...) serves one route only")
+            pipeline.sinks[route.name] = opening  # closed with the pipeline, opened or not
+            while True:
+                try:
+                    opening.open(fingerprint)
+                    break
+                except SinkUnavailable as error:
+                    if wait is None or not wait(error):
+                        raise
     except BaseException:
         pipeline.close()
         raise
@@ -133,8 +161,9 @@ def build_consumer(
     # The admin client is never polled: its log lines (e.g. why a connection
     # failed) stay on stderr, where they are seen if the start fails.
     admin = AdminClient(kafka_client_config(settings, "admin"))
+    routes = settings.all_routes()
     try:
-        ensure_topics(admin, {settings.kafka.dlq_topic_for(t) for t in settings.kafka.topics})
+        ensure_topics(admin, {settings.kafka.dlq_topic_for(t) for r in routes for t in r.topics})
     except KafkaException as error:
         raise KafkaUnavailable(
             f"cannot reach Kafka at {settings.kafka.bootstrap_servers} (kafka.bootstrap_servers,"
@@ -150,25 +179,54 @@ def build_consumer(
         store = settings.sink
         metrics.store_free_bytes.set_function(lambda: free_bytes(store.path))
         metrics.store_min_free_bytes.set(store.min_free_bytes)
-    follower = None
-    if follow_alias:
-        def open_sink(physical: str) -> Sink:
-            sink = build_sink(settings.sink, physical=physical,
-                              filter_fields=settings.source.filter_fields)
-            try:
-                sink.open(pipeline.fingerprint)
-            except BaseException:
-                sink.close()
-                raise
-            return sink
-
-        follower = AliasFollower(consumer, build_admin(settings.sink), settings.sink.collection,
-                                 settings.kafka.group_id, open_sink, time.monotonic)
+    registry = build_registry_client(settings.kafka.schema_registry)
+    sides = [Route(narrowed, pipeline.sinks[route.name],
+                   ValueReader(registry, route.source.encoding),
+                   _follower(narrowed, consumer, pipeline) if follow_alias else None)
+             for route in routes for narrowed in [settings.for_route(route.name)]]
     return StreamConsumer(
-        settings, consumer, dead_letters, pipeline.chunker, pipeline.embedder, pipeline.sink,
-        metrics, on_applied=on_applied, health=health, follower=follower,
-        topic_ids=TopicIds(admin),
+        settings, consumer, dead_letters, pipeline.chunker, pipeline.embedder, sides,
+        metrics, on_applied=on_applied, health=health, topic_ids=TopicIds(admin),
+        ensure_dlq=lambda topics: ensure_topics(admin, map(settings.kafka.dlq_topic_for, topics)),
     )
+
+
+def _follower(route: Settings, consumer: Consumer, pipeline: Pipeline) -> AliasFollower:
+    """Follows the route's alias (``route``: settings narrowed to it) to a rebuild's collection."""
+    def open_sink(physical: str) -> Sink:
+        sink = build_sink(route.sink, physical=physical,
+                          filter_fields=route.source.filter_fields)
+        try:
+            sink.open(pipeline.fingerprint)
+        except BaseException:
+            sink.close()
+            raise
+        return sink
+
+    return AliasFollower(consumer, build_admin(route.sink), route.sink.collection,
+                         route.kafka.group_id, open_sink, time.monotonic)
+
+
+def with_pattern_topics(settings: Settings) -> Settings:
+    """Settings narrowed to a route with a ``topic_pattern``, with ``kafka.topics``
+    set to the topics that match it now (for the commands that read topics by
+    name: a Kafka rebuild, the dead-letter commands). Other settings as they are."""
+    if settings.kafka.topic_pattern is None:
+        return settings
+    admin = AdminClient(kafka_client_config(settings, "admin"))
+    try:
+        existing = admin.list_topics(timeout=10).topics
+    except KafkaException as error:
+        raise KafkaUnavailable(f"cannot list the topics at {settings.kafka.bootstrap_servers}: "
+                               f"{error.args[0].str() if error.args else error}") from None
+    route = settings.all_routes()[0]
+    topics = TopicRouter([route], settings.kafka).topics_of(route, existing)
+    if not topics:
+        raise ConfigError(f"no topic matches route {route.name}'s topic_pattern "
+                          f"{route.topic_pattern!r} yet")
+    log.info("route %s: topics matching %r: %s", route.name, route.topic_pattern, topics)
+    kafka = settings.kafka.model_copy(update={"topics": tuple(topics), "topic_pattern": None})
+    return settings.model_copy(update={"kafka": kafka})
 
 
 def run_consumer(settings: Settings) -> int:
@@ -211,12 +269,15 @@ def run_consumer(settings: Settings) -> int:
         return 0
     try:
         stream = build_consumer(pipeline, metrics, health=health)
-        log.info("consuming %s into %s", list(settings.kafka.topics), settings.sink.collection)
+        for route in settings.all_routes():
+            log.info("route %s: consuming %s into %s", route.name,
+                     list(route.topics) or f"topics matching {route.topic_pattern!r}",
+                     route.collection)
         try:
             stream.run(until=lambda: bool(stop_requested))
         finally:
             stream.close()
-            pipeline.sink = stream.sink  # the one it followed to, if a rebuild moved the alias
+            pipeline.sinks = stream.sinks  # the ones it followed to, if a rebuild moved an alias
     finally:
         pipeline.close()
     log.info("stopped cleanly")

@@ -78,10 +78,58 @@ app.kubernetes.io/component: consumer
 {{- $inConfig := list }}
 {{- if dig "kafka" "security" "sasl_password" "" .Values.config }}{{ $inConfig = append $inConfig "kafka.security.sasl_password" }}{{ end }}
 {{- if dig "kafka" "security" "ssl_key_password" "" .Values.config }}{{ $inConfig = append $inConfig "kafka.security.ssl_key_password" }}{{ end }}
+{{- if dig "kafka" "schema_registry" "basic_auth_password" "" .Values.config }}{{ $inConfig = append $inConfig "kafka.schema_registry.basic_auth_password" }}{{ end }}
 {{- if dig "sink" "api_key" "" .Values.config }}{{ $inConfig = append $inConfig "sink.api_key" }}{{ end }}
+{{- if dig "embed" "api_key" "" .Values.config }}{{ $inConfig = append $inConfig "embed.api_key" }}{{ end }}
 {{- with $inConfig }}
 {{- fail (printf "config.%s is a secret: set it through secrets.* or existingSecret, not in config (which becomes a ConfigMap)" (first .)) }}
 {{- end }}
+{{- if and .Values.secrets.schemaRegistryPassword (not .Values.existingSecret) (not (include "embedstream.schemaRegistry" .)) }}
+{{- fail "secrets.schemaRegistryPassword is set but config.kafka.schema_registry is not: give the registry's url there (the password alone is never used)" }}
+{{- end }}
+{{- include "embedstream.validateRoutes" . }}
+{{- end }}
+
+{{/* With config.routes, each route names its topics, source and collection: the
+     settings refuse the top-level ones (which the chart's defaults leave unset). */}}
+{{- define "embedstream.validateRoutes" -}}
+{{- $routes := dig "routes" (list) .Values.config }}
+{{- if $routes }}
+{{- $given := list }}
+{{- if hasKey (dig "kafka" dict .Values.config) "topics" }}{{ $given = append $given "config.kafka.topics" }}{{ end }}
+{{- if hasKey (dig "kafka" dict .Values.config) "topic_pattern" }}{{ $given = append $given "config.kafka.topic_pattern" }}{{ end }}
+{{- if hasKey .Values.config "source" }}{{ $given = append $given "config.source" }}{{ end }}
+{{- if hasKey (dig "sink" dict .Values.config) "collection" }}{{ $given = append $given "config.sink.collection" }}{{ end }}
+{{- with $given }}
+{{- fail (printf "config.routes is set, and so is %s: with routes, each route gives its own topics (or topic_pattern), source and collection; remove the top-level %s" (join ", " .) (join ", " .)) }}
+{{- end }}
+{{- if .Values.rebuild.enabled }}
+{{- /* As the command does: --route names a route or its collection; without it, a
+     --collection that is a route's collection picks that route. */}}
+{{- $route := .Values.rebuild.route }}
+{{- $collection := .Values.rebuild.collection }}
+{{- $names := list }}
+{{- $found := false }}
+{{- range $routes }}
+{{- $names = append $names (printf "%v" .name) }}
+{{- if $route }}
+{{- if or (eq (printf "%v" .name) $route) (eq (printf "%v" .collection) $route) }}{{ $found = true }}{{ end }}
+{{- else if and $collection (eq (printf "%v" .collection) $collection) }}{{ $found = true }}
+{{- end }}
+{{- end }}
+{{- if and .Values.rebuild.route (not $found) }}
+{{- fail (printf "rebuild.route is %q, which is no route's name or collection (routes: %s)" .Values.rebuild.route (join ", " $names)) }}
+{{- end }}
+{{- if and (gt (len $routes) 1) (not $found) }}
+{{- fail (printf "rebuild.enabled with %d routes: set rebuild.route to the one to rebuild (one of %s)" (len $routes) (join ", " $names)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when config.kafka.schema_registry is given. */}}
+{{- define "embedstream.schemaRegistry" -}}
+{{- if dig "kafka" "schema_registry" dict .Values.config }}true{{ end }}
 {{- end }}
 
 {{/* The data directory of the Edge store. */}}
@@ -116,11 +164,19 @@ app.kubernetes.io/component: consumer
 {{- toYaml $cfg }}
 {{- end }}
 
-{{/* EMBEDSTREAM_* credentials from the Secret: only those set (chart Secret) or named (existingSecret). */}}
+{{/* The fields of `secrets` (and existingSecretKeys), in the order of the env list. */}}
+{{- define "embedstream.secretFields" -}}
+saslPassword sslKeyPassword sinkApiKey embedApiKey schemaRegistryPassword
+{{- end }}
+
+{{/* EMBEDSTREAM_* credentials from the Secret: only those set (chart Secret) or named
+     (existingSecret). The registry's password only with config.kafka.schema_registry:
+     alone it would make the settings ask for the registry's url. */}}
 {{- define "embedstream.secretEnv" -}}
-{{- $env := dict "saslPassword" "EMBEDSTREAM_KAFKA__SECURITY__SASL_PASSWORD" "sslKeyPassword" "EMBEDSTREAM_KAFKA__SECURITY__SSL_KEY_PASSWORD" "sinkApiKey" "EMBEDSTREAM_SINK__API_KEY" "embedApiKey" "EMBEDSTREAM_EMBED__API_KEY" }}
-{{- range $field := list "saslPassword" "sslKeyPassword" "sinkApiKey" "embedApiKey" }}
-{{- if $.Values.existingSecret }}
+{{- $env := dict "saslPassword" "EMBEDSTREAM_KAFKA__SECURITY__SASL_PASSWORD" "sslKeyPassword" "EMBEDSTREAM_KAFKA__SECURITY__SSL_KEY_PASSWORD" "sinkApiKey" "EMBEDSTREAM_SINK__API_KEY" "embedApiKey" "EMBEDSTREAM_EMBED__API_KEY" "schemaRegistryPassword" "EMBEDSTREAM_KAFKA__SCHEMA_REGISTRY__BASIC_AUTH_PASSWORD" }}
+{{- range $field := splitList " " (include "embedstream.secretFields" $) }}
+{{- if and (eq $field "schemaRegistryPassword") (not (include "embedstream.schemaRegistry" $)) }}
+{{- else if $.Values.existingSecret }}
 {{- $key := get $.Values.existingSecretKeys $field }}
 {{- if $key }}
 - name: {{ get $env $field }}
@@ -141,7 +197,11 @@ app.kubernetes.io/component: consumer
 {{- end }}
 
 {{- define "embedstream.hasChartSecret" -}}
-{{- if and (not .Values.existingSecret) (or .Values.secrets.saslPassword .Values.secrets.sslKeyPassword .Values.secrets.sinkApiKey .Values.secrets.embedApiKey) }}true{{ end }}
+{{- if not .Values.existingSecret }}
+{{- range $field := splitList " " (include "embedstream.secretFields" $) }}
+{{- if get $.Values.secrets $field }}true{{ end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Resources, with the GPU limit when gpu.enabled. */}}
