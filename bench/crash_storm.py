@@ -672,7 +672,7 @@ def storm(args: argparse.Namespace, stream: Stream, bootstrap: str, workdir: Pat
             if where is not None:
                 doc_partitions[m.doc_id].add(where[0])
         order_ok = order_ok and all(len(p) == 1 for p in doc_partitions.values())
-        dlq = offsets.count(f"{TOPIC}.dlq")
+        dlq = offsets.count(f"{GROUP}.{TOPIC}.dlq")  # the per-group dead-letter topic
         uncommitted = [k for k in kills if k.committed < k.produced]
         doc_partition = {doc: min(parts) for doc, parts in doc_partitions.items()}
         for kill in kills:

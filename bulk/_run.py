@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from embedstream.bulk.checkpoint import Checkpoint, CheckpointStore
 from embedstream.bulk.encoder import AnyEncoder
 from embedstream.bulk.engine import EmbeddedUnit, EngineStats
-from embedstream.bulk.kafka_source import BulkEvent, BulkFailure, BulkSkip
+from embedstream.bulk.kafka_source import BulkEvent, BulkFailure, BulkSkip, BulkSuperseded
 from embedstream.bulk.outputs import VectorFileWriter, VectorRow
 from embedstream.bulk.progress import Progress
 from embedstream.bulk.sources import RowFailure, SourceRow
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Prepared", "RebuildRun", "Record"]
 
-Record = SourceRow | RowFailure | BulkEvent | BulkFailure | BulkSkip
+Record = SourceRow | RowFailure | BulkEvent | BulkFailure | BulkSkip | BulkSuperseded
 # What preparing a record gives: its chunks (None: nothing to write), or why it failed.
 Prepared = tuple[list[Chunk] | None, tuple[str, str] | None]
 # A file row has no log position; any stream event (offset >= 0) supersedes it.
@@ -76,7 +76,7 @@ class RebuildRun:
             return (None, (record.reason, record.detail)), ()
         if isinstance(record, BulkFailure):
             return (None, (record.reason, record.detail)), ()
-        if isinstance(record, BulkSkip):
+        if isinstance(record, BulkSkip | BulkSuperseded):
             return (None, None), ()
         if isinstance(record, BulkEvent) and record.event.op is Op.DELETE:
             return ([], None), ()
@@ -101,13 +101,18 @@ class RebuildRun:
                 self._fail(record, *failure)
                 continue
             if chunks is None:
-                self.report.skipped += 1
+                if isinstance(record, BulkSuperseded):
+                    self.report.superseded += 1
+                else:
+                    self.report.skipped += 1
                 continue
             writes.append(self._document(record, chunks, vectors))
         if self.sink is not None and self.resumed_kafka:
             writes = self._newer_than_stored(writes)
         self.report.records += len(unit.records)
-        self.report.documents += len(writes)
+        deleted = sum(1 for w in writes if w.state.deleted)
+        self.report.deleted += deleted
+        self.report.documents += len(writes) - deleted
         self.report.chunks += sum(len(w.chunks) for w in writes)
         if writes:
             if self.sink is not None:
@@ -119,6 +124,13 @@ class RebuildRun:
         self.publish()
         if time.monotonic() >= self._next_checkpoint:
             self.save()
+
+    def expect(self, records: int) -> None:
+        """The source now knows how many records are left to read (a Kafka snapshot,
+        once folded): progress shows a total and an ETA from here on. Called from the
+        engine's reader thread; the figures are only read for reporting."""
+        self.total = self.checkpoint.done + records
+        self.progress.set_total(self.total)
 
     def publish(self, embedded: bool = False) -> None:
         """Bring the rebuild metrics up to the report: the counters gain what the
@@ -148,9 +160,10 @@ class RebuildRun:
         metrics.rebuild_padding.set(min(1.0, max(0.0, padding)))
 
     def _newer_than_stored(self, writes: list[DocumentWrite]) -> list[DocumentWrite]:
-        """The stream's version guard against what the store holds. Needed once a
-        Kafka snapshot resumes: its in-memory guard starts empty, and a document
-        written before the kill may meet an older event of another partition."""
+        """The stream's version guard against what the store holds, once a Kafka
+        snapshot resumes: a safety net (the fold yields each document's winner once,
+        so a resumed run should never meet an older event of a written document,
+        unless the topic changed between the runs, e.g. compaction)."""
         assert self.sink is not None
         stored = self.sink.document_states([w.doc_id for w in writes])
         kept = [w for w in writes if supersedes(w.state, stored.get(w.doc_id))]
@@ -231,6 +244,6 @@ def _position(record: Record) -> Position | None:
     """Where a Kafka record sits; None for a file row."""
     if isinstance(record, BulkEvent):
         return record.event.position
-    if isinstance(record, BulkFailure | BulkSkip):
+    if isinstance(record, BulkFailure | BulkSkip | BulkSuperseded):
         return record.position
     return None

@@ -4,7 +4,12 @@
 pre-tokenized texts. ``precision="auto"`` measures, on a calibration sample of
 real texts, the fp32 forward against bf16 (fp16 on a GPU without bf16) and
 keeps the reduced precision only when it is faster *and* every calibration
-vector keeps cosine >= ``min_cosine`` with its fp32 reference. The transformer
+vector keeps cosine >= ``min_cosine`` with its fp32 reference. The measurement
+takes seconds (one batch of real texts; a reduced-precision pass is stopped from
+inside as soon as it has lost, as emulated bf16 on a CPU without it does), logs
+its progress, and its decision is kept per machine and model
+(:mod:`embedstream.bulk.precision`): the next encoder on the same machine, model
+and torch takes it from there without measuring. The transformer
 runs in the chosen precision; its token states are cast to fp32 before the
 model's own pooling (and Normalize) modules, so pooling and normalisation run
 in fp32 on the device and only finished vectors are copied back.
@@ -28,6 +33,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from embedstream.bulk.precision import (
+    SAMPLE_TOKENS,
+    Decision,
+    PrecisionCache,
+    TooSlow,
+    cache_path,
+    calibration_sample,
+    decision_key,
+    now_utc,
+    time_limit,
+    timed_pass,
+)
 from embedstream.stream.embedding import pack_batches, pad_batch, resolve_model_path, weights_digest
 from embedstream.stream.errors import ConfigError
 from embedstream.stream.remote_embedding import OpenAIEmbedder
@@ -40,7 +57,13 @@ log = logging.getLogger("embedstream.bulk")
 # 2k/3k/4k/8k padded tokens per batch (fp32 peaked near 2k); a GPU wants far more.
 _CPU_BATCH_TOKENS = 4096
 _GPU_BATCH_TOKENS = 65536
+# Texts the rebuild offers for calibration (calibration_sample keeps fewer).
 _CALIBRATION_TEXTS = 256
+# The first reduced-precision pass also selects and compiles its kernels: it may take
+# this many times the fp32 pass (plus half a second) before it counts as lost.
+_WARM_UP_ALLOWANCE = 2.0
+# A reduced precision is kept only when this much faster than fp32 (and close enough).
+_FASTER = 0.9
 
 
 class BulkEncoder:
@@ -103,44 +126,84 @@ class BulkEncoder:
 
     def calibrate(self, sample: Sequence[list[int]]) -> str:
         """Pick the precision for ``precision="auto"`` from real tokenized texts
-        (see the module docstring), once per encoder; returns the choice. Other
-        settings keep theirs."""
+        (see the module docstring), once per encoder, from the cache when this
+        machine decided for this model before; returns the choice. Other settings
+        keep theirs."""
         if self._requested != "auto" or self.calibration or not sample:
             return self.precision
-        sample = list(sample[:_CALIBRATION_TEXTS])
         torch = self._torch
         on_gpu = self._model.device.type == "cuda"
         reduced = "bf16" if not on_gpu or torch.cuda.is_bf16_supported() else "fp16"
+        cache = PrecisionCache(cache_path())
+        key = decision_key(
+            device=self.device, model_digest=self.revision, reduced=reduced,
+            min_cosine=self._min_cosine, torch_version=str(torch.__version__),
+            gpu_name=torch.cuda.get_device_name(self._model.device) if on_gpu else None)
+        known = cache.get(key)
+        if known is not None:
+            if known.precision != "fp32":
+                self._set_precision(known.precision)
+            self.calibration = {**known.figures, "cached": 1.0}
+            log.info("bulk precision %s: decided on this machine for this model on %s "
+                     "(kept in %s; delete it to measure again)",
+                     self.precision, known.decided_at, cache.path)
+            return self.precision
+        started = time.perf_counter()
+        self.calibration = self._measure(
+            calibration_sample(sample, tokens=min(self.batch_tokens, SAMPLE_TOKENS)), reduced)
+        self.calibration["calibration_s"] = time.perf_counter() - started
+        log.info("bulk precision %s, decided in %.1f s (kept in %s for the next run)",
+                 self.precision, self.calibration["calibration_s"],
+                 cache.path or "nowhere: the cache is off")
+        cache.put(key, Decision(self.precision, self.calibration, now_utc()))
+        return self.precision
+
+    def _measure(self, sample: list[list[int]], reduced: str) -> dict[str, float]:
+        """fp32 against ``reduced`` on ``sample``; leaves the encoder in the winner."""
+        log.info("calibrating bulk precision on %s (once per machine and model): fp32 "
+                 "against %s on %d texts, %d tokens", self.device, reduced, len(sample),
+                 sum(map(len, sample)))
         # Casting in place rounds the weights: keep the fp32 ones to restore on a "no".
         transformer = self._model[0].auto_model
         fp32_weights = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
-        reference, fp32_s = self._timed(sample)
+        self.encode(sample[:1])  # kernel selection, off the clock
+        reference, fp32_s = self._pass(sample)
+        log.info("calibration: fp32 %.0f texts/s (%.1f s); trying %s", len(sample) / fp32_s,
+                 fp32_s, reduced)
+        figures = {"fp32_s": fp32_s}
         self._set_precision(reduced)
-        vectors, reduced_s = self._timed(sample)
+        started = time.perf_counter()
+        try:
+            # The first pass selects kernels too: it has lost only well past fp32's time.
+            with time_limit(transformer, _WARM_UP_ALLOWANCE * fp32_s + 0.5):
+                vectors, reduced_s = self._pass(sample)
+            if reduced_s >= _FASTER * fp32_s:  # not faster yet: time it warm
+                with time_limit(transformer, fp32_s):
+                    vectors, reduced_s = self._pass(sample)
+        except TooSlow:
+            spent = time.perf_counter() - started
+            figures[f"{reduced}_stopped_s"] = spent
+            log.info("calibration: %s stopped after %.1f s, slower than fp32: fp32",
+                     reduced, spent)
+            self._restore_fp32(fp32_weights)
+            return figures
         min_cos = float((reference * vectors).sum(axis=1).min())
-        self.calibration = {"fp32_s": fp32_s, f"{reduced}_s": reduced_s, "min_cos": min_cos}
-        if min_cos >= self._min_cosine and reduced_s < 0.9 * fp32_s:
-            log.info("bulk precision %s: %.2fx the speed of fp32, min cosine %.5f",
-                     reduced, fp32_s / reduced_s, min_cos)
-            return self.precision
-        log.info("bulk precision fp32: %s gave %.2fx the speed, min cosine %.5f",
+        figures.update({f"{reduced}_s": reduced_s, "min_cos": min_cos})
+        if min_cos >= self._min_cosine and reduced_s < _FASTER * fp32_s:
+            log.info("calibration: %s %.2fx the speed of fp32, min cosine %.5f: %s",
+                     reduced, fp32_s / reduced_s, min_cos, reduced)
+            return figures
+        log.info("calibration: %s gave %.2fx the speed of fp32, min cosine %.5f: fp32",
                  reduced, fp32_s / max(reduced_s, 1e-9), min_cos)
-        self._set_precision("fp32")
-        transformer.load_state_dict(fp32_weights)
-        return self.precision
+        self._restore_fp32(fp32_weights)
+        return figures
 
-    def _timed(self, sample: list[list[int]]) -> tuple[npt.NDArray[np.float32], float]:
-        """Vectors of ``sample`` packed as the engine packs, and the best of two timings."""
-        batches = pack_batches([len(seq) for seq in sample], self.batch_tokens)
-        vectors = np.empty((len(sample), self.dimension), np.float32)
-        best = float("inf")
-        for attempt in range(3):  # the first pass warms up kernel selection
-            started = time.perf_counter()
-            for batch in batches:
-                vectors[batch] = self.encode([sample[i] for i in batch])
-            if attempt:
-                best = min(best, time.perf_counter() - started)
-        return vectors, best
+    def _restore_fp32(self, weights: dict[str, Any]) -> None:
+        self._set_precision("fp32")
+        self._model[0].auto_model.load_state_dict(weights)
+
+    def _pass(self, sample: list[list[int]]) -> tuple[npt.NDArray[np.float32], float]:
+        return timed_pass(self.encode, sample, self.batch_tokens, self.dimension)
 
     def _set_precision(self, precision: str) -> None:
         torch = self._torch

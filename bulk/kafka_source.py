@@ -1,23 +1,35 @@
 """Reading the configured topics as a corpus: ``embedstream rebuild --source kafka``.
 
 A compacted CDC topic holds the latest state of each key, so reading it from
-the start rebuilds the corpus. :class:`KafkaSnapshot` captures each
-partition's high watermark when it opens and reads every partition from its
-start (or from resume offsets) up to that mark, decoding each message exactly
-as the stream does (:func:`embedstream.stream.decode.decode_message` under the same
-``source`` settings and limits).
+the start rebuilds the corpus. :class:`KafkaSnapshot` records where each
+partition ends when it opens (``covered``: from what the broker serves, see
+:func:`~embedstream.stream.offsets.served_ends`, never from a ListOffsets answer
+alone, which the bundled broker gets wrong for multi-record batches) and reads
+every partition up to there twice, decoding each message exactly as the stream
+does (:func:`embedstream.stream.intake.take_in` under the same ``source``
+settings and limits):
+
+1. **fold**: every event of the snapshot, from each partition's start, goes
+   through the stream's version guard (:func:`embedstream.stream.plan.fold`);
+   what is kept is each document's winning state only (its version and
+   position, no text: about 270 bytes per document measured, so some 0.3 GB
+   per million documents, as much as the version guard alone always kept);
+2. **yield**: from the start (or the resume offsets) again, each message becomes
+   one item; only a document's winning event becomes a :class:`BulkEvent`, so
+   nothing superseded is ever chunked or embedded.
 
 Guaranteed:
 
-* Every message below the captured marks yields exactly one item, in each
-  partition's log order: a :class:`BulkEvent`, a :class:`BulkFailure` (the
-  stream's dead-letter reasons) or a :class:`BulkSkip` (schema changes,
-  heartbeats), each with its position, so a caller can resume per partition.
-* Of a document's events only those that pass the stream's version guard
-  (:func:`embedstream.stream.plan.fold`) against the events read before them in this run
-  are yielded, so a later write of a document never carries an older version.
-* ``covered`` holds, per partition, the offset the snapshot reads up to: every
-  event before it is in the snapshot; the stream must apply everything from it.
+* Every message below ``covered`` yields exactly one item, in each partition's log
+  order: a :class:`BulkEvent`, a :class:`BulkSuperseded` (an event that is not its
+  document's winner), a :class:`BulkFailure` (the stream's dead-letter reasons) or
+  a :class:`BulkSkip` (schema changes, heartbeats), each with its position, so a
+  caller can count every record read and resume per partition.
+* Each document has at most one :class:`BulkEvent`: the event the stream's version
+  guard would have left standing after reading the whole snapshot.
+* ``covered`` is a consistent cut of each partition: every record below it is in
+  the snapshot (records written meanwhile lie above it); the stream (the handover's
+  catch-up, then the live consumer) applies everything from it.
 
 Schema Registry framed values are read with one
 :class:`~embedstream.stream.registry.ValueReader` per snapshot (schemas fetched once
@@ -25,16 +37,18 @@ per id). A registry outage is waited out (:func:`take_in_patiently`) for up to
 ``embed.give_up_after_s``, then raises
 :class:`~embedstream.stream.errors.RegistryUnavailable`: the rebuild stops, resumable.
 
-Not guaranteed: that the marks are the true log ends at open (a broker may
-report a lower one); whatever the snapshot does not cover, the handover applies.
+Not guaranteed: the same instant for every partition's end (each is a cut of its
+own partition); a resumed snapshot folds the whole range again (the winners are
+not stored), so it reads the topic once more before it yields anything.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -52,6 +66,7 @@ from embedstream.stream.errors import KafkaUnavailable, RegistryUnavailable
 from embedstream.stream.events import ChangeEvent, Position, Skipped
 from embedstream.stream.intake import Rejected, take_in
 from embedstream.stream.kafka_config import kafka_client_config
+from embedstream.stream.offsets import committed_offsets, served_ends
 from embedstream.stream.plan import PreparedEvent, fold
 from embedstream.stream.registry import ValueReader, build_reader
 from embedstream.stream.store import DocState
@@ -61,9 +76,10 @@ __all__ = [
     "BulkEvent",
     "BulkFailure",
     "BulkSkip",
+    "BulkSuperseded",
     "KafkaSnapshot",
     "Partition",
-    "partition_ends",
+    "group_committed",
     "snapshot_consumer",
     "take_in_patiently",
     "topic_ends",
@@ -74,13 +90,13 @@ log = logging.getLogger("embedstream.bulk")
 
 Partition = tuple[str, int]
 _METADATA_TIMEOUT_S = 15.0
-_POLL_S = 1.0
+_POLL_S = 0.2  # consume() waits this long for a full batch: short, or small topics wait
 _REGISTRY_BACKOFF_MAX_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
 class BulkEvent:
-    """A change event that passed the version guard, with the state it leaves."""
+    """A document's winning event in the snapshot, with the state it leaves."""
 
     event: ChangeEvent
     state: DocState
@@ -95,6 +111,14 @@ class BulkFailure:
 
 @dataclass(frozen=True, slots=True)
 class BulkSkip:
+    position: Position
+
+
+@dataclass(frozen=True, slots=True)
+class BulkSuperseded:
+    """A change event read and counted, not embedded: a later (or, by the version
+    guard, newer) event of its document is in the snapshot."""
+
     position: Position
 
 
@@ -129,39 +153,48 @@ def topic_partitions(consumer: Consumer, topics: tuple[str, ...]) -> list[Partit
     return found
 
 
-def topic_ends(settings: Settings) -> dict[Partition, int]:
-    """The high watermark of every partition of the configured topics, now."""
+def topic_ends(settings: Settings, partitions: list[Partition] | None = None
+               ) -> dict[Partition, int]:
+    """Where every partition of the configured topics (or ``partitions``) ends now,
+    as the broker serves it (:func:`~embedstream.stream.offsets.served_ends`)."""
     consumer = snapshot_consumer(settings)
     try:
-        return partition_ends(consumer, topic_partitions(consumer, settings.kafka.topics))
+        if partitions is None:
+            partitions = topic_partitions(consumer, settings.kafka.topics)
+        return served_ends(consumer, partitions)
     finally:
         consumer.close()
 
 
-def partition_ends(consumer: Consumer, partitions: list[Partition]) -> dict[Partition, int]:
-    ends: dict[Partition, int] = {}
-    for topic, partition in partitions:
-        try:
-            _, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=_METADATA_TIMEOUT_S, cached=False)
-        except KafkaException as error:
-            raise KafkaUnavailable(f"cannot read the end of {topic}[{partition}]: {error}") \
-                from None
-        ends[(topic, partition)] = max(0, int(high))
-    return ends
+def group_committed(settings: Settings, partitions: list[Partition]) -> dict[Partition, int]:
+    """The offsets the live consumer group (``kafka.group_id``) has committed on
+    ``partitions`` (those it has committed at all). Reads them only: joins nothing,
+    commits nothing. Raises :class:`KafkaUnavailable`."""
+    config = kafka_client_config(settings, "consumer")
+    config["enable.auto.commit"] = False
+    consumer = Consumer(config)
+    try:
+        return committed_offsets(consumer, partitions)
+    finally:
+        consumer.close()
 
 
 class KafkaSnapshot:
-    """The configured topics up to the marks captured at :meth:`open`."""
+    """The configured topics up to the ends recorded at :meth:`open`."""
 
     def __init__(self, settings: Settings, start: Mapping[Partition, int] | None = None,
-                 covered: Mapping[Partition, int] | None = None) -> None:
+                 covered: Mapping[Partition, int] | None = None,
+                 on_folded: Callable[[int], None] | None = None) -> None:
         """``start``: resume offsets per partition (default: each partition's
-        beginning). ``covered``: the marks of an earlier, interrupted run of the
-        same rebuild, kept so a resumed run covers exactly what it first set out to."""
+        beginning). ``covered``: the ends to read up to, recorded earlier (by the
+        rebuild before it opens the snapshot, or by an interrupted run of the same
+        rebuild, so a resumed run covers exactly what it first set out to).
+        ``on_folded`` is told, once the fold has read everything, how many records
+        :meth:`items` is about to yield."""
         self._settings = settings
         self._start = dict(start or {})
         self.covered: dict[Partition, int] = dict(covered or {})
+        self._on_folded = on_folded
         self._consumer: Consumer | None = None
         self._topic_ids: TopicIds | None = None
         self._reader: ValueReader | None = None
@@ -173,11 +206,9 @@ class KafkaSnapshot:
             self._topic_ids = snapshot_topic_ids(self._settings)
             self._reader = build_reader(self._settings)
             if not self.covered:
-                self.covered = partition_ends(consumer, partitions)
-        except BaseException:
+                self.covered = served_ends(consumer, partitions)
+        finally:
             consumer.close()
-            raise
-        self._consumer = consumer
         log.info("kafka snapshot up to %s", {f"{t}[{p}]": o for (t, p), o in
                                              sorted(self.covered.items())})
 
@@ -186,40 +217,85 @@ class KafkaSnapshot:
             self._consumer.close()
             self._consumer = None
 
-    def items(self) -> Iterator[BulkEvent | BulkFailure | BulkSkip]:
-        """Every message below the marks, decoded (see the module docstring)."""
-        consumer = self._consumer
-        assert consumer is not None, "open() first"
-        pending = {tp for tp, end in self.covered.items() if self._start.get(tp, 0) < end}
-        if not pending:
+    def items(self) -> Iterator[BulkEvent | BulkSuperseded | BulkFailure | BulkSkip]:
+        """Every message below ``covered`` (from the resume offsets), decoded, with
+        each document's winning event only (see the module docstring)."""
+        assert self._topic_ids is not None, "open() first"
+        starts = {tp: self._start.get(tp, 0) for tp, end in self.covered.items()
+                  if self._start.get(tp, 0) < end}
+        if not starts:
             return
-        consumer.assign([TopicPartition(t, p, self._start.get((t, p), OFFSET_BEGINNING))
-                         for t, p in sorted(pending)])
-        seen: dict[str, DocState] = {}
-        while pending:
-            for message in consumer.consume(1000, timeout=_POLL_S):
-                topic, partition = message.topic(), message.partition()
-                assert topic is not None and partition is not None
-                tp = (topic, partition)
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
+        winners, count = self._fold(starts)
+        if self._on_folded is not None:
+            self._on_folded(count)
+        for message, position in self._read({tp: s or OFFSET_BEGINNING
+                                             for tp, s in starts.items()}):
+            yield self._decode(message, position, winners)
+
+    def _fold(self, starts: Mapping[Partition, int]) -> tuple[dict[str, DocState], int]:
+        """Each document's winning state over the whole snapshot (every partition from
+        its start: a key may have moved between partitions), and how many of the
+        records read lie at or after ``starts`` (what :meth:`items` then yields)."""
+        began = time.monotonic()
+        winners: dict[str, DocState] = {}
+        read = after_start = 0
+        for message, position in self._read(dict.fromkeys(self.covered, OFFSET_BEGINNING)):
+            read += 1
+            tp = (position.topic, position.partition)
+            if tp in starts and position.offset >= starts[tp]:
+                after_start += 1
+            taken = take_in_patiently(message, position, self._settings, None, self._reader)
+            if isinstance(taken, Rejected | Skipped):
+                continue
+            doc_id = taken.event.doc_id
+            state = fold(winners.get(doc_id), [taken]).state
+            if state is not None:
+                if state.topic is not None:  # one string per topic, not one per document
+                    state = replace(state, topic=sys.intern(state.topic))
+                winners[doc_id] = state
+        log.info("kafka snapshot folded: %d records, %d documents (%.1f s)", read,
+                 len(winners), time.monotonic() - began)
+        return winners, after_start
+
+    def _read(self, starts: Mapping[Partition, int]) -> Iterator[tuple[Message, Position]]:
+        """The records of each partition from ``starts`` up to ``covered``, in each
+        partition's log order, through a consumer of its own (closed when done)."""
+        consumer = snapshot_consumer(self._settings)
+        self._consumer = consumer
+        try:
+            pending = set(starts)
+            consumer.assign([TopicPartition(t, p, o) for (t, p), o in sorted(starts.items())])
+            while pending:
+                for message in consumer.consume(1000, timeout=_POLL_S):
+                    topic, partition = message.topic(), message.partition()
+                    assert topic is not None and partition is not None
+                    tp = (topic, partition)
+                    if tp not in pending:
+                        continue  # fetched before the partition was paused
+                    offset, end = int(message.offset() or 0), self.covered[tp]
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            if offset < end:  # the broker served this end before
+                                log.warning("%s[%d] now ends at %d, below the snapshot's end "
+                                            "%d: records were deleted meanwhile", topic,
+                                            partition, offset, end)
+                            self._done(consumer, tp, pending)
+                        elif error.fatal():
+                            raise KafkaException(error)
+                        else:
+                            log.warning("kafka error during the snapshot: %s", error)
+                        continue
+                    if offset >= end:
                         self._done(consumer, tp, pending)
                         continue
-                    if error.fatal():
-                        raise KafkaException(error)
-                    log.warning("kafka error during the snapshot: %s", error)
-                    continue
-                if tp not in pending:
-                    continue  # fetched before the partition was paused
-                offset = int(message.offset() or 0)
-                end = self.covered[tp]
-                if offset >= end:
-                    self._done(consumer, tp, pending)
-                    continue
-                yield self._decode(message, position_of(message, self._topic_ids), seen)
-                if offset + 1 >= end:
-                    self._done(consumer, tp, pending)
+                    yield message, position_of(message, self._topic_ids)
+                    if offset + 1 >= end:
+                        self._done(consumer, tp, pending)
+        finally:
+            consumer.close()
+            if self._consumer is consumer:
+                self._consumer = None
 
     @staticmethod
     def _done(consumer: Consumer, tp: Partition, pending: set[Partition]) -> None:
@@ -227,18 +303,19 @@ class KafkaSnapshot:
             pending.discard(tp)
             consumer.pause([TopicPartition(*tp)])
 
-    def _decode(self, message: Message, position: Position,
-                seen: dict[str, DocState]) -> BulkEvent | BulkFailure | BulkSkip:
+    def _decode(self, message: Message, position: Position, winners: Mapping[str, DocState]
+                ) -> BulkEvent | BulkSuperseded | BulkFailure | BulkSkip:
         taken = take_in_patiently(message, position, self._settings, None, self._reader)
         if isinstance(taken, Rejected):
             return BulkFailure(position, taken.reason, taken.detail)
         if isinstance(taken, Skipped):
             return BulkSkip(position)
-        folded = fold(seen.get(taken.event.doc_id), [taken])
-        if folded.state is None:
-            return BulkSkip(position)  # older than an event already read: stale
-        seen[taken.event.doc_id] = folded.state
-        return BulkEvent(taken.event, folded.state)
+        state = winners.get(taken.event.doc_id)
+        # The winner's state was stamped from its own event: its position names it.
+        if state is None or (state.topic, state.partition, state.offset) != (
+                position.topic, position.partition, position.offset):
+            return BulkSuperseded(position)
+        return BulkEvent(taken.event, state)
 
 
 def take_in_patiently(message: Message, position: Position, settings: Settings,

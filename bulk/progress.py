@@ -88,6 +88,12 @@ class Progress:
         self._line_len = 0
         self._closed = False
 
+    def set_total(self, total: int | None) -> None:
+        """The total, once known (a Kafka snapshot knows it after its fold); the
+        next report shows it. Safe to call from another thread than ``update``'s:
+        one attribute is replaced, and reports only read it."""
+        self._total = total
+
     def update(self, done: int, **figures: float | int) -> None:
         """Record progress; reports if the redraw (terminal) or log interval is due."""
         if self._closed:
@@ -122,15 +128,16 @@ class Progress:
         t_old, done_old = self._samples[0]
         recent = (self._done - done_old) / (now - t_old) if now - t_old > 0 else None
         eta = None
-        if self._total is not None:
+        total = self._total  # read once: set_total may replace it meanwhile
+        if total is not None:
             speed = recent if recent else rate
-            if self._done >= self._total:
+            if self._done >= total:
                 eta = 0.0
             elif speed and speed > 0:
-                eta = (self._total - self._done) / speed
+                eta = (total - self._done) / speed
         return {
-            "done": self._done, "total": self._total, "unit": self._unit,
-            "percent": (100.0 * self._done / self._total) if self._total else None,
+            "done": self._done, "total": total, "unit": self._unit,
+            "percent": (100.0 * self._done / total) if total else None,
             "elapsed_s": elapsed, "rate": rate, "recent_rate": recent, "eta_s": eta,
             "figures": dict(self._figures),
         }

@@ -5,13 +5,19 @@ Steps, each surviving a kill (a rerun resumes from the last checkpoint):
 1. **Open the target**: a fresh physical collection ``<alias>_<UTC timestamp>``
    under the current fingerprint (so a model or chunking change is exactly a
    rebuild into a new collection), or vector files (``--output``).
-2. **Record the covered offsets**: for ``--source kafka``, the high watermarks
-   the snapshot reads up to; for files, the topics' ends when the rebuild
-   starts (the files are taken to reflect the corpus as of then).
+2. **Record the covered offsets**: where each partition ends when the rebuild
+   starts, as the broker serves it (:func:`~embedstream.bulk.catch_up.handover_ends`:
+   read to the end, never a ListOffsets answer alone; with a handover, checked
+   against the live group's committed offsets first). For ``--source kafka``
+   the snapshot reads up to them; for files they are where the stream takes over
+   (the files are taken to reflect the corpus as of then, which includes
+   everything the live group has committed).
 3. **Embed** with the bulk engine (:mod:`embedstream.bulk.engine`, or Ray Data), writing in
-   source order. Every ``bulk.checkpoint_interval_s`` the store is flushed and a
-   checkpoint records how far the source is written, so a resumed run skips
-   exactly that: only what was written after the last checkpoint is embedded again.
+   source order. A Kafka snapshot folds each document's events first (the
+   stream's version guard) and yields only the winner for embedding. Every
+   ``bulk.checkpoint_interval_s`` the store is flushed and a checkpoint records
+   how far the source is written, so a resumed run skips exactly that: only what
+   was written after the last checkpoint is embedded again.
 4. **Catch up** (:mod:`embedstream.bulk.catch_up`): apply what arrived after the covered
    offsets, store the offsets reached as the collection's handover record.
 5. **Swap**: point the alias at the new collection in one atomic step. The live
@@ -20,8 +26,14 @@ Steps, each surviving a kill (a rerun resumes from the last checkpoint):
    ``embedstream collections drop``.
 
 Rows that give no document (undecodable, too large, chunker failure) go to a
-failure list (``<state dir>/<name>.failures.jsonl``) and are counted; they never
-stop the rebuild. Of several rows with one document id, the last one read wins.
+failure list (``<state dir>/<name>.failures.jsonl``); they never stop the
+rebuild. Of several file rows with one document id, the last one read wins; of
+a Kafka snapshot's events, the version guard's winner. Each record read
+(``records``) counts once in the report: ``documents`` (written with text),
+``deleted`` (a deletion won: its state is kept, so no older event brings the
+document back), ``superseded`` (never embedded), ``failures`` (the catch-up's
+too) or ``skipped`` (schema changes, heartbeats; after a resume, writes the store
+already holds newer).
 """
 
 from __future__ import annotations
@@ -36,11 +48,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from embedstream.bulk._run import Prepared, RebuildRun, Record
-from embedstream.bulk.catch_up import catch_up
+from embedstream.bulk.catch_up import catch_up, handover_ends
 from embedstream.bulk.checkpoint import Checkpoint, CheckpointStore
 from embedstream.bulk.encoder import AnyEncoder, BulkEncoder, RemoteEncoder
 from embedstream.bulk.engine import BulkEngine, EngineStats
-from embedstream.bulk.kafka_source import KafkaSnapshot, Partition, topic_ends
+from embedstream.bulk.kafka_source import KafkaSnapshot, Partition
 from embedstream.bulk.outputs import VectorFileWriter
 from embedstream.bulk.progress import Progress
 from embedstream.bulk.sources import count_rows, expand_files, read_rows
@@ -75,8 +87,10 @@ class RebuildOptions:
 class RebuildReport:
     target: str
     alias: str | None
-    records: int = 0
-    documents: int = 0
+    records: int = 0      # every record read (file rows, or Kafka messages)
+    documents: int = 0    # documents written with their text
+    deleted: int = 0      # documents written as deleted (a Kafka snapshot's deletions)
+    superseded: int = 0   # Kafka events not their document's winner: read, never embedded
     chunks: int = 0
     failures: int = 0
     skipped: int = 0
@@ -124,11 +138,12 @@ def build_encoders(settings: Settings, metrics: Metrics | None = None) -> list[A
             for d in devices]
 
 
-def _records(settings: Settings, options: RebuildOptions,
-             checkpoint: Checkpoint) -> tuple[Iterator[Record], KafkaSnapshot | None]:
+def _records(settings: Settings, options: RebuildOptions, checkpoint: Checkpoint,
+             run: RebuildRun) -> tuple[Iterator[Record], KafkaSnapshot | None]:
     if options.source == "kafka":
         snapshot = KafkaSnapshot(settings, start=checkpoint.offsets,
-                                 covered=checkpoint.covered or None)
+                                 covered=checkpoint.covered or None,
+                                 on_folded=run.expect)
         snapshot.open()
         checkpoint.covered = dict(snapshot.covered)
         return snapshot.items(), snapshot
@@ -220,8 +235,7 @@ def _rebuild(settings: Settings, options: RebuildOptions, encoders: list[AnyEnco
             log.info("the interrupted rebuild had already moved %s to %s; done", alias,
                      checkpoint.target)
             return report
-        if options.handover and not to_files and options.source != "kafka" \
-                and not checkpoint.covered:
+        if options.handover and not to_files and not checkpoint.covered:
             checkpoint.covered = _topic_ends(settings)
             checkpoints.save(checkpoint)  # before anything is read: a resume keeps these
         if health is not None:
@@ -306,7 +320,7 @@ def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
     snapshot: KafkaSnapshot | None = None
     try:
         if not checkpoint.embedded:
-            records, snapshot = _records(settings, options, checkpoint)
+            records, snapshot = _records(settings, options, checkpoint, run)
             checkpoints.save(checkpoint)  # the snapshot's marks, before anything is written
             engine = _engine(settings, options, encoders)
             run.engine = engine
@@ -377,8 +391,9 @@ def _fill_stats(report: RebuildReport, stats: EngineStats) -> None:
 
 
 def _topic_ends(settings: Settings) -> dict[Partition, int]:
+    """Where the handover starts: the ends served now, checked against the live group."""
     try:
-        return topic_ends(settings)
+        return handover_ends(settings)
     except KafkaUnavailable as error:
         raise KafkaUnavailable(
             f"{error}. The handover needs the topics' ends; without a live stream to hand "

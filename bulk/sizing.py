@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +32,8 @@ from embedstream.stream.config import Settings
 from embedstream.stream.errors import ConfigError
 
 __all__ = ["Calibration", "Estimate", "calibrate", "estimate", "run_plan"]
+
+log = logging.getLogger("embedstream.bulk")
 
 _SAMPLE_DOCS = 600
 # Words per passage of the built-in sample: a web passage's length, give or take (length,
@@ -125,6 +128,8 @@ def calibrate(settings: Settings, sample: str | None, docs: int = _SAMPLE_DOCS) 
             "embed.tokens_per_minute, requests / embed.requests_per_minute) minutes, "
             "requests being chunks / embed.request_max_inputs")
     started = time.perf_counter()
+    log.info("plan: loading %s (bulk.precision %s: decided on this machine once, then "
+             "kept)", settings.embed.model, settings.bulk.precision)
     encoders = build_encoders(settings)
     encoder = encoders[0]
     chunker = TokenChunker(encoder.tokenizer, max_tokens=min(
@@ -154,6 +159,8 @@ def calibrate(settings: Settings, sample: str | None, docs: int = _SAMPLE_DOCS) 
     engine.run(rows[:warm], prepare, ignore)
     startup_s = time.perf_counter() - started
     measured = rows[warm:] or rows
+    log.info("plan: start-up took %.1f s (model, precision, warm-up); measuring %d documents",
+             startup_s, len(measured))
     stats = engine.run(measured, prepare, ignore)
     return Calibration(encoder.device, encoder.precision, len(measured), stats.texts,
                        stats.tokens, stats.elapsed_s, startup_s,

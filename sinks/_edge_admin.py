@@ -44,13 +44,15 @@ from embedstream.sinks._edge_files import (
 from embedstream.sinks._layout import (
     FINGERPRINT_POINT_ID,
     STATE_SUFFIX,
+    alias_missing_message,
     listed_names,
     looks_physical,
+    made_for,
     orphan_owner,
     parse_fingerprint,
 )
 from embedstream.sinks.qdrant_edge import open_fingerprint
-from embedstream.stream.errors import FingerprintMismatch, SinkError
+from embedstream.stream.errors import FingerprintMismatch, NeedsOperator, SinkError
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.store import CollectionInfo
 
@@ -79,6 +81,29 @@ class QdrantEdgeAdmin:
 
     def resolve(self, alias: str) -> str | None:
         return self._aliases.read().get(alias)
+
+    def probe(self, alias: str) -> None:
+        """Creates nothing. The store directory must be writable (or creatable),
+        and the collection ``alias`` opens, if it exists, held by no other process."""
+        resolved = self.resolve(alias)
+        target = resolved or alias
+        if resolved is None and not (self._path / alias).is_dir() and self._path.is_dir():
+            # As opening would: collections made for a missing alias mean it was lost,
+            # unless the only one is empty (a first creation cut short, adopted then).
+            found = made_for(alias, self._names())
+            if len(found) > 1 or (found and self._look(found[0])[0].points != 0):
+                raise NeedsOperator(alias_missing_message(alias, str(self._path), found))
+        if (self._path / target).is_dir() and lock_path(self._path, target).is_file():
+            lock = ProcessLock.attempt(lock_path(self._path, target))
+            if isinstance(lock, str):
+                raise SinkError(
+                    f"collection {target!r} at {self._path} is in use by {holder_text(lock)}; "
+                    "a Qdrant Edge store can be opened by one process at a time")
+            lock.release()
+        existing = next(p for p in (self._path, *self._path.parents) if p.exists())
+        if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+            raise SinkError(f"cannot write the store at {self._path} (sink.path): "
+                            f"{existing} is not a writable directory")
 
     def switch(self, alias: str, target: str) -> str | None:
         check_names(target, alias=alias)

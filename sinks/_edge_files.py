@@ -16,6 +16,11 @@ Under the store directory ``path``:
 * ``.<directory>.dropped``: a collection's directory being deleted (renamed
   first, so that a drop interrupted half-way leaves nothing half-deleted
   under a collection's name); the next drop removes what is left.
+* ``.query-<pid>.json``: ``{"pid": <pid>, "url": "http://host:port"}``, where
+  the process of that pid (a running consumer) answers queries on the
+  collections it holds; written whole (temporary file, ``os.replace``) once it
+  serves, removed when it stops. A process killed leaves it behind: it means
+  something only while a lock file names the same pid and is held.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from pathlib import Path
 from embedstream.stream.errors import NeedsOperator, SinkError
 from embedstream.stream.names import name_error, name_problem
 
-__all__ = ["ALIASES_FILE", "AliasRegistry", "ProcessLock", "holder_text", "is_shard", "lock_path"]
+__all__ = ["ALIASES_FILE", "AliasRegistry", "ProcessLock", "holder_text", "is_shard", "lock_path",
+           "query_address", "remove_query_address", "write_query_address"]
 
 ALIASES_FILE = "aliases.json"
 DAMAGED_FILE = "aliases.json.damaged"  # a damaged aliases.json, kept by the repair
@@ -90,11 +96,68 @@ class ProcessLock:
         # would race with a process that has just opened it.
         os.close(self._fd)
 
+    @staticmethod
+    def holder(file: Path) -> str | None:
+        """The pid (as text) in ``file`` while another open file holds its lock;
+        ``None`` when nobody does, or there is no such file. Writes nothing; holds a
+        shared lock for an instant when free (as ``attempt`` holds its lock)."""
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
 
 def holder_text(pid: str) -> str:
     """Who holds a lock, from the pid in its file: this process or another."""
     who = "this process" if pid == str(os.getpid()) else "another process"
     return f"{who} (pid {pid})"
+
+
+def _query_file(root: Path, pid: int | str) -> Path:
+    return root / f".query-{pid}.json"
+
+
+def write_query_address(root: Path, url: str) -> Path:
+    """Record that this process answers queries at ``url`` (see the module docstring)."""
+    file = _query_file(root, os.getpid())
+    data = json.dumps({"pid": os.getpid(), "url": url}).encode() + b"\n"
+    fd, temp = tempfile.mkstemp(dir=root, prefix=".query.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(temp, file)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    return file
+
+
+def query_address(root: Path, pid: str) -> str | None:
+    """The URL the process ``pid`` recorded with :func:`write_query_address`, if any."""
+    if not pid.isdigit():
+        return None
+    try:
+        data = json.loads(_query_file(root, pid).read_bytes())
+    except (OSError, ValueError):
+        return None
+    url = data.get("url") if isinstance(data, dict) and str(data.get("pid")) == pid else None
+    return url if isinstance(url, str) else None
+
+
+def remove_query_address(root: Path) -> None:
+    """Remove this process's record, if any."""
+    with contextlib.suppress(FileNotFoundError):
+        _query_file(root, os.getpid()).unlink()
 
 
 class AliasRegistry:

@@ -62,6 +62,10 @@ class QdrantServerAdmin:
         with self._errors("read the aliases"):
             return aliases_of(self._open()).get(alias)
 
+    def probe(self, alias: str) -> None:
+        """Creates nothing: the server answers (and knows the alias, or not)."""
+        self.resolve(alias)
+
     def switch(self, alias: str, target: str) -> str | None:
         check_names(target, alias=alias)
         client = self._open()

@@ -64,6 +64,19 @@ class KafkaSecurity(Section):
         return {k: _reveal(v) for k, v in pairs.items() if v is not None}
 
 
+def checked_pattern(pattern: str | None) -> str | None:
+    """``pattern`` if it is a usable topic pattern (or None); else ValueError saying why."""
+    if pattern is None:
+        return None
+    if not pattern:
+        raise ValueError("topic_pattern is empty")
+    try:
+        re.compile(subscription_pattern(pattern))
+    except re.error as error:
+        raise ValueError(f"topic_pattern is not a regular expression: {error}") from None
+    return pattern
+
+
 class SchemaRegistrySettings(Section):
     """A Confluent-compatible Schema Registry (Confluent, Karapace, Apicurio's ccompat
     API, Redpanda): values and keys framed as magic byte 0 + 4-byte schema id
@@ -122,7 +135,12 @@ class KafkaSettings(Section):
             {"session.timeout.ms": 6000})
     )
     security: KafkaSecurity = KafkaSecurity()
+    # One dead-letter topic for every topic; default: one per group and topic,
+    # "<group_id>.<topic>.dlq" (see dlq_topic_for).
     dlq_topic: str | None = None
+    # `dlq list` and `dlq replay` also read the dead-letter topics under the old
+    # default name, "<topic>.dlq" (shared by every group; older records name no group).
+    dlq_legacy_topics: bool = False
     # Most messages taken from the client per poll; bounds per-iteration work.
     poll_max_messages: int = Field(default=1000, ge=1)
     # A dead-letter record's value is cut to this many bytes (the header
@@ -167,24 +185,36 @@ class KafkaSettings(Section):
             raise ValueError("name at least one non-empty topic (or a topic_pattern)")
         return topics
 
-    @field_validator("topic_pattern")
-    @classmethod
-    def _compiles(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            pattern_error(pattern)
-        return pattern
+    _compiles = field_validator("topic_pattern")(checked_pattern)
 
     def dlq_topic_for(self, topic: str) -> str:
-        return self.dlq_topic or f"{topic}.dlq"
+        """Where the dead letters of ``topic`` go: ``kafka.dlq_topic``, else
+        ``<group_id>.<topic>.dlq``, so that two groups reading one topic keep theirs
+        apart. Characters of the group a topic name cannot hold become ``_``. The
+        name ends ``.dlq``, which keeps topic patterns off it (embedstream.stream.routing)."""
+        if self.dlq_topic:
+            return self.dlq_topic
+        return f"{_TOPIC_UNSAFE.sub('_', self.group_id)}.{topic}.dlq"
+
+    def legacy_dlq_topic_for(self, topic: str) -> str | None:
+        """The dead-letter topic of ``topic`` under the old default name,
+        ``<topic>.dlq``; None when ``kafka.dlq_topic`` names one for all."""
+        return None if self.dlq_topic else f"{topic}.dlq"
+
+    @model_validator(mode="after")
+    def _dlq_names_fit(self) -> KafkaSettings:
+        # Kafka refuses topic names over 249 characters: say so at start, not at the
+        # first dead letter (topics a pattern finds later are checked by Kafka only).
+        for topic in self.topics:
+            name = self.dlq_topic_for(topic)
+            if len(name) > _MAX_TOPIC:
+                raise ValueError(
+                    f"the dead-letter topic of {topic!r} would be {name[:60]!r}... "
+                    f"({len(name)} characters, Kafka takes at most {_MAX_TOPIC}): set "
+                    "kafka.dlq_topic, or use a shorter kafka.group_id")
+        return self
 
 
-
-
-def pattern_error(pattern: str) -> None:
-    """Raise ValueError naming what is wrong with a topic pattern."""
-    if not pattern:
-        raise ValueError("topic_pattern is empty")
-    try:
-        re.compile(subscription_pattern(pattern))
-    except re.error as error:
-        raise ValueError(f"topic_pattern is not a regular expression: {error}") from None
+# Kafka topic names: ASCII letters, digits, ".", "_" and "-", at most 249 characters.
+_TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_MAX_TOPIC = 249

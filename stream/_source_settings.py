@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from embedstream.stream._kafka_settings import pattern_error
+from embedstream.stream._kafka_settings import checked_pattern
 from embedstream.stream._section import Section
 from embedstream.stream.filters import FieldType
-from embedstream.stream.names import name_error
+from embedstream.stream.names import ROUTE_NAME, checked_alias
 from embedstream.stream.templates import template_parts
 
 __all__ = ["RESERVED_PAYLOAD_FIELDS", "ROUTE_NAME", "RouteSettings", "SourceSettings"]
@@ -72,10 +72,6 @@ class SourceSettings(Section):
         return fields
 
 
-# A route's name is a metric label value and a command-line argument: short and plain.
-ROUTE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-
-
 class RouteSettings(Section):
     """One route: the messages of ``topics`` (or of every topic matching
     ``topic_pattern``) read by ``source`` into ``collection`` (an alias, with its
@@ -87,20 +83,8 @@ class RouteSettings(Section):
     source: SourceSettings = SourceSettings()
     collection: str
 
-    @field_validator("collection")
-    @classmethod
-    def _valid_collection(cls, name: str) -> str:
-        problem = name_error(name, alias=True)
-        if problem:
-            raise ValueError(problem)
-        return name
-
-    @field_validator("topic_pattern")
-    @classmethod
-    def _compiles(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            pattern_error(pattern)
-        return pattern
+    _valid_collection = field_validator("collection")(checked_alias)
+    _compiles = field_validator("topic_pattern")(checked_pattern)
 
     @model_validator(mode="after")
     def _topics_or_pattern(self) -> RouteSettings:

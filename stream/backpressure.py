@@ -28,6 +28,9 @@ log = logging.getLogger("embedstream.consumer")
 
 _FIRST_BACKOFF_S = 0.5
 _MAX_BACKOFF_S = 30.0
+# After a read-side outage, resumed reads with no failure for this long end it even
+# when no message came to read (e.g. the partition that failed was revoked meanwhile).
+_READ_CONFIRM_S = 10.0
 
 
 class Backpressure:
@@ -40,6 +43,10 @@ class Backpressure:
         self.retry_at: float | None = None
         self.backoff_s = 0.0
         self._paused: list[TopicPartition] = []
+        # A read-side outage (the Schema Registry): over only once a read succeeds, so
+        # neither readiness nor the backoff is reset by resuming to try again.
+        self._reading: float | None = None  # when reading was resumed to try again
+        self._reading_outage = False
 
     @property
     def waiting(self) -> bool:
@@ -53,6 +60,7 @@ class Backpressure:
         self.backoff_s = min(_MAX_BACKOFF_S,
                              max(error.retry_after, self.backoff_s * 2 or _FIRST_BACKOFF_S))
         self.retry_at = self._clock() + self.backoff_s
+        self._reading_outage = isinstance(error, RegistryUnavailable)
         what = ("store" if isinstance(error, SinkUnavailable)
                 else "embedding API" if isinstance(error, EmbedderUnavailable)
                 else "schema registry" if isinstance(error, RegistryUnavailable) else "service")
@@ -64,11 +72,14 @@ class Backpressure:
         self._metrics.paused_partitions.set(len(self._paused))
 
     def resume(self) -> None:
-        """The store answered: fetch again."""
-        if self.retry_at is not None:
+        """The store answered (or, after a read-side outage, time to read again): fetch again."""
+        if self.retry_at is not None and self._reading_outage:
+            self._reading = self._clock()
+        elif self.retry_at is not None:
             log.info("available again; resuming")
             self._health.set_ready(None)
-        self.retry_at, self.backoff_s = None, 0.0
+            self.backoff_s = 0.0
+        self.retry_at = None
         if self._paused:
             # Everything assigned now: partitions revoked and given back during
             # the backoff keep the pause librdkafka holds for them.
@@ -76,6 +87,15 @@ class Backpressure:
                                         [*self._paused, *self._consumer.assignment()]}.values()))
             self._paused = []
             self._metrics.paused_partitions.set(0)
+
+    def read_ok(self, now: float, taken: bool) -> None:
+        """After a poll with no read-side failure: a read-side outage being retried is
+        over once a message was ``taken`` in, or reads have gone on without one
+        failing for a while (no message may come: its partition was revoked)."""
+        if self._reading is not None and (taken or now - self._reading > _READ_CONFIRM_S):
+            log.info("schema registry available again")
+            self._reading, self._reading_outage, self.backoff_s = None, False, 0.0
+            self._health.set_ready(None)
 
     def clear_pause(self, partitions: list[TopicPartition]) -> None:
         try:

@@ -34,7 +34,7 @@ from embedstream.stream._source_settings import (
     check_routes,
 )
 from embedstream.stream.errors import ConfigError
-from embedstream.stream.names import name_error
+from embedstream.stream.names import checked_alias
 from embedstream.stream.redact import checked_header_secret
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "KafkaSecurity",
     "KafkaSettings",
     "MetricsSettings",
+    "QuerySettings",
     "RouteSettings",
     "SchemaRegistrySettings",
     "Settings",
@@ -142,14 +143,8 @@ class SinkSettings(Section):
     # largest write made at once; see the README's "Disk". 0: never wait.
     min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
 
-    @field_validator("collection")
-    @classmethod
-    def _valid_collection(cls, name: str) -> str:
-        # The one rule of every name, checked here before any path is built from it.
-        problem = name_error(name, alias=True)
-        if problem:
-            raise ValueError(problem)
-        return name
+    # The one rule of every name, checked here before any path is built from it.
+    _valid_collection = field_validator("collection")(checked_alias)
 
 
 class BulkSettings(Section):
@@ -195,6 +190,22 @@ class MetricsSettings(Section):
     liveness_timeout_s: float = Field(default=120.0, gt=0)
 
 
+class QuerySettings(Section):
+    """The running consumer's query endpoint: ``POST /search`` and ``GET /export``
+    (see :mod:`embedstream.stream.app.query_server`), on a port of its own."""
+
+    enabled: bool = True
+    # Loopback unless asked, also in a container: it answers with the indexed texts,
+    # and has no authentication. It is not the metrics port, which the image and the
+    # chart open to the pod network.
+    host: str = "127.0.0.1"
+    # 0: a free port, chosen at start; logged, and written where `search` and
+    # `export` look for the consumer holding the store.
+    port: int = Field(default=0, ge=0, le=65535)
+    # Larger request bodies are refused (413) before they are read.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="EMBEDSTREAM_",
@@ -209,6 +220,7 @@ class Settings(BaseSettings):
     chunk: ChunkSettings = ChunkSettings()
     sink: SinkSettings = SinkSettings()
     metrics: MetricsSettings = MetricsSettings()
+    query: QuerySettings = QuerySettings()
     bulk: BulkSettings = BulkSettings()
     # Many topics to many collections, each route with its own source settings and
     # collection. Without it, kafka.topics (or kafka.topic_pattern), source and

@@ -177,8 +177,12 @@ class StreamConsumer:
                 break
             if self._batch.full and not self._pressure.waiting:
                 self._flush()
+        else:
+            self._pressure.read_ok(self._clock(), taken=bool(messages))
         now = self._clock()
         self._dead_letters.poll()
+        if self._topic_ids is not None:
+            self._topic_ids.poll()
         if self._pressure.waiting:
             if self._pressure.due(now) and self._flush() and self._checkpoint():
                 self._pressure.resume()  # also when there was nothing left to write
@@ -258,7 +262,7 @@ class StreamConsumer:
         if isinstance(taken, Skipped):
             skips.skipped(taken)
             return
-        skips.taken()
+        skips.taken(None if isinstance(taken, Rejected) else taken)
         if isinstance(taken, Rejected):
             self._dead_letter(message, taken.reason, taken.detail, taken.kind, route.name)
         else:

@@ -6,7 +6,14 @@ came from:
 
 ``embedstream.error.reason``, ``embedstream.error.detail``,
 ``embedstream.source.topic``, ``embedstream.source.partition``,
-``embedstream.source.offset`` (plus the original headers).
+``embedstream.source.offset``, and who dead-lettered it:
+``embedstream.consumer.group`` (``kafka.group_id``) and
+``embedstream.consumer.id`` (see :class:`DeadLetters`), plus the original headers.
+
+The topic is ``kafka.dlq_topic`` if set, else ``<group_id>.<topic>.dlq``
+(:meth:`~embedstream.stream.config.KafkaSettings.dlq_topic_for`): two groups
+reading one topic keep their dead letters apart, and ``dlq replay`` resubmits
+only its own group's (the group header decides where one topic is shared).
 
 Kafka refuses a record over the producer's (and the broker's)
 ``message.max.bytes``, and a dead letter that cannot be written would stop the
@@ -31,6 +38,8 @@ dead-lettered message, so a record is never lost between the two topics.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -41,7 +50,9 @@ from confluent_kafka.cimpl import NewTopic
 from embedstream.stream.config import KafkaSettings
 
 __all__ = [
+    "CONSUMER_HEADER",
     "DETAIL_HEADER",
+    "GROUP_HEADER",
     "HEADERS_DROPPED_HEADER",
     "KEY_TRUNCATED_HEADER",
     "REASON_HEADER",
@@ -51,6 +62,7 @@ __all__ = [
     "TRUNCATED_HEADER",
     "DeadLetters",
     "Fitted",
+    "default_consumer_id",
     "ensure_topics",
     "fit",
 ]
@@ -62,6 +74,8 @@ DETAIL_HEADER = "embedstream.error.detail"
 SOURCE_TOPIC_HEADER = "embedstream.source.topic"
 SOURCE_PARTITION_HEADER = "embedstream.source.partition"
 SOURCE_OFFSET_HEADER = "embedstream.source.offset"
+GROUP_HEADER = "embedstream.consumer.group"
+CONSUMER_HEADER = "embedstream.consumer.id"
 TRUNCATED_HEADER = "embedstream.dlq.truncated"
 HEADERS_DROPPED_HEADER = "embedstream.dlq.headers_dropped"
 KEY_TRUNCATED_HEADER = "embedstream.dlq.key_truncated"
@@ -157,10 +171,26 @@ def _bytes(value: str | bytes | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
 
 
+def default_consumer_id(settings: KafkaSettings) -> str:
+    """Who dead-letters, when the caller does not say: ``client.id`` from
+    ``kafka.options`` if set, then ``<host>:<pid>`` (unique among the consumers alive)."""
+    host = f"{socket.gethostname()}:{os.getpid()}"
+    client = settings.librdkafka_options().get("client.id")
+    return f"{client}@{host}" if client else host
+
+
 class DeadLetters:
-    def __init__(self, producer: Producer, settings: KafkaSettings) -> None:
+    """The dead-letter producer of one consumer. ``consumer_id`` goes into the
+    ``embedstream.consumer.id`` header of every record (default:
+    :func:`default_consumer_id`); a caller that knows the group member id may
+    assign it at any time (each send reads the attribute; the id changes with
+    each rebalance)."""
+
+    def __init__(self, producer: Producer, settings: KafkaSettings,
+                 consumer_id: str | None = None) -> None:
         self._producer = producer
         self._settings = settings
+        self.consumer_id = consumer_id or default_consumer_id(settings)
         # What this producer refuses (librdkafka checks before sending); the broker's
         # own limit may be lower: a refused record is sent again, minimal.
         configured = settings.librdkafka_options().get("message.max.bytes")
@@ -183,6 +213,8 @@ class DeadLetters:
             (SOURCE_TOPIC_HEADER, source_topic.encode()),
             (SOURCE_PARTITION_HEADER, str(message.partition()).encode()),
             (SOURCE_OFFSET_HEADER, str(message.offset()).encode()),
+            (GROUP_HEADER, self._settings.group_id.encode()),
+            (CONSUMER_HEADER, self.consumer_id.encode()),
         ]
         key, value = message.key(), message.value()
         record = fit(key, value, headers, _size(own), self._settings.dlq_max_value_bytes,

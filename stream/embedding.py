@@ -11,6 +11,7 @@ keeps chunks below that length so nothing is lost in the stream.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Sequence
@@ -282,6 +283,15 @@ class SentenceTransformerEmbedder:
 
     def close(self) -> None:
         """Nothing to release (the model goes with the object); as remote embedders do."""
+
+    def twin(self) -> SentenceTransformerEmbedder:
+        """An embedder for another thread: the same model, its weights shared (forward
+        passes under ``inference_mode`` change nothing in it, so two threads may run
+        them at once), with a tokenizer of its own (a fast tokenizer sets its
+        truncation per call, and two threads sharing one fail with "Already borrowed")."""
+        twin = copy.copy(self)
+        twin._tokenizer = copy.deepcopy(self._tokenizer)
+        return twin
 
     def _forward(self, batch: list[list[int]]) -> npt.NDArray[np.float32]:
         import torch

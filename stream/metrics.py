@@ -47,6 +47,20 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.empty_documents = Counter(
+            "embedstream_empty_documents_total",
+            "Upserts stored with no chunks, by reason (no_text: the route's text_fields or "
+            "text_template gave no text) and route",
+            ["reason", "route"],
+            registry=r,
+        )
+        self.no_chunks = Gauge(
+            "embedstream_route_without_chunks",
+            "1 while a route has taken more than 100 upserts since the start and not one "
+            "gave a chunk (e.g. text_fields that name no field of the rows), by route",
+            ["route"],
+            registry=r,
+        )
         self.dlq_records = Counter(
             "embedstream_dlq_records_total",
             "Messages written to the dead-letter topic, by reason and route",

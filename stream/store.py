@@ -263,6 +263,13 @@ class SinkAdmin(Protocol):
         about once a second."""
         ...
 
+    def probe(self, alias: str) -> None:
+        """Check, creating nothing, that a sink for ``alias`` could be opened now:
+        the store answers, its directory is writable, the collection is not held
+        by another process. :class:`~embedstream.stream.errors.SinkError` says why
+        not (a start-up check, before the model loads)."""
+        ...
+
     def switch(self, alias: str, target: str) -> str | None:
         """Point ``alias`` at the physical collection ``target`` in one atomic
         step (readers see the old target or the new one, never no alias) and

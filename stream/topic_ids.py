@@ -40,6 +40,10 @@ class TopicIds:
         self._ids: dict[str, str | None] = {}
         self._last_offset: dict[tuple[str, int], int] = {}
 
+    def poll(self) -> None:
+        """Serve the admin client's callbacks: its queued log lines go to the logger."""
+        self._admin.poll(0)
+
     def refresh(self, topics: Collection[str]) -> None:
         """Look ``topics`` up again (a failure leaves them unknown, logged)."""
         if not topics:

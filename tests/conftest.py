@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,22 @@ def embedding_server(minilm_path: str) -> Iterator[Any]:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
     """A tiny random sentence-transformers model on disk (dimension 32, max_seq_length 128)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), minilm_path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def precision_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``bulk.precision: auto`` keeps its decisions in a file of this session, never in
+    the user's cache (a test that needs its own sets EMBEDSTREAM_PRECISION_CACHE)."""
+    from embedstream.bulk.precision import CACHE_ENV
+
+    path = tmp_path_factory.mktemp("precision") / "precision.json"
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(path)  # subprocesses of the CLI inherit it
+    yield path
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 # ======================================================================================

@@ -122,7 +122,8 @@ def test_a_stream_of_malformed_messages_is_dead_lettered_and_never_stops_the_loo
         pipeline.close()
 
     assert {f"g{i}" for i in range(40)} <= set(stored)
-    dead = read_all(broker.bootstrap_servers, f"{topic}.dlq", len(expected_reasons))
+    dead = read_all(broker.bootstrap_servers, settings.kafka.dlq_topic_for(topic),
+                    len(expected_reasons))
     got = {int(dict(d.headers())["embedstream.source.offset"]):
            dict(d.headers())["embedstream.error.reason"].decode() for d in dead}
     assert got == expected_reasons

@@ -43,7 +43,7 @@ metrics: {port: 9108}
     assert settings.kafka.bootstrap_servers == "broker:9093"
     assert settings.kafka.options["security.protocol"] == "SASL_SSL"
     topic = "dbserver1.inventory.products"
-    assert settings.kafka.dlq_topic_for(topic) == f"{topic}.dlq"
+    assert settings.kafka.dlq_topic_for(topic) == f"embedstream.{topic}.dlq"  # per group
     assert settings.source.text_fields == ("name", "description")
     assert settings.sink.api_key is not None
     assert settings.sink.api_key.get_secret_value() == "s3cret-key"

@@ -161,7 +161,8 @@ def test_huge_headers_or_key_are_dead_lettered_and_the_stream_goes_on(
 
     assert set(stored) == {"a", "b"}, "the messages after the huge ones are indexed"
     by_offset = {int(dict(d.headers())["embedstream.source.offset"]): d
-                 for d in read_all(broker.bootstrap_servers, f"{topic}.dlq", 2)}
+                 for d in read_all(broker.bootstrap_servers,
+                                   settings.kafka.dlq_topic_for(topic), 2)}
     assert set(by_offset) == {1, 2}
     headers_one, key_one = by_offset[1], by_offset[2]
     notes = dict(headers_one.headers())
@@ -210,7 +211,7 @@ def test_a_record_kafka_refuses_anyway_goes_minimal_and_is_never_replayed(
     finally:
         dead_letters.close()
 
-    [record] = read_all(broker.bootstrap_servers, f"{topic}.dlq", 1)
+    [record] = read_all(broker.bootstrap_servers, settings.kafka.dlq_topic_for(topic), 1)
     notes = dict(record.headers())
     assert record.key() is None and record.value() == b""  # a value, empty: no tombstone
     assert notes["embedstream.error.reason"] == b"invalid_json"

@@ -116,11 +116,12 @@ class Scenario:
     def __init__(self, broker: LocalBroker, tmp: Path, model: Path) -> None:
         self.bootstrap = broker.bootstrap_servers
         self.topic = unique("products")
-        self.dlq_topic = f"{self.topic}.dlq"
+        self.group = unique("dlq")
+        self.dlq_topic = f"{self.group}.{self.topic}.dlq"
         self.tmp = tmp
         self.config: dict[str, Any] = {
             "kafka": {"bootstrap_servers": self.bootstrap, "topics": [self.topic],
-                      "group_id": unique("dlq"), "options": {"session.timeout.ms": 6000}},
+                      "group_id": self.group, "options": {"session.timeout.ms": 6000}},
             "source": {"format": "debezium", "version": "lsn",
                        "max_message_bytes": SMALL_LIMIT},
             "embed": {"model": str(model), "device": "cpu"},
@@ -193,6 +194,8 @@ def test_list_shows_every_dead_letter_with_its_source_and_reason(
     assert [r["dlq_offset"] for r in rows] == list(range(len(EXPECTED_DLQ)))
     assert {r["dlq_topic"] for r in rows} == {scenario.dlq_topic}
     assert {r["source_topic"] for r in rows} == {scenario.topic}
+    assert {r["group"] for r in rows} == {scenario.group}  # who dead-lettered them
+    assert all(r["consumer"] for r in rows)
     assert rows[0]["key"] == '{"id": 20}' and rows[6]["key"] is None
     assert "source.lsn" in rows[1]["detail"] and rows[7]["value_bytes"] > SMALL_LIMIT
     summary = [json.loads(line)["msg"] for line in err.splitlines()]
@@ -207,7 +210,7 @@ def test_list_shows_every_dead_letter_with_its_source_and_reason(
                                                                 strict=True)):
         assert line.startswith(f"{scenario.dlq_topic}/0/{i}  "
                                f"source={scenario.topic}/{partition}/{offset}  "
-                               f"reason={reason}  key="), line
+                               f"group={scenario.group}  reason={reason}  key="), line
         assert len(line) < 400
     # Listing commits nothing and reads from the start every time.
     assert run_cli(capsys, "list", "--config", str(strict))[1] == out
@@ -308,28 +311,28 @@ def test_an_unreachable_broker_is_a_clear_error(
         "options": {"session.timeout.ms": 6000}}}))
     code, out, err = run_cli(capsys, command, "--config", str(config))
     assert code == 2 and out == ""
-    assert f"embedstream: error: dlq: reading metadata of 't.dlq' failed (Kafka at {bootstrap})" \
-        in err
+    assert f"embedstream: error: dlq: reading metadata of 'g.t.dlq' failed (Kafka at " \
+           f"{bootstrap})" in err
 
 
 @pytest.mark.slow
 def test_nothing_is_committed_when_resubmitting_fails(
         broker: LocalBroker, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         cli_logging: None) -> None:
-    topic = unique("gone")
+    topic, group = unique("gone"), unique("g")
+    dlq_topic = f"{group}.{topic}.dlq"
     create_topic(broker.bootstrap_servers, topic, partitions=1)
-    create_topic(broker.bootstrap_servers, f"{topic}.dlq", partitions=1)
+    create_topic(broker.bootstrap_servers, dlq_topic, partitions=1)
     value = json.dumps({"id": "a", "text": "A native document."}).encode()
     source = [("embedstream.error.reason", b"missing_id"), ("embedstream.source.topic",
               topic.encode()), ("embedstream.source.offset", b"3")]
-    produce_to(broker.bootstrap_servers, f"{topic}.dlq", 0, [
+    produce_to(broker.bootstrap_servers, dlq_topic, 0, [
         (b"a", value, []),  # no source headers at all
         (b"a", value, [*source, ("embedstream.source.partition", b"0")]),
         # A partition the source topic does not have (any more).
         (b"a", value, [*source, ("embedstream.source.partition", b"7")]),
     ])
     config = tmp_path / "c.yaml"
-    group = unique("g")
     config.write_text(yaml.safe_dump({
         "kafka": {"bootstrap_servers": broker.bootstrap_servers, "topics": [topic],
                   "group_id": group, "options": {"session.timeout.ms": 6000}},
@@ -341,12 +344,12 @@ def test_nothing_is_committed_when_resubmitting_fails(
     code, out, err = run_cli(capsys, "replay", "--config", str(config))
     assert code == 2 and out == ""
     # Refused at once if the producer already knows the topic's partitions, else at the flush.
-    assert f"embedstream: error: dlq: resubmitting {topic}.dlq/0/2 to {topic}[7]" in err \
+    assert f"embedstream: error: dlq: resubmitting {dlq_topic}/0/2 to {topic}[7]" in err \
         or "embedstream: error: dlq: resubmitting failed" in err, err
     reader = Consumer({"bootstrap.servers": broker.bootstrap_servers,
                        "group.id": f"{group}.dlq-replay", "session.timeout.ms": 6000})
     try:
-        [progress] = reader.committed([TopicPartition(f"{topic}.dlq", 0)], timeout=10)
+        [progress] = reader.committed([TopicPartition(dlq_topic, 0)], timeout=10)
     finally:
         reader.close()
     assert progress.offset < 0  # nothing committed: the next replay tries them all again

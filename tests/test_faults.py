@@ -318,7 +318,8 @@ def test_out_of_memory_halves_the_batch_and_dead_letters_what_fails_alone(
 
     assert sample(metrics, "embedstream_embed_splits_total") >= 2
     assert set(stored_docs(pipeline.sink, 12)) == {f"d{i}" for i in range(12)} - {"d5"}
-    [dead] = read_all(broker.bootstrap_servers, f"{topic}.dlq", 1)
+    [dead] = read_all(broker.bootstrap_servers,
+                      pipeline.settings.kafka.dlq_topic_for(topic), 1)
     headers = dict(dead.headers())
     assert headers["embedstream.error.reason"] == b"embed_out_of_memory"
     assert (dead.key(), dead.value()) == poison

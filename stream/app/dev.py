@@ -254,7 +254,8 @@ def _rebuild_and_follow(pipeline: Pipeline, stream: StreamConsumer, producer: Pr
     print("\nrebuild: re-embedding the whole topic into a new collection, then moving "
           f"the alias {pipeline.settings.for_route('pages').sink.collection!r} ...")
     report = rebuild(pipeline.settings.for_route("pages"), RebuildOptions(source="kafka"))
-    print(f"  {report.documents} documents, {report.chunks} chunks into {report.target} "
+    print(f"  {report.records} records read, {report.superseded} superseded: "
+          f"{report.documents} documents, {report.chunks} chunks into {report.target} "
           f"({report.precision}, {report.padding_fraction:.1%} padding); snapshot up to "
           f"{report.covered}, handover at {report.handover}; previous: {report.previous}")
     text = "A page written after the rebuild, about vector search that follows every change."

@@ -7,7 +7,12 @@ same way as ``dlq list`` (see there): a fixed range up to the high watermarks
 captured at the start, never waiting for more records, partitions
 ``assign``-ed without joining a consumer group.
 
-:func:`replay_dead_letters` decodes each record again under the *current*
+:func:`replay_dead_letters` takes the records of its own group
+(``kafka.group_id``, from the ``embedstream.consumer.group`` header) and those
+that name no group (written before the header existed, e.g. in an old
+``<topic>.dlq`` read with ``kafka.dlq_legacy_topics``); another group's records,
+in a ``kafka.dlq_topic`` that groups share, are left to that group's replay
+and counted as ``other_groups``. It decodes each record again under the *current*
 ``source`` settings, with the consumer's own checks (``take_in``: the
 ``source.max_message_bytes`` / ``source.max_document_chars`` limits, and Schema
 Registry framed values read with the current ``kafka.schema_registry``). A record
@@ -127,6 +132,8 @@ class ReplayReport:
     passed_over: list[str] = field(default_factory=list)
     # Next offset per dead-letter partition committed in the replay group.
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Records another consumer group dead-lettered (left to that group's replay).
+    other_groups: int = 0
 
     def summary(self) -> str:
         failing = sum(self.still_failing.values())
@@ -138,6 +145,8 @@ class ReplayReport:
         if self.passed_over:
             text += (f", {len(self.passed_over)} of them "
                      f"{'would be ' if self.dry_run else ''}passed over")
+        if self.other_groups:
+            text += f", {self.other_groups} of other groups left alone"
         return text
 
 
@@ -226,6 +235,9 @@ def replay_dead_letters(settings: Settings, *, dry_run: bool = False,
             advanced: dict[tuple[str, int], int] = {}
             for message in batch:
                 letter = DeadLetter.from_message(message)
+                if letter.group is not None and letter.group != settings.kafka.group_id:
+                    report.other_groups += 1
+                    continue
                 tp = (letter.topic, letter.partition)
                 reason = _why_not(letter, settings, reader)
                 if reason is not None:

@@ -12,6 +12,15 @@ same time only adds records the next run sees.
 Partitions are ``assign``-ed with explicit offsets; neither command joins a
 consumer group, so neither disturbs the running consumer.
 
+Which topics: :func:`dlq_topics`, the dead-letter topic of each configured topic
+(``<group_id>.<topic>.dlq``, or ``kafka.dlq_topic``), and with
+``kafka.dlq_legacy_topics: true`` also the old default ``<topic>.dlq`` that
+every group shared. Without that setting an old topic that still holds records
+is not read, but a warning names it and the setting. Records carry the group
+that wrote them (none for records written before groups were recorded):
+``dlq list`` shows every record with its group; ``dlq replay`` resubmits only
+its own group's and those naming none.
+
 :func:`list_dead_letters` reads every dead-letter topic from its earliest
 offset and commits nothing: it shows everything still retained, replayed or not.
 
@@ -35,7 +44,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from embedstream.stream.config import Settings
 from embedstream.stream.dead_letters import (
+    CONSUMER_HEADER,
     DETAIL_HEADER,
+    GROUP_HEADER,
     HEADERS_DROPPED_HEADER,
     KEY_TRUNCATED_HEADER,
     REASON_HEADER,
@@ -75,8 +86,14 @@ _CUT_NOTES = {"value": TRUNCATED_HEADER, "headers": HEADERS_DROPPED_HEADER,
 
 
 def dlq_topics(settings: Settings) -> list[str]:
-    """The dead-letter topics of the configured topics, in order, without repeats."""
-    return list(dict.fromkeys(settings.kafka.dlq_topic_for(t) for t in settings.kafka.topics))
+    """The dead-letter topics of the configured topics, in order, without repeats;
+    with ``kafka.dlq_legacy_topics``, each followed by its old default name."""
+    kafka = settings.kafka
+    names = [kafka.dlq_topic_for(t) for t in kafka.topics]
+    if kafka.dlq_legacy_topics:
+        names = [name for t, new in zip(kafka.topics, names, strict=True)
+                 for name in (new, kafka.legacy_dlq_topic_for(t)) if name is not None]
+    return list(dict.fromkeys(names))
 
 
 def _timeout(timeout_s: float | None) -> float:
@@ -105,7 +122,9 @@ class DeadLetter:
     ``headers`` are the original message's own headers (no ``embedstream.*``).
     ``dropped``: what was cut to fit the dead-letter topic (``value``, ``key``,
     ``headers``), with its original size in bytes (-1: unreadable); ``truncated``
-    when anything was, so the record is no longer the message.
+    when anything was, so the record is no longer the message. ``group`` and
+    ``consumer``: the consumer group and consumer that dead-lettered it (None in
+    records written before they were recorded).
     """
 
     topic: str
@@ -120,6 +139,8 @@ class DeadLetter:
     truncated: bool = False
     timestamp_ms: int | None = None
     dropped: tuple[tuple[str, int], ...] = ()
+    group: str | None = None
+    consumer: str | None = None
 
     @classmethod
     def from_message(cls, message: Message) -> DeadLetter:
@@ -150,6 +171,8 @@ class DeadLetter:
             detail=_text(ours.get(DETAIL_HEADER)),
             source=source, headers=tuple(own), truncated=bool(dropped),
             timestamp_ms=stamp if stamp and stamp > 0 else None, dropped=dropped,
+            group=_text(ours[GROUP_HEADER]) if GROUP_HEADER in ours else None,
+            consumer=_text(ours[CONSUMER_HEADER]) if CONSUMER_HEADER in ours else None,
         )
 
     @property
@@ -169,17 +192,19 @@ class DeadLetter:
             "key": None if self.key is None else _text(self.key),
             "value_bytes": None if self.value is None else len(self.value),
             "truncated": self.truncated, "timestamp_ms": self.timestamp_ms,
-            "dropped": dict(self.dropped),
+            "dropped": dict(self.dropped), "group": self.group, "consumer": self.consumer,
         }
 
     def to_line(self) -> str:
-        """One line for people: where it is, where it came from, why, key, detail (cut)."""
+        """One line for people: where it is, where it came from, the group that
+        dead-lettered it (``-``: not recorded), why, key, detail (cut)."""
         source = self.source
         where = f"{source.topic}/{source.partition}/{source.offset}" if source else "-"
         key = "-" if self.key is None else _one_line(_text(self.key), _TEXT_KEY)
         cut = f"  cut={','.join(f'{part}:{size}' for part, size in self.dropped)}" \
             if self.dropped else ""
-        return (f"{self.coordinates}  source={where}  reason={self.reason}  key={key}{cut}  "
+        return (f"{self.coordinates}  source={where}  group={self.group or '-'}  "
+                f"reason={self.reason}  key={key}{cut}  "
                 f"{_one_line(self.detail, _TEXT_DETAIL)}")
 
 
@@ -222,15 +247,10 @@ def _plan(consumer: Consumer, settings: Settings, committed: bool, timeout_s: fl
     """Capture each dead-letter partition's start and high watermark."""
     plan: _Plan = {}
     for topic in dlq_topics(settings):
-        with _broker(settings, f"reading metadata of {topic!r}"):
-            metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            if metadata is not None and metadata.error.code() not in (
-                    KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
-                raise KafkaUnavailable(f"dlq: topic {topic!r}: {metadata.error}")
+        partitions = _partitions(consumer, settings, topic, timeout_s)
+        if partitions is None:
             log.info("dead-letter topic %s does not exist: nothing dead-lettered there", topic)
             continue
-        partitions = [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
         starts: dict[int, int] = {}
         if committed:
             with _broker(settings, f"reading the committed offsets of {topic!r}"):
@@ -248,7 +268,39 @@ def _plan(consumer: Consumer, settings: Settings, committed: bool, timeout_s: fl
                             topic, tp.partition, start, low - 1)
                 start = low
             plan[(topic, tp.partition)] = (start, high)
+    _warn_of_legacy_topics(consumer, settings, timeout_s)
     return plan
+
+
+def _partitions(consumer: Consumer, settings: Settings, topic: str,
+                timeout_s: float) -> list[TopicPartition] | None:
+    """The partitions of ``topic``; None when it does not exist."""
+    with _broker(settings, f"reading metadata of {topic!r}"):
+        metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    if metadata is None or metadata.error is not None:
+        if metadata is not None and metadata.error.code() not in (
+                KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+            raise KafkaUnavailable(f"dlq: topic {topic!r}: {metadata.error}")
+        return None
+    return [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
+
+
+def _warn_of_legacy_topics(consumer: Consumer, settings: Settings, timeout_s: float) -> None:
+    """Name the old default dead-letter topics (``<topic>.dlq``) that still hold
+    records but are not read, and the setting that reads them."""
+    kafka = settings.kafka
+    legacy = {name for t in kafka.topics if (name := kafka.legacy_dlq_topic_for(t))}
+    for topic in sorted(legacy - set(dlq_topics(settings))):
+        partitions = _partitions(consumer, settings, topic, timeout_s)
+        held = 0
+        for tp in partitions or ():
+            with _broker(settings, f"reading the offsets of {topic}[{tp.partition}]"):
+                low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+            held += max(0, high - low)
+        if held:
+            log.warning("the dead-letter topic %s (the old default name, shared by every "
+                        "group) still holds records and is not read: set "
+                        "kafka.dlq_legacy_topics: true to list and replay them too", topic)
 
 
 def _batches(consumer: Consumer, settings: Settings, plan: _Plan,

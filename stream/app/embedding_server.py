@@ -37,12 +37,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from embedstream.stream.app._threaded_server import ThreadedServer
 from embedstream.stream.embedding import resolve_model_path
 
 __all__ = ["Answered", "EmbeddingServer", "main"]
@@ -50,12 +51,6 @@ __all__ = ["Answered", "EmbeddingServer", "main"]
 #: ``encode(texts) -> (normalised float32 vectors, prompt tokens)``.
 Encode = Callable[[list[str]], tuple[npt.NDArray[np.float32], int]]
 
-
-class _QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that gave up on its request (cancelled, timed out) is no server error.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +77,7 @@ class EmbeddingServer:
         self.api_key: str | None = None
         self.delay_s = 0.0  # added to every answer: a slow provider
         self.log: list[Answered] = []
-        self._httpd = _QuietServer((host, port), self._handler())
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        name="embedding-server", daemon=True)
+        self._server = ThreadedServer(self._handler(), host, port, "embedding-server")
 
     @classmethod
     def with_model(cls, model: str, host: str = "127.0.0.1", port: int = 0) -> EmbeddingServer:
@@ -104,16 +96,14 @@ class EmbeddingServer:
 
     @property
     def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}/v1"
+        return f"{self._server.address}/v1"
 
     def __enter__(self) -> EmbeddingServer:
-        self._thread.start()
+        self._server.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._server.__exit__(*exc)
 
     # -- misbehaviour on demand ----------------------------------------------------
 

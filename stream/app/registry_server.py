@@ -48,20 +48,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from embedstream.stream.app._threaded_server import ThreadedServer
 
 __all__ = ["Request", "SchemaRegistryServer", "main"]
 
 _TYPES = ("AVRO", "PROTOBUF", "JSON")
 
-
-class _QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that gave up on its request (cancelled, timed out) is no server error.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,23 +102,18 @@ class SchemaRegistryServer:
         self.delay_s = 0.0
         self.basic_auth: tuple[str, str] | None = None
         self.log: list[Request] = []
-        self._httpd = _QuietServer((host, port), self._handler())
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        name="schema-registry", daemon=True)
+        self._server = ThreadedServer(self._handler(), host, port, "schema-registry")
 
     @property
     def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{self._server.address}"
 
     def __enter__(self) -> SchemaRegistryServer:
-        self._thread.start()
+        self._server.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._server.__exit__(*exc)
 
     # -- on demand -----------------------------------------------------------------
 

@@ -7,38 +7,32 @@ each line ``{"id": ..., "text": "...", "filter": ...}`` (``filter`` optional: an
 object or a list of expressions, see :mod:`embedstream.stream.filters`; the
 ``--filter`` expressions apply to every query as well). Out: one line per query, in
 input order, ``{"id": ..., "hits": [{"doc_id", "chunk_index", "score", "text"}]}``.
-The model is loaded once and the queries embedded ``_EMBED_BATCH`` at a time.
+The model is loaded once and the queries embedded 64 at a time.
 
 The whole file is read and checked before the model loads: a line that is not a
 JSON object with an ``id`` and a string ``text``, or whose filter cannot be used,
-stops the command (exit 2) naming the file and line, having written nothing. A
-batch is then all or nothing: no half-written output to reconcile.
+stops the command (exit 2) naming the file and line, having written nothing.
+
+When a running consumer holds the Qdrant Edge collection (its lock), the command
+asks that consumer (:mod:`embedstream.stream.app.query_client`) and loads no model;
+otherwise it opens the store itself.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from embedstream.stream.app.service import Pipeline, build_pipeline
+from embedstream.stream.app.query_client import live_service, search_live
+from embedstream.stream.app.query_jobs import QueryJob, hit_json, job_of, search_jobs
+from embedstream.stream.app.service import build_pipeline
 from embedstream.stream.config import Settings
-from embedstream.stream.errors import QueryError
-from embedstream.stream.filters import FieldType, Filter, parse_filter, parse_filter_json
-from embedstream.stream.store import Hit
+from embedstream.stream.errors import QueryError, SinkError
+from embedstream.stream.filters import FieldType, Filter, parse_filter
 
 __all__ = ["run_search"]
-
-_EMBED_BATCH = 64  # queries embedded at once: one forward pass, bounded memory
-
-
-@dataclass(frozen=True, slots=True)
-class _Query:
-    id: Any
-    text: str
-    filter: Filter
 
 
 def run_search(settings: Settings, out: TextIO, *, query: str | None,
@@ -52,42 +46,44 @@ def run_search(settings: Settings, out: TextIO, *, query: str | None,
     fields = settings.source.filter_fields
     common = parse_filter(filters, fields)  # before the model loads: fail fast
     jobs = (_read_queries(queries, common, fields) if queries is not None
-            else [_Query(None, str(query), common)])
-    pipeline = build_pipeline(settings)
+            else [QueryJob(None, str(query), common)])
+    live = live_service(settings)
+    if live is None:
+        try:
+            pipeline = build_pipeline(settings)
+        except SinkError:
+            live = live_service(settings)  # a consumer took the store while the model loaded
+            if live is None:
+                raise
+    if live is not None:
+        _write(out, search_live(live, jobs, filters, k, batch=queries is not None),
+               batch=queries is not None, as_json=as_json)
+        return 0
     try:
-        if queries is not None:
-            for job, hits in _answers(pipeline, jobs, k):
-                out.write(json.dumps({"id": job.id, "hits": [_hit(h) for h in hits]}) + "\n")
-            return 0
-        [(_, hits)] = _answers(pipeline, jobs, k)
+        answers = ((job, [hit_json(hit) for hit in hits])
+                   for job, hits in search_jobs(pipeline.embedder, pipeline.sink, jobs, k))
+        _write(out, answers, batch=queries is not None, as_json=as_json)
     finally:
         pipeline.close()
-    for hit in hits:
-        if as_json:
-            out.write(json.dumps(_hit(hit)) + "\n")
-        else:
-            text = " ".join(str(hit.payload.get("text", "")).split())
-            out.write(f"{hit.score:.3f}  {hit.payload.get('doc_id')}  {text[:160]}\n")
     return 0
 
 
-def _hit(hit: Hit) -> dict[str, Any]:
-    payload = hit.payload
-    return {"doc_id": payload.get("doc_id"), "chunk_index": payload.get("chunk_index"),
-            "score": hit.score, "text": payload.get("text")}
-
-
-def _answers(pipeline: Pipeline, jobs: list[_Query], k: int
-             ) -> Iterator[tuple[_Query, list[Hit]]]:
-    for start in range(0, len(jobs), _EMBED_BATCH):
-        batch = jobs[start:start + _EMBED_BATCH]
-        vectors = pipeline.embedder.embed([job.text for job in batch])
-        for job, vector in zip(batch, vectors, strict=True):
-            yield job, pipeline.sink.search(vector.tolist(), limit=k, filter=job.filter or None)
+def _write(out: TextIO, answers: Iterator[tuple[QueryJob, list[dict[str, Any]]]], *,
+           batch: bool, as_json: bool) -> None:
+    for job, hits in answers:
+        if batch:
+            out.write(json.dumps({"id": job.id, "hits": hits}) + "\n")
+            continue
+        for hit in hits:
+            if as_json:
+                out.write(json.dumps(hit) + "\n")
+            else:
+                text = " ".join(str(hit.get("text") or "").split())
+                out.write(f"{hit['score']:.3f}  {hit.get('doc_id')}  {text[:160]}\n")
 
 
 def _read_queries(path: Path, common: Filter,
-                  fields: Mapping[str, FieldType]) -> list[_Query]:
+                  fields: Mapping[str, FieldType]) -> list[QueryJob]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
@@ -101,15 +97,9 @@ def _read_queries(path: Path, common: Filter,
             item = json.loads(line)
         except ValueError as error:
             raise QueryError(f"{where}: not JSON ({error})") from None
-        if not isinstance(item, dict) or "id" not in item or not isinstance(
-                item.get("text"), str):
-            raise QueryError(f'{where}: expected {{"id": ..., "text": "...", "filter"?: ...}}')
-        own = Filter()
-        if item.get("filter") is not None:
-            try:
-                own = parse_filter_json(item["filter"], fields)
-            except QueryError as error:
-                raise QueryError(f"{where} (id {item['id']!r}): {error}") from None
-        jobs.append(_Query(item["id"], item["text"], Filter(common.must + own.must,
-                                                             common.must_not + own.must_not)))
+        try:
+            jobs.append(job_of(item, common, fields))
+        except QueryError as error:
+            raise QueryError(f"{where}{' ' if str(error).startswith('(') else ': '}{error}"
+                             ) from None
     return jobs

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -23,6 +24,8 @@ from confluent_kafka.admin import AdminClient
 from embedstream.sinks.disk import free_bytes
 from embedstream.sinks.factory import build_admin, build_sink
 from embedstream.stream import __version__
+from embedstream.stream.app.kafka_logs import librdkafka_logger
+from embedstream.stream.app.query_server import start_query_server
 from embedstream.stream.chunking import TokenChunker
 from embedstream.stream.config import Settings
 from embedstream.stream.consumer import AppliedCallback, Route, StreamConsumer
@@ -45,12 +48,11 @@ from embedstream.stream.routing import TopicRouter
 from embedstream.stream.store import Sink
 from embedstream.stream.topic_ids import TopicIds
 
-__all__ = ["Pipeline", "build_consumer", "build_embedder", "build_pipeline", "run_consumer",
-           "with_pattern_topics"]
+__all__ = ["Pipeline", "build_consumer", "build_embedder", "build_pipeline", "check_start",
+           "run_consumer", "with_pattern_topics"]
 
 log = logging.getLogger("embedstream")
 _START_RETRY_S = 5.0  # between attempts to open a store that is unavailable at the start
-_librdkafka_log = logging.getLogger("embedstream.librdkafka")
 
 @dataclass
 class Pipeline:
@@ -156,11 +158,9 @@ def build_consumer(
 
     def config(role: str) -> dict[str, Any]:
         # librdkafka's log lines go through logging (as JSON), served by poll().
-        return {**kafka_client_config(settings, role), "logger": _librdkafka_log}
+        return {**kafka_client_config(settings, role), "logger": librdkafka_logger()}
 
-    # The admin client is never polled: its log lines (e.g. why a connection
-    # failed) stay on stderr, where they are seen if the start fails.
-    admin = AdminClient(kafka_client_config(settings, "admin"))
+    admin = AdminClient(config("admin"))  # polled by the loop, through TopicIds
     routes = settings.all_routes()
     try:
         ensure_topics(admin, {settings.kafka.dlq_topic_for(t) for r in routes for t in r.topics})
@@ -229,6 +229,30 @@ def with_pattern_topics(settings: Settings) -> Settings:
     return settings.model_copy(update={"kafka": kafka})
 
 
+def check_start(settings: Settings) -> None:
+    """What the consumer needs, checked before anything heavy starts (the model
+    loads) and creating nothing: Kafka answers, and each route's store can be
+    opened (reachable, writable, not held by another process).
+    :class:`KafkaUnavailable` or :class:`~embedstream.stream.errors.SinkError` say what failed."""
+    stores = build_admin(settings.sink)  # first: local, and quick to say what is wrong
+    try:
+        for route in settings.all_routes():
+            stores.probe(route.collection)
+    finally:
+        stores.close()
+    config: dict[str, Any] = {**kafka_client_config(settings, "admin"),
+                              "logger": librdkafka_logger()}
+    admin = AdminClient(config)
+    try:
+        admin.list_topics(timeout=10)
+    except KafkaException as error:
+        raise KafkaUnavailable(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers} (kafka.bootstrap_servers,"
+            f" kafka.security): {error.args[0].str() if error.args else error}") from None
+    finally:
+        admin.poll(0)  # its queued log lines (why connecting failed), one of a kind
+
+
 def run_consumer(settings: Settings) -> int:
     """The ``consume`` command: run until SIGTERM/SIGINT, then flush, commit, exit 0."""
     stop_requested: list[str] = []
@@ -242,8 +266,12 @@ def run_consumer(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop)
     metrics = Metrics()
     health = Health(settings.metrics.liveness_timeout_s, ready_gauge=metrics.ready)
-    if settings.metrics.enabled:  # up before the model loads: probes see "starting"
-        serve_metrics(metrics, health, settings.metrics)  # a taken port stops us (exit 2)
+    # Everything checked before the model loads (seconds to a minute): the metrics port
+    # first (a taken one stops us, exit 2, and probes see "starting" from here on),
+    # then the store and Kafka; nothing is created until they are known good.
+    if settings.metrics.enabled:
+        serve_metrics(metrics, health, settings.metrics)
+    check_start(settings)
 
     def wait_for_store(error: SinkUnavailable) -> bool:
         # A nearly full disk: as in the loop, not ready and try again, rather than exit
@@ -274,7 +302,8 @@ def run_consumer(settings: Settings) -> int:
                      list(route.topics) or f"topics matching {route.topic_pattern!r}",
                      route.collection)
         try:
-            stream.run(until=lambda: bool(stop_requested))
+            with closing(start_query_server(settings, pipeline, stream)):  # before the stores close
+                stream.run(until=lambda: bool(stop_requested))
         finally:
             stream.close()
             pipeline.sinks = stream.sinks  # the ones it followed to, if a rebuild moved an alias
