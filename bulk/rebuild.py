@@ -391,10 +391,18 @@ def _fill_stats(report: RebuildReport, stats: EngineStats) -> None:
 
 
 def _topic_ends(settings: Settings) -> dict[Partition, int]:
-    """Where the handover starts: the ends served now, checked against the live group."""
+    """Where the handover starts: the ends served now, checked against the live group.
+    No partition at all is refused: the handover would silently be skipped, and the
+    events a live stream applies meanwhile would be missing from the new collection."""
     try:
-        return handover_ends(settings)
+        ends = handover_ends(settings)
     except KafkaUnavailable as error:
         raise KafkaUnavailable(
             f"{error}. The handover needs the topics' ends; without a live stream to hand "
             "over to, pass --no-handover") from None
+    if not ends:
+        raise ConfigError(
+            f"no partition of {list(settings.kafka.topics) or settings.kafka.topic_pattern!r} "
+            "to hand over from (kafka.topics, or the route's topics): without a live stream "
+            "to hand over to, pass --no-handover")
+    return ends

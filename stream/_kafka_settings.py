@@ -203,16 +203,20 @@ class KafkaSettings(Section):
 
     @model_validator(mode="after")
     def _dlq_names_fit(self) -> KafkaSettings:
-        # Kafka refuses topic names over 249 characters: say so at start, not at the
-        # first dead letter (topics a pattern finds later are checked by Kafka only).
-        for topic in self.topics:
+        self.check_dlq_names(self.topics)
+        return self
+
+    def check_dlq_names(self, topics: tuple[str, ...]) -> None:
+        """Kafka refuses topic names over 249 characters: say so at start, not at the
+        first dead letter (topics a pattern finds later are checked by Kafka only).
+        ValueError naming the topic."""
+        for topic in topics:
             name = self.dlq_topic_for(topic)
             if len(name) > _MAX_TOPIC:
                 raise ValueError(
                     f"the dead-letter topic of {topic!r} would be {name[:60]!r}... "
                     f"({len(name)} characters, Kafka takes at most {_MAX_TOPIC}): set "
                     "kafka.dlq_topic, or use a shorter kafka.group_id")
-        return self
 
 
 # Kafka topic names: ASCII letters, digits, ".", "_" and "-", at most 249 characters.

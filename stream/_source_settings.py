@@ -13,6 +13,9 @@ from embedstream.stream.filters import FieldType
 from embedstream.stream.names import ROUTE_NAME, checked_alias
 from embedstream.stream.templates import template_parts
 
+# The route label of messages no route takes (stream/routing.py), so no route's name.
+UNROUTED_LABEL = "none"
+
 __all__ = ["RESERVED_PAYLOAD_FIELDS", "ROUTE_NAME", "RouteSettings", "SourceSettings"]
 
 # Payload keys embedstream writes itself; a metadata field may not shadow one.
@@ -98,6 +101,9 @@ class RouteSettings(Section):
 def check_routes(routes: tuple[RouteSettings, ...]) -> None:
     """Raise ValueError unless names and collections are unique and no topic is
     named by two routes (a topic a pattern also matches goes to the route naming it)."""
+    if any(r.name == UNROUTED_LABEL for r in routes):
+        raise ValueError(f"routes: the name {UNROUTED_LABEL!r} is kept for messages no route "
+                         "takes (their metrics' route label)")
     for what, values in (("name", [r.name for r in routes]),
                          ("collection", [r.collection for r in routes])):
         twice = sorted({v for v in values if values.count(v) > 1})

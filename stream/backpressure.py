@@ -47,6 +47,7 @@ class Backpressure:
         # neither readiness nor the backoff is reset by resuming to try again.
         self._reading: float | None = None  # when reading was resumed to try again
         self._reading_outage = False
+        self._rewound: dict[tuple[str, int], int] = {}  # where the failed reads start
 
     @property
     def waiting(self) -> bool:
@@ -88,14 +89,25 @@ class Backpressure:
             self._paused = []
             self._metrics.paused_partitions.set(0)
 
-    def read_ok(self, now: float, taken: bool) -> None:
-        """After a poll with no read-side failure: a read-side outage being retried is
-        over once a message was ``taken`` in, or reads have gone on without one
-        failing for a while (no message may come: its partition was revoked)."""
-        if self._reading is not None and (taken or now - self._reading > _READ_CONFIRM_S):
-            log.info("schema registry available again")
-            self._reading, self._reading_outage, self.backoff_s = None, False, 0.0
-            self._health.set_ready(None)
+    def took(self, topic: str, partition: int, offset: int) -> None:
+        """A message was taken in: a read-side outage being retried is over once one
+        that had failed (at or past a partition's rewind offset) is read. Another
+        partition's message (another route's, or a cached schema's) proves nothing."""
+        start = self._rewound.get((topic, partition))
+        if self._reading is not None and start is not None and offset >= start:
+            self._end_reading_outage()
+
+    def quiet(self, now: float) -> None:
+        """A poll ended with no read-side failure: after a while of those (no failed
+        message may come back: its partition was revoked), the outage is over too."""
+        if self._reading is not None and now - self._reading > _READ_CONFIRM_S:
+            self._end_reading_outage()
+
+    def _end_reading_outage(self) -> None:
+        log.info("schema registry available again")
+        self._reading, self._reading_outage, self.backoff_s = None, False, 0.0
+        self._rewound = {}
+        self._health.set_ready(None)
 
     def clear_pause(self, partitions: list[TopicPartition]) -> None:
         try:
@@ -114,6 +126,7 @@ class Backpressure:
             if message.error() is None and topic is not None and partition is not None \
                     and offset is not None and (topic, partition) in assigned:
                 first.setdefault((topic, partition), offset)
+        self._rewound = first
         for (topic, partition), offset in first.items():
             try:
                 self._consumer.seek(TopicPartition(topic, partition, offset))

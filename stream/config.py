@@ -251,6 +251,8 @@ class Settings(BaseSettings):
         if not self.routes:
             return self
         check_routes(self.routes)
+        for route in self.routes:  # their topics, as kafka.topics' are
+            self.kafka.check_dlq_names(route.topics)
         # With routes, each names its own; a top-level value would be silently unused.
         unused = [name for name, given in (
             ("kafka.topics", "topics" in self.kafka.model_fields_set),

@@ -169,6 +169,8 @@ class StreamConsumer:
         for index, message in enumerate(messages):
             try:
                 self._take(message)
+                if message.error() is None:
+                    self._pressure.took(*_where(message))
             except RegistryUnavailable as error:
                 # Read again once the registry answers: nothing of these is batched,
                 # dead-lettered or committed meanwhile.
@@ -178,7 +180,7 @@ class StreamConsumer:
             if self._batch.full and not self._pressure.waiting:
                 self._flush()
         else:
-            self._pressure.read_ok(self._clock(), taken=bool(messages))
+            self._pressure.quiet(self._clock())
         now = self._clock()
         self._dead_letters.poll()
         if self._topic_ids is not None:
@@ -424,3 +426,9 @@ class StreamConsumer:
             self._uncommitted.pop(key, None)
         self._pressure.forget(partitions)
         self._routes.forget(partitions)
+
+
+def _where(message: Message) -> tuple[str, int, int]:
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset

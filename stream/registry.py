@@ -197,6 +197,7 @@ def _no_subject(ctx: Any, record_name: Any) -> None:
 
 
 _NO_SUBJECT = {"subject.name.strategy": _no_subject}
+_SCHEMA_NOT_FOUND = 40403  # Confluent's error code: the schema id is unknown
 
 
 def _strict_json(raw: bytes) -> Any:
@@ -214,9 +215,17 @@ def _fault(error: Exception, schema_id: int, what: str, payload: bool) -> Except
     if isinstance(error, DecodeError | RegistryUnavailable):
         return error
     if isinstance(error, SchemaRegistryError):
-        if error.http_status_code == 404:
+        if error.http_status_code == 404 and error.error_code == _SCHEMA_NOT_FOUND:
             return DecodeError("unknown_schema", f"the registry does not know schema id "
                                f"{schema_id} of the {what}: {error}"[:300])
+        if error.http_status_code == 404:
+            # Not the registry's own "schema not found": a wrong URL path (e.g. without
+            # Apicurio's /apis/ccompat/v7, or a proxy prefix). Dead-lettering every
+            # framed message for it would be wrong: wait, as for an outage, and say so.
+            return RegistryUnavailable(
+                f"the Schema Registry URL answers 404 without a registry error code for "
+                f"schema id {schema_id}: check kafka.schema_registry.url ({error})",
+                _RETRY_AFTER_S)
         return RegistryUnavailable(f"Schema Registry failed for schema id {schema_id}: {error}",
                                    _RETRY_AFTER_S)
     if _transport_error(error):

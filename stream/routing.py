@@ -12,8 +12,8 @@ dead-letter commands:
 * a topic a route names is that route's, whatever patterns also match it;
 * else the first route, in configuration order, whose pattern matches it
   (``re.search`` on the subscribed pattern, which starts with ``^``);
-* a dead-letter topic (``kafka.dlq_topic``, or a name ending ``.dlq`` when
-  each topic has its own) and Kafka's internal topics (``__*``) are never
+* a dead-letter topic (``kafka.dlq_topic``, and any name ending ``.dlq``, the
+  default names old and new) and Kafka's internal topics (``__*``) are never
   routed by a pattern: a pattern such as ``^db1\\.shop\\..*`` also matches
   ``db1.shop.items.dlq``, and reading dead letters back as changes would loop.
 
@@ -27,11 +27,12 @@ import re
 from collections.abc import Iterable, Sequence
 
 from embedstream.stream._kafka_settings import subscription_pattern
+from embedstream.stream._source_settings import UNROUTED_LABEL
 from embedstream.stream.config import KafkaSettings, RouteSettings
 
 __all__ = ["UNROUTED", "TopicRouter"]
 
-UNROUTED = "none"  # the route label of messages no route takes
+UNROUTED = UNROUTED_LABEL  # the route label of messages no route takes
 
 
 class TopicRouter:
@@ -64,6 +65,6 @@ class TopicRouter:
         return sorted({*route.topics, *matching})
 
     def _never_by_pattern(self, topic: str) -> bool:
-        if topic.startswith("__"):
-            return True
-        return topic == self._dlq_topic if self._dlq_topic else topic.endswith(".dlq")
+        # Every *.dlq (the default names, old and per group, also beside a configured
+        # kafka.dlq_topic), the configured one, and Kafka's internal topics.
+        return topic.startswith("__") or topic.endswith(".dlq") or topic == self._dlq_topic

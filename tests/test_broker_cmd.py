@@ -70,7 +70,7 @@ def test_the_broker_serves_clients_and_stops_cleanly(stop: signal.Signals) -> No
         assert "kafka.bootstrap_servers" in hint and address in hint
         assert round_trip(address) == b"hello, broker"
         process.send_signal(stop)  # Ctrl-C sends SIGINT
-        assert process.wait(10) == 0
+        assert process.wait(30) == 0
     finally:
         process.kill()
         process.wait()

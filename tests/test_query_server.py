@@ -337,3 +337,31 @@ def test_a_holder_that_answers_no_queries_is_named_before_any_model_loads(
     finally:
         holding.kill()
         holding.wait()
+
+
+def test_a_query_the_provider_refuses_is_a_422_naming_why(
+        live: tuple[QueryServer, Pipeline, Stream], config: Path) -> None:
+    from embedstream.stream.errors import EmbedFailures
+
+    _, pipeline, stream = live
+
+    class Refusing:
+        """An embedder whose provider refuses every text (e.g. over its context length)."""
+
+        dimension = pipeline.embedder.dimension
+
+        def embed(self, texts: list[str]) -> Any:
+            refused = {i: ("embed_rejected", "input too long") for i in range(len(texts))}
+            raise EmbedFailures(np.zeros((len(texts), self.dimension), np.float32), refused)
+
+        def close(self) -> None:
+            pass
+
+    settings = load_settings(config)
+    server = QueryServer(settings, Refusing(), lambda: stream.sinks)  # type: ignore[arg-type]
+    try:
+        code, _, body = call(server, "POST", "/search", {"query": "anything", "k": 3})
+    finally:
+        server.close()
+    assert code == 422
+    assert b"embed_rejected: input too long" in body

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -65,8 +66,20 @@ def test_dead_letter_and_internal_topics_are_never_routed_by_a_pattern() -> None
     assert router.route("__consumer_offsets") is None
     shared = TopicRouter([everything], KafkaSettings(dlq_topic="dead-letters"))
     assert shared.route("dead-letters") is None
-    assert shared.route("db1.shop.items.dlq") is everything, "only the configured one is a DLQ"
+    assert shared.route("db1.shop.items.dlq") is None, "default-named ones stay DLQs too"
     assert router.topics_of(everything, ["b", "a", "a.dlq", "__x"]) == ["a", "b"]
+
+
+def test_a_pattern_routes_topics_resolve_as_the_consumer_routes_them() -> None:
+    # What `rebuild --route shop` and the dlq commands read: not the topic another
+    # route names, nor one an earlier pattern takes.
+    orders = route("orders", topics=["db.shop.orders"])
+    audit = route("audit", topic_pattern=r"db\.shop\.audit_.*")
+    shop = route("shop", topic_pattern=r"db\.shop\..*")
+    router = TopicRouter([orders, audit, shop], KafkaSettings())
+    existing = ["db.shop.orders", "db.shop.items", "db.shop.audit_1", "db.shop.items.dlq"]
+    assert router.topics_of(shop, existing) == ["db.shop.items"]
+    assert router.topics_of(audit, existing) == ["db.shop.audit_1"]
 
 
 # -- what a routes config may say --------------------------------------------------------
@@ -115,6 +128,10 @@ def test_without_routes_the_top_level_settings_are_the_one_default_route() -> No
     ({"routes": [{"name": "a b", "collection": "x", "topics": ["a"]}]}, "routes.0.name"),
     ({"routes": [{"name": "x", "collection": "../x", "topics": ["a"]}]}, "collection name"),
     ({"routes": ROUTES, "kafka": {"topics": ["other"]}}, "kafka.topics in each route"),
+    ({"routes": [{"name": "none", "topics": ["a"], "collection": "x"}]},
+     "'none' is kept for messages no route takes"),
+    ({"routes": [{"name": "x", "topics": ["t" * 240], "collection": "x"}]},
+     "the dead-letter topic of 'tttt"),
     ({"routes": ROUTES, "source": {"format": "native"}}, "source in each route"),
     ({"routes": ROUTES, "sink": {"collection": "docs"}}, "sink.collection in each route"),
 ])
@@ -242,6 +259,27 @@ def assert_holds(store: Path, collection: str, live: dict[str, str]) -> None:
             f"{collection}/{doc}: the last revision's text"
 
 
+class Feed(threading.Thread):
+    """Produces each topic's messages in order, interleaved, ``per_s`` a second."""
+
+    def __init__(self, bootstrap: str, messages: dict[str, list[Message]],
+                 per_s: float) -> None:
+        super().__init__(name="feed", daemon=True)
+        self.servers, self.per_s = bootstrap, per_s
+        self.items = [(topic, m) for i in range(max(map(len, messages.values())))
+                       for topic, ms in messages.items() if i < len(ms) for m in [ms[i]]]
+
+    def run(self) -> None:
+        from confluent_kafka import Producer
+
+        producer = Producer({"bootstrap.servers": self.servers, "linger.ms": 5})
+        for topic, (key, value) in self.items:
+            producer.produce(topic, key=key, value=value)
+            producer.poll(0)
+            time.sleep(1 / self.per_s)
+        assert producer.flush(30) == 0
+
+
 def consume_process(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "embedstream.stream.app.cli", "consume",
@@ -284,10 +322,11 @@ def test_three_routes_over_five_topics_each_collection_equals_its_oracle(
     late = f"{prefix}.shop.music"  # created once the consumer runs: the pattern picks it up
 
     produced = {**pages, **shop, notes_topic: avro_debezium(registry.url, notes_topic, note_events)}
-    for topic, messages in produced.items():
+    for topic in produced:
         if topic != late:
             create_topic(bootstrap, topic, partitions=2)
-            produce(bootstrap, topic, messages)
+    # The stream arrives while the consumer runs (~20 s), so both kills land mid-stream.
+    feed = Feed(bootstrap, {t: m for t, m in produced.items() if t != late}, per_s=20.0)
     # Flattened rows keep their ids in the key, which the route reads ids from.
     config = {
         "kafka": {"bootstrap_servers": bootstrap, "group_id": unique("g"),
@@ -321,8 +360,8 @@ def test_three_routes_over_five_topics_each_collection_equals_its_oracle(
     log = tmp_path / "consumer.log"
     total = sum(len(m) for m in produced.values())
     try:
-        kills = 0
-        while kills < 2:
+        feed.start()
+        for _ in range(2):
             process = consume_process(config_file, log)
             started: tuple[subprocess.Popen[bytes], int] = (process, progress())
             wait_for(lambda run=started: progress() > run[1] or run[0].poll() is not None,
@@ -330,9 +369,9 @@ def test_three_routes_over_five_topics_each_collection_equals_its_oracle(
             time.sleep(rng.uniform(0.0, 0.2))
             process.kill()
             process.wait()
-            assert progress() < total - len(produced[late]), "killed with work still to do"
-            kills += 1
+            assert feed.is_alive(), "killed mid-stream: events still arriving"
         process = consume_process(config_file, log)
+        feed.join()
         create_topic(bootstrap, late, partitions=2)
         produce(bootstrap, late, produced[late])
         wait_for(lambda: progress() >= total, 240,

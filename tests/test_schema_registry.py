@@ -319,3 +319,29 @@ def test_a_rebuild_waits_out_a_short_outage_and_stops_resumably_on_a_long_one(
     taken = take_in_patiently(message, AT, settings, None, build_reader(settings))
     back.join()
     assert isinstance(taken, PreparedEvent) and taken.event.doc_id == "1"
+
+
+def test_a_wrong_registry_url_is_waited_out_and_named_not_dead_lettered() -> None:
+    """A URL answering 404 without the registry's error code (a missing path prefix,
+    e.g. Apicurio's /apis/ccompat/v7) is no unknown schema: dead-lettering every
+    framed message for it would lose the stream's work; it is an outage naming the URL."""
+    from http.server import BaseHTTPRequestHandler
+
+    from embedstream.stream.app._threaded_server import ThreadedServer
+
+    class NotARegistry(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>Not Found</html>")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    with ThreadedServer(NotARegistry, "127.0.0.1", 0, "not-a-registry") as server:
+        reader = ValueReader(build_registry_client(SchemaRegistrySettings(url=server.address)),
+                             "auto")
+        framed = b"\x00\x00\x00\x00\x07" + b"\x02"
+        with pytest.raises(RegistryUnavailable, match=r"kafka\.schema_registry\.url"):
+            reader.read("t", None, framed)

@@ -53,6 +53,11 @@ def test_repeated_librdkafka_lines_pass_once_per_ten_seconds_then_say_how_many_w
     assert "more like it" not in passed[0][1]
     assert repeat.filter(librdkafka_line("127.0.0.1:1/bootstrap", fac="ERROR")), \
         "another kind of line from the same thread passes"
+    # Distinct lines of one facility (librdkafka's configuration dump) all pass.
+    dump = [logging.LogRecord("embedstream.librdkafka", logging.DEBUG, __file__, 1, "%s [%s] %s",
+                              ("CONF", "rdkafka#producer-1", f"[thrd:app]: {name} = x"), None)
+            for name in ("client.id", "sasl.password", "sasl.username")]
+    assert all(repeat.filter(line) for line in dump)
 
 
 def test_the_store_probe_creates_nothing_and_names_the_process_holding_a_collection(
@@ -130,3 +135,32 @@ def test_documents_without_text_are_counted_and_a_route_that_never_chunks_raises
     assert "101 documents" in warnings[1]
     watch.taken(upsert("ok", "Some text.", 1))
     assert value("embedstream_route_without_chunks") == 0
+
+
+def test_a_taken_query_port_stops_the_start_before_anything_is_made(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+    import socket
+
+    from embedstream.stream.app import cli
+
+    monkeypatch.setattr(cli, "_setup_logging", lambda *args: None)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # consume installs handlers
+    store = tmp_path / "store"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "embedstream.yaml"
+        config.write_text(json.dumps({
+            "kafka": {"bootstrap_servers": "127.0.0.1:1"},
+            "embed": {"model": str(tmp_path / "no-such-model")},
+            "sink": {"path": str(store)}, "metrics": {"enabled": False},
+            "query": {"port": port}}))
+        started = time.monotonic()
+        assert cli.main(["consume", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in error and "query.port" in error
+    assert time.monotonic() - started < 5, "before Kafka is tried or the model loads"
+    assert not store.exists()

@@ -148,7 +148,8 @@ class LocalBroker:
         os.kill(self.process.pid, signal.SIGCONT)
         self.process.terminate()
         try:
-            self.process.wait(5)
+            # It keeps nothing to flush (memory only): a slow exit is not waited out.
+            self.process.wait(2)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)

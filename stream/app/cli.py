@@ -60,6 +60,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     redactor: Redactor | None = getattr(args, "redactor", None)  # set by main()
     if redactor is not None:
         redactor.add(settings_secrets(settings))
+    args.all_routes = settings.all_routes()  # a narrowed tree holds its route alone
     if hasattr(args, "route"):
         route = args.route
         collection = getattr(args, "collection", None)  # rebuild's alias may name the route
@@ -139,7 +140,9 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
     from embedstream.stream.app.dlq import list_dead_letters
     from embedstream.stream.app.service import with_pattern_topics
 
-    list_dead_letters(with_pattern_topics(_settings(args)), sys.stdout, as_json=args.json)
+    settings = _settings(args)
+    list_dead_letters(with_pattern_topics(settings, args.all_routes), sys.stdout,
+                      as_json=args.json)
     return 0
 
 
@@ -147,7 +150,9 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     from embedstream.stream.app.dlq import replay_dead_letters
     from embedstream.stream.app.service import with_pattern_topics
 
-    report = replay_dead_letters(with_pattern_topics(_settings(args)), dry_run=args.dry_run)
+    settings = _settings(args)
+    report = replay_dead_letters(with_pattern_topics(settings, args.all_routes),
+                                 dry_run=args.dry_run)
     print(report.summary(), flush=True)
     return 0
 
@@ -182,7 +187,11 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
         engine=args.engine, restart=args.restart, swap=not args.no_swap,
         handover=not args.no_handover)
     settings = _settings(args)
-    report = rebuild(with_pattern_topics(settings) if args.source == "kafka" else settings,
+    # The topics of a pattern route, as the consumer routes them: read by a Kafka
+    # rebuild, and handed over from by any rebuild into a store.
+    wants_topics = args.source == "kafka" or not (args.no_handover or args.output)
+    report = rebuild(with_pattern_topics(settings, args.all_routes) if wants_topics
+                     else settings,
                      options)
     print(report.to_json())
     return 0

@@ -4,14 +4,15 @@ Every Kafka client embedstream makes gets ``logger=`` :func:`librdkafka_logger`;
 librdkafka then queues its lines and the client's ``poll()`` hands them to the
 logger (an admin client too, when polled). A broker that cannot be reached makes
 librdkafka log a line per connection attempt (hundreds a minute): the filter
-passes one line per client thread and kind of line (e.g. ``FAIL`` of
-``127.0.0.1:9092/bootstrap``) per :data:`REPEAT_EVERY_S`, and the next one it
-passes says how many it held back.
+passes one line per client and kind (facility and text, times left out, e.g. the
+``FAIL`` of ``127.0.0.1:9092/bootstrap``) per :data:`REPEAT_EVERY_S`, and the
+next one it passes says how many it held back.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -50,13 +51,18 @@ class RepeatFilter(logging.Filter):
 
 
 def _kind(record: logging.LogRecord) -> tuple[str, str]:
-    """(facility, client thread) of a line confluent-kafka logs as ``"%s [%s] %s"``
-    (facility, client name, text); the text starts ``[thrd:<broker>]: ``."""
+    """(facility, client and text) of a line confluent-kafka logs as ``"%s [%s] %s"``
+    (facility, client name, text), with the times in the text left out: the same
+    failure repeated (``... failed: Connection refused (after 0ms in state
+    CONNECT)``) is one kind, distinct lines (a configuration dump) are not."""
     args = record.args if isinstance(record.args, tuple) else ()
     if len(args) == 3:
         facility, client, text = (str(a) for a in args)
-        return facility, f"{client} {text.split(']', 1)[0]}"
-    return "", record.getMessage()[:80]
+        return facility, f"{client} {_TIMES.sub('', text)}"
+    return "", record.getMessage()[:200]
+
+
+_TIMES = re.compile(r"\d+(\.\d+)?\s*(ms|s)\b")
 
 
 def librdkafka_logger() -> logging.Logger:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable, Mapping
 from itertools import chain
@@ -56,7 +57,13 @@ from embedstream.stream.app.query_jobs import (
 from embedstream.stream.config import RouteSettings, Settings
 from embedstream.stream.consumer import StreamConsumer
 from embedstream.stream.embedding import Embedder, SentenceTransformerEmbedder
-from embedstream.stream.errors import ConfigError, EmbedderError, QueryError, SinkError
+from embedstream.stream.errors import (
+    ConfigError,
+    EmbedderError,
+    EmbedFailures,
+    QueryError,
+    SinkError,
+)
 from embedstream.stream.filters import Filter, parse_filter_json
 from embedstream.stream.http_server import (
     HTTP_MAX_CONNECTIONS,
@@ -96,7 +103,8 @@ class QueryServer:
     ``close`` stops it and removes its address records: call it before the store closes."""
 
     def __init__(self, settings: Settings, embedder: Embedder,
-                 sinks: Callable[[], Mapping[str, Sink]], *, own_embedder: bool = False) -> None:
+                 sinks: Callable[[], Mapping[str, Sink]], *, own_embedder: bool = False,
+                 listener: socket.socket | None = None) -> None:
         self._routes = settings.all_routes()
         self._embedder, self._own_embedder = embedder, own_embedder
         self._sinks = sinks
@@ -106,13 +114,8 @@ class QueryServer:
         query = settings.query
         if not query.enabled:
             return
-        try:
-            listener = listen(query.host, query.port)
-        except OSError as error:
-            raise ConfigError(
-                f"cannot serve queries on {query.host}:{query.port} (query.port, query.host): "
-                f"{error.strerror or error}; free the port, set another (0: any free one) "
-                "or set query.enabled: false") from None
+        listener = listener or bind_query_port(settings)
+        assert listener is not None
         self._server = HttpServer(listener, self._answer, HTTP_TIMEOUT_S, HTTP_MAX_CONNECTIONS,
                                   max_body_bytes=query.max_body_bytes, name="embedstream-query")
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(query.host, query.host)
@@ -156,6 +159,10 @@ class QueryServer:
             if refused.code == 405:
                 headers.append(("Allow", "POST" if request.path == "/search" else "GET"))
             return code, headers, body
+        except EmbedFailures as refused:  # the provider refused the query text itself
+            reasons = "; ".join(f"{reason}: {detail}"[:200]
+                                for reason, detail in refused.failed.values())
+            return text_answer(422, f"the embedding provider refused the query: {reasons}")
         except (SinkError, EmbedderError) as error:
             log.warning("query failed: %s", error)
             return text_answer(503, f"the store or the model failed: {error}")
@@ -260,8 +267,24 @@ class QueryServer:
         return 200, [("Content-Type", "application/x-ndjson")], lines
 
 
-def start_query_server(settings: Settings, pipeline: Pipeline,
-                       stream: StreamConsumer) -> QueryServer:
+def bind_query_port(settings: Settings) -> socket.socket | None:
+    """The query endpoint's listening socket (None with ``query.enabled`` false), bound
+    early (before the model loads) so a taken ``query.port`` stops the start before
+    anything is created: :class:`ConfigError` naming it."""
+    query = settings.query
+    if not query.enabled:
+        return None
+    try:
+        return listen(query.host, query.port)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot serve queries on {query.host}:{query.port} (query.port, query.host): "
+            f"{error.strerror or error}; free the port, set another (0: any free one) "
+            "or set query.enabled: false") from None
+
+
+def start_query_server(settings: Settings, pipeline: Pipeline, stream: StreamConsumer,
+                       listener: socket.socket | None = None) -> QueryServer:
     """The query endpoint of ``consume`` over ``stream``'s stores (the ones it writes
     now), embedding with ``pipeline``'s model. Call it once the consumer is built and
     close it before the stream and the pipeline close. :class:`ConfigError` naming
@@ -271,7 +294,8 @@ def start_query_server(settings: Settings, pipeline: Pipeline,
         return QueryServer(settings, pipeline.embedder, lambda: stream.sinks)
     embedder, own = _query_embedder(settings, pipeline.embedder)
     try:
-        return QueryServer(settings, embedder, lambda: stream.sinks, own_embedder=own)
+        return QueryServer(settings, embedder, lambda: stream.sinks, own_embedder=own,
+                           listener=listener)
     except BaseException:
         if own:
             embedder.close()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from types import FrameType
@@ -25,9 +26,9 @@ from embedstream.sinks.disk import free_bytes
 from embedstream.sinks.factory import build_admin, build_sink
 from embedstream.stream import __version__
 from embedstream.stream.app.kafka_logs import librdkafka_logger
-from embedstream.stream.app.query_server import start_query_server
+from embedstream.stream.app.query_server import bind_query_port, start_query_server
 from embedstream.stream.chunking import TokenChunker
-from embedstream.stream.config import Settings
+from embedstream.stream.config import RouteSettings, Settings
 from embedstream.stream.consumer import AppliedCallback, Route, StreamConsumer
 from embedstream.stream.dead_letters import DeadLetters, ensure_topics
 from embedstream.stream.embedding import Embedder, SentenceTransformerEmbedder
@@ -207,10 +208,13 @@ def _follower(route: Settings, consumer: Consumer, pipeline: Pipeline) -> AliasF
                          route.kafka.group_id, open_sink, time.monotonic)
 
 
-def with_pattern_topics(settings: Settings) -> Settings:
+def with_pattern_topics(settings: Settings, routes: Sequence[RouteSettings]) -> Settings:
     """Settings narrowed to a route with a ``topic_pattern``, with ``kafka.topics``
-    set to the topics that match it now (for the commands that read topics by
-    name: a Kafka rebuild, the dead-letter commands). Other settings as they are."""
+    set to the topics of that route now, as the consumer routes them among all the
+    configured ``routes`` (a topic another route names, or an earlier pattern
+    takes, is not this route's). For the commands that read topics by name: a
+    rebuild (its snapshot and handover), the dead-letter commands. Other settings
+    as they are."""
     if settings.kafka.topic_pattern is None:
         return settings
     admin = AdminClient(kafka_client_config(settings, "admin"))
@@ -220,7 +224,7 @@ def with_pattern_topics(settings: Settings) -> Settings:
         raise KafkaUnavailable(f"cannot list the topics at {settings.kafka.bootstrap_servers}: "
                                f"{error.args[0].str() if error.args else error}") from None
     route = settings.all_routes()[0]
-    topics = TopicRouter([route], settings.kafka).topics_of(route, existing)
+    topics = TopicRouter(routes, settings.kafka).topics_of(route, existing)
     if not topics:
         raise ConfigError(f"no topic matches route {route.name}'s topic_pattern "
                           f"{route.topic_pattern!r} yet")
@@ -271,7 +275,19 @@ def run_consumer(settings: Settings) -> int:
     # then the store and Kafka; nothing is created until they are known good.
     if settings.metrics.enabled:
         serve_metrics(metrics, health, settings.metrics)
-    check_start(settings)
+    query_listener = bind_query_port(settings)  # a taken query.port stops us here too
+    try:
+        check_start(settings)
+        return _consume(settings, metrics, health, query_listener, stop_requested)
+    finally:
+        if query_listener is not None:  # closing it twice is harmless
+            query_listener.close()
+
+
+def _consume(settings: Settings, metrics: Metrics, health: Health,
+             query_listener: socket.socket | None, stop_requested: list[str]) -> int:
+    """``consume`` once the start-up checks passed: load the model, open the stores,
+    run the loop (and the query endpoint) until a stop is requested."""
 
     def wait_for_store(error: SinkUnavailable) -> bool:
         # A nearly full disk: as in the loop, not ready and try again, rather than exit
@@ -302,7 +318,8 @@ def run_consumer(settings: Settings) -> int:
                      list(route.topics) or f"topics matching {route.topic_pattern!r}",
                      route.collection)
         try:
-            with closing(start_query_server(settings, pipeline, stream)):  # before the stores close
+            # Closed before the stores close.
+            with closing(start_query_server(settings, pipeline, stream, query_listener)):
                 stream.run(until=lambda: bool(stop_requested))
         finally:
             stream.close()
