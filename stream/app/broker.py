@@ -188,7 +188,10 @@ def run_broker(out: TextIO, *, port: int | None = None, data_dir: Path | None = 
     def on_term(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    # SIGINT too, explicitly: a process started in the background by a shell has it
+    # ignored, so Python's own Ctrl-C handling (KeyboardInterrupt) would never come.
+    previous = {signum: signal.signal(signum, on_term)
+                for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         with LocalBroker(port) as broker, contextlib.suppress(KeyboardInterrupt):
             address = broker.bootstrap_servers
@@ -205,5 +208,6 @@ def run_broker(out: TextIO, *, port: int | None = None, data_dir: Path | None = 
                                            f"(exit status {broker.process.returncode})")
             log.info("stopping the local broker on %s", address)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
