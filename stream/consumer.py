@@ -91,10 +91,8 @@ class StreamConsumer:
         self._dead_letters = dead_letters
         self._chunker = chunker
         self._embedder = embedder
-        self._routes = RouteSides(routes, settings, metrics)
         # Makes the dead-letter topics of topics assigned (a pattern's topic may be new).
-        self._ensure_dlq = ensure_dlq
-        self._dlq_ready: set[str] = set()
+        self._routes = RouteSides(routes, settings, metrics, ensure_dlq)
         self._metrics = metrics
         self._on_applied = on_applied
         self._health = health or Health(settings.metrics.liveness_timeout_s)
@@ -382,20 +380,9 @@ class StreamConsumer:
         self._pressure.clear_pause(partitions)
         if self._topic_ids is not None:  # a topic may have been recreated since
             self._topic_ids.refresh({tp.topic for tp in partitions})
-        self._make_dead_letter_topics({tp.topic for tp in partitions})
         self._routes.assigned([(tp.topic, tp.partition) for tp in partitions])
         log.info("assigned %s; now own %s",
                  sorted((tp.topic, tp.partition) for tp in partitions), sorted(self.assigned))
-
-    def _make_dead_letter_topics(self, topics: set[str]) -> None:
-        new = {t for t in topics - self._dlq_ready if self._routes.of(t) is not None}
-        if not new or self._ensure_dlq is None:
-            return
-        try:
-            self._ensure_dlq(new)
-            self._dlq_ready |= new
-        except KafkaException as error:  # dead letters of these wait in the producer meanwhile
-            log.warning("cannot create the dead-letter topics of %s yet: %s", sorted(new), error)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Commit what we have applied while we still own the partitions.

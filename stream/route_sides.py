@@ -3,14 +3,18 @@
 One consumer group serves every route; :class:`RouteSides` is the consumer's
 table of them: it finds a message's route (by :class:`~embedstream.stream.routing.TopicRouter`'s
 rules), watches each route for a source that only skips, keeps each route's
-alias follower told about the partitions it owns, and flushes every route's
-store at a checkpoint. It runs on the consumer's loop thread and starts nothing.
+alias follower told about the partitions it owns, and has the dead-letter
+topics of newly assigned topics made (a topic a pattern matches may be new).
+It runs on the consumer's loop thread and starts nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+import logging
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
 
 from embedstream.stream.config import Settings
 from embedstream.stream.handover import AliasFollower
@@ -23,6 +27,8 @@ from embedstream.stream.store import Sink
 __all__ = ["Route", "RouteSides"]
 
 Partition = tuple[str, int]
+
+log = logging.getLogger("embedstream.consumer")
 
 
 @dataclass
@@ -41,7 +47,8 @@ class Route:
 
 
 class RouteSides:
-    def __init__(self, routes: Sequence[Route], settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, routes: Sequence[Route], settings: Settings, metrics: Metrics,
+                 ensure_dlq: Callable[[set[str]], None] | None = None) -> None:
         if not routes:
             raise ValueError("a consumer needs at least one route")
         self._by_name = {route.name: route for route in routes}
@@ -51,6 +58,8 @@ class RouteSides:
             route.skips = SkipWatch(metrics, route.settings.source.format, route.name)
         # Messages of a topic no route takes (matched by no pattern any more).
         self.unrouted = SkipWatch(metrics, "-", UNROUTED)
+        self._ensure_dlq = ensure_dlq
+        self._dlq_ready: set[str] = set()
 
     def __iter__(self) -> Iterator[Route]:
         return iter(self._by_name.values())
@@ -70,11 +79,20 @@ class RouteSides:
         return {tp for tp in assigned if self.of(tp[0]) is route}
 
     def assigned(self, partitions: Collection[Partition]) -> None:
-        """Tell each route's follower about its newly assigned partitions."""
+        """Tell each route's follower about its newly assigned partitions; have the
+        dead-letter topics of their topics made (once each)."""
         for partition in partitions:
             route = self.of(partition[0])
             if route is not None and route.follower is not None:
                 route.follower.on_assign([partition])
+        new = {t for t, _ in partitions if t not in self._dlq_ready and self.of(t) is not None}
+        if not new or self._ensure_dlq is None:
+            return
+        try:
+            self._ensure_dlq(new)
+            self._dlq_ready |= new
+        except KafkaException as error:  # dead letters of these wait in the producer meanwhile
+            log.warning("cannot create the dead-letter topics of %s yet: %s", sorted(new), error)
 
     def forget(self, partitions: Collection[Partition]) -> None:
         for route in self:

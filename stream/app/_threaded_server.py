@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["ThreadedServer"]
 
@@ -24,7 +24,8 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class ThreadedServer:
-    """Serves ``handler`` on ``host:port`` from a thread named ``name`` while entered."""
+    """Serves ``handler`` on ``host:port`` from a thread named ``name`` while entered
+    (the servers subclass it, building their handler before calling ``__init__``)."""
 
     def __init__(self, handler: type[BaseHTTPRequestHandler], host: str, port: int,
                  name: str) -> None:
@@ -38,7 +39,7 @@ class ThreadedServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def __enter__(self) -> ThreadedServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

@@ -60,7 +60,7 @@ class Answered:
     inputs: int
 
 
-class EmbeddingServer:
+class EmbeddingServer(ThreadedServer):
     """See the module docstring. ``encode(texts) -> (vectors, tokens)``."""
 
     def __init__(self, encode: Encode, model: str = "sentence-transformers/all-MiniLM-L6-v2",
@@ -77,7 +77,7 @@ class EmbeddingServer:
         self.api_key: str | None = None
         self.delay_s = 0.0  # added to every answer: a slow provider
         self.log: list[Answered] = []
-        self._server = ThreadedServer(self._handler(), host, port, "embedding-server")
+        super().__init__(self._handler(), host, port, "embedding-server")
 
     @classmethod
     def with_model(cls, model: str, host: str = "127.0.0.1", port: int = 0) -> EmbeddingServer:
@@ -96,14 +96,7 @@ class EmbeddingServer:
 
     @property
     def url(self) -> str:
-        return f"{self._server.address}/v1"
-
-    def __enter__(self) -> EmbeddingServer:
-        self._server.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.__exit__(*exc)
+        return f"{self.address}/v1"
 
     # -- misbehaviour on demand ----------------------------------------------------
 

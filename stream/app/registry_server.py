@@ -90,7 +90,7 @@ class _Schema:
         return body
 
 
-class SchemaRegistryServer:
+class SchemaRegistryServer(ThreadedServer):
     """See the module docstring."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -102,18 +102,11 @@ class SchemaRegistryServer:
         self.delay_s = 0.0
         self.basic_auth: tuple[str, str] | None = None
         self.log: list[Request] = []
-        self._server = ThreadedServer(self._handler(), host, port, "schema-registry")
+        super().__init__(self._handler(), host, port, "schema-registry")
 
     @property
     def url(self) -> str:
-        return f"{self._server.address}"
-
-    def __enter__(self) -> SchemaRegistryServer:
-        self._server.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.__exit__(*exc)
+        return self.address
 
     # -- on demand -----------------------------------------------------------------
 

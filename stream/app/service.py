@@ -166,9 +166,7 @@ def build_consumer(
     try:
         ensure_topics(admin, {settings.kafka.dlq_topic_for(t) for r in routes for t in r.topics})
     except KafkaException as error:
-        raise KafkaUnavailable(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers} (kafka.bootstrap_servers,"
-            f" kafka.security): {error.args[0].str() if error.args else error}") from None
+        raise _unreachable(settings, error) from None
     dead_letters = DeadLetters(Producer(config("producer")), settings.kafka)
     consumer = Consumer(config("consumer"))
     metrics.build_info.info({
@@ -206,6 +204,12 @@ def _follower(route: Settings, consumer: Consumer, pipeline: Pipeline) -> AliasF
 
     return AliasFollower(consumer, build_admin(route.sink), route.sink.collection,
                          route.kafka.group_id, open_sink, time.monotonic)
+
+
+def _unreachable(settings: Settings, error: KafkaException) -> KafkaUnavailable:
+    return KafkaUnavailable(
+        f"cannot reach Kafka at {settings.kafka.bootstrap_servers} (kafka.bootstrap_servers,"
+        f" kafka.security): {error.args[0].str() if error.args else error}")
 
 
 def with_pattern_topics(settings: Settings, routes: Sequence[RouteSettings]) -> Settings:
@@ -250,9 +254,7 @@ def check_start(settings: Settings) -> None:
     try:
         admin.list_topics(timeout=10)
     except KafkaException as error:
-        raise KafkaUnavailable(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers} (kafka.bootstrap_servers,"
-            f" kafka.security): {error.args[0].str() if error.args else error}") from None
+        raise _unreachable(settings, error) from None
     finally:
         admin.poll(0)  # its queued log lines (why connecting failed), one of a kind
 
