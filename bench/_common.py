@@ -6,8 +6,10 @@ installed (``make setup``), so nothing here touches ``sys.path``.
 
 * :func:`log`: a progress line on stderr (stdout is for the one JSON line, printed last);
 * the shared data beside the checkout (``../shared/data``) and :func:`read_passages`;
-* :func:`machine`: what ran the benchmark (CPU, its vector flags, torch's CPU backend and
-  threads, the GPU), carried by every benchmark's JSON line as ``"machine"``;
+* :func:`machine`: what ran the benchmark (CPU model, its vector flags as ``cpu_flags``,
+  the threads, torch's CPU backend, the GPU), carried by every benchmark's JSON line as
+  ``"machine"``; :func:`encoder_info`: the backend and precision an encoder runs on, which
+  every benchmark that embeds adds to its line;
 * :class:`OtherLoad`: the CPU other processes used meanwhile (the machine is shared);
 * :func:`free_port` (the application's), :func:`local_broker` (the bundled Tansu broker
   with the benchmark's topics), :func:`stream_settings` (a Debezium stream into a Qdrant
@@ -33,6 +35,7 @@ from confluent_kafka.admin import AdminClient
 from embedstream.stream.app.broker import LocalBroker, free_port
 from embedstream.stream.config import (
     ChunkSettings,
+    EmbedSettings,
     KafkaSettings,
     MetricsSettings,
     Settings,
@@ -44,8 +47,8 @@ from embedstream.stream.embedding import resolve_model_path
 
 __all__ = [
     "MODEL", "MSMARCO", "PASSAGES", "REPO", "SHARED_DATA", "OtherLoad", "consume_process",
-    "free_port", "local_broker", "log", "machine", "read_passages", "stock_model",
-    "stream_settings",
+    "cpu_flags", "encoder_info", "free_port", "local_broker", "log", "machine",
+    "read_passages", "stock_model", "stream_settings",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +57,10 @@ MSMARCO = SHARED_DATA / "msmarco-sample"
 PASSAGES = MSMARCO / "passages.tsv"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
-# The CPU flags that decide how fast a transformer runs on it (x86, then Arm).
-_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
-          "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2", "bf16", "i8mm")
+# The CPU flags that decide which backend and precision pay (x86: fp32 width, int8 dot
+# products, bf16; then Arm's), reported in this order when present.
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
+          "amx_tile", "asimd", "sve", "sve2", "bf16", "i8mm")
 
 
 def log(message: str) -> None:
@@ -73,31 +77,82 @@ def read_passages(path: Path = PASSAGES, limit: int | None = None) -> list[str]:
 
 
 @cache
-def machine() -> dict[str, Any]:
-    """What ran the benchmark: the CPU (model, cores this process may use, the vector flags
-    that matter), torch (version, CPU backend, threads) and the GPU if any. Where a script
-    chooses a device or precision, it reports those beside this."""
-    import torch
-
+def _cpu() -> tuple[str, set[str]]:
+    """The CPU's model name and flags (the first CPU's, from /proc/cpuinfo)."""
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
                 key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())  # the first CPU's
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    return model, set((fields.get("flags") or fields.get("Features") or "").split())
+
+
+def cpu_flags() -> str:
+    """The flags of :data:`_FLAGS` this CPU has, comma-separated (``""``: none of them)."""
+    flags = _cpu()[1]
+    return ",".join(f for f in _FLAGS if f in flags)
+
+
+@cache
+def machine() -> dict[str, Any]:
+    """What ran the benchmark: the CPU (model, ``cpu_flags``, the cores this process may
+    use, which is also the thread count ONNX Runtime and OpenVINO are given), torch
+    (version, CPU backend, ``threads``) and the GPU if any. A script that embeds adds
+    :func:`encoder_info` beside this."""
+    import torch
+
     return {
-        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
+        "cpu": _cpu()[0],
+        "cpu_flags": cpu_flags(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
-        "flags": [f for f in _FLAGS if f in flags],
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "torch_cpu": torch.backends.cpu.get_cpu_capability(),
-        "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def encoder_info(encoder: Any) -> dict[str, Any]:
+    """What an embedder runs on: ``backend``, ``precision``, ``variant`` (the int8 recipe),
+    ``device``, the ``threads`` its backend uses, ``decided`` (``fixed``: asked for,
+    ``cached``: kept from an earlier run, ``calibrated``: measured in this run,
+    ``undecided``: still on torch fp32 before calibrating), ``effective_precision``
+    (OpenVINO's, after its hint) and ``cpu_flags``. Takes a
+    :class:`~embedstream.stream.local_encoder.LocalEncoder` or anything in its place (a
+    remote embedder reports ``remote``)."""
+    import torch
+
+    from embedstream.stream.backends import cpu_threads
+
+    backend = str(getattr(encoder, "backend", "remote"))
+    calibration = getattr(encoder, "calibration", {}) or {}
+    if not getattr(encoder, "decided", True):
+        decided = "undecided"
+    elif calibration.get("cached"):
+        decided = "cached"
+    elif calibration:
+        decided = "calibrated"
+    else:
+        decided = "fixed"
+    info: dict[str, Any] = {
+        "backend": backend,
+        "precision": str(getattr(encoder, "precision", "remote")),
+        "variant": str(getattr(encoder, "variant", "")),
+        "device": str(getattr(encoder, "device", "remote")),
+        "threads": torch.get_num_threads() if backend == "torch"
+        else cpu_threads() if backend in ("onnx", "openvino") else None,
+        "decided": decided,
+        "cpu_flags": cpu_flags(),
+    }
+    effective = getattr(getattr(encoder, "runner", None), "effective_precision", None)
+    if effective is not None:  # OpenVINO's Type prints as "<Type: 'bfloat16'>"
+        info["effective_precision"] = str(effective).removeprefix("<Type: '").rstrip("'>")
+    return info
 
 
 class OtherLoad:
@@ -138,14 +193,17 @@ def local_broker(topics: Iterable[str], *, partitions: int = 1,
 
 
 def stream_settings(bootstrap: str, topic: str, store: Path, *, group: str, collection: str,
-                    chunk: ChunkSettings | None = None, **sink: Any) -> Settings:
+                    chunk: ChunkSettings | None = None, embed: EmbedSettings | None = None,
+                    **sink: Any) -> Settings:
     """A consumer of Debezium events (``id`` the key field, ``text`` the text) on one topic,
-    writing to a Qdrant Edge store at ``store``; no metrics endpoint."""
+    writing to a Qdrant Edge store at ``store``; no metrics endpoint. ``embed``: the
+    model side (default: the defaults, backend and precision ``auto``)."""
     return Settings(
         kafka=KafkaSettings(bootstrap_servers=bootstrap, topics=(topic,), group_id=group,
                             options={"session.timeout.ms": 6000}),
         source=SourceSettings(format="debezium", id_fields=("id",), text_fields=("text",)),
         chunk=chunk or ChunkSettings(),
+        embed=embed or EmbedSettings(),
         sink=SinkSettings(kind="qdrant-edge", path=store, collection=collection, **sink),
         metrics=MetricsSettings(enabled=False),
     )

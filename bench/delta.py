@@ -59,7 +59,7 @@ from embedstream.stream.embedding import Embedder
 from embedstream.stream.kafka_config import kafka_client_config
 from embedstream.stream.metrics import Metrics
 
-from _common import SHARED_DATA, local_broker, log, machine, stream_settings
+from _common import SHARED_DATA, encoder_info, local_broker, log, machine, stream_settings
 
 DEFAULT_REVISIONS = SHARED_DATA / "revisions" / "doc-revisions.jsonl"
 TOPIC = "bench.delta"
@@ -110,7 +110,7 @@ def new_window_chars(old: str, new: str) -> int:
 
 
 def replay(rows: list[dict[str, Any]], bootstrap: str, store: Path,
-           max_tokens: int | None) -> tuple[dict[str, float], str]:
+           max_tokens: int | None) -> tuple[dict[str, float], str, dict[str, Any]]:
     settings = stream_settings(
         bootstrap, TOPIC, store, group="bench-delta", collection="delta",
         chunk=None if max_tokens is None else ChunkSettings(max_tokens=max_tokens),
@@ -169,11 +169,11 @@ def replay(rows: list[dict[str, Any]], bootstrap: str, store: Path,
         for doc_id, text in live.items():  # the store holds exactly the last revisions
             if sorted(stored[doc_id]) != sorted(c.text for c in pipeline.chunker.chunk(text)):
                 raise RuntimeError(f"store does not hold the last revision of {doc_id}")
-        spec = pipeline.chunker.spec
+        spec, encoder = pipeline.chunker.spec, encoder_info(pipeline.embedder)
     finally:
         stream.close()
         pipeline.close()
-    return totals, spec
+    return totals, spec, encoder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     with local_broker([TOPIC]) as broker, tempfile.TemporaryDirectory() as scratch:
         log(f"replaying {len(rows)} revisions")
-        t, spec = replay(rows, broker.bootstrap_servers, Path(scratch) / "store",
+        t, spec, encoder = replay(rows, broker.bootstrap_servers, Path(scratch) / "store",
                          args.max_tokens)
     changed = (t["inserted_chars"] + t["deleted_chars"]) / 2
     page = (t["old_chars"] + t["new_chars"]) / 2
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mean_chunk_tokens": ratio(t["full_tokens"], t["full_chunks"]),
         "creates_tokens_ratio": ratio(t["create_embedded_tokens"], t["create_full_tokens"]),
         "chunker": spec, "wall_s": round(time.perf_counter() - started, 1),
-        "machine": machine(),
+        "encoder": encoder, "machine": machine(),
     }
     print(json.dumps(result))
     return 0

@@ -56,6 +56,7 @@ from _common import (
     REPO,
     OtherLoad,
     consume_process,
+    encoder_info,
     local_broker,
     log,
     machine,
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(config)
         pipeline = build_pipeline(settings)
         try:
+            result["encoder"] = encoder_info(pipeline.embedder)
             result["points"] = sum(1 for _ in pipeline.sink.points())
 
             def one(query: str) -> float:

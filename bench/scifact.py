@@ -15,16 +15,26 @@ document scores its best chunk, and documents are ranked by that score. ``exact_
 repeats the ranking with an exact numpy search over all the vectors read back from the
 store (``sink.points()``), to show what the store's approximate search costs, if anything.
 
+Two indexes, same chunks, same write and search path, each in its own store: one with
+the backend and precision ``--backend``/``--precision`` give (default ``auto``: the one
+chosen for this machine, kept from an earlier run or calibrated on the first texts,
+inside ``index_s``), and one with torch fp32, the quality guard's reference
+(``fp32_*``; skipped when the chosen one is torch fp32, or with ``--no-fp32``).
+``ndcg_diff`` and ``exact_ndcg_diff`` are chosen minus fp32 (the goal: within 0.005).
+
 Reference, same run: stock ``SentenceTransformer.encode`` (normalised) on whole documents
 as BEIR feeds them (``title + " " + text``, truncated by the model at 256 tokens), exact
-cosine search. nDCG@10 is computed as pytrec_eval/BEIR do: gain = qrels score, ideal DCG
-from the judged documents. The last stdout line is one JSON object; progress on stderr.
+cosine search (``--no-stock`` skips it). nDCG@10 is computed as pytrec_eval/BEIR do:
+gain = qrels score, ideal DCG from the judged documents. The last stdout line is one
+JSON object, with ``backend``, ``precision``, ``cpu_flags``, ``encoder`` and ``machine``;
+progress on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import tempfile
 import time
@@ -37,11 +47,17 @@ import numpy.typing as npt
 
 from embedstream.bulk.rebuild import RebuildOptions, rebuild
 from embedstream.stream.app.service import Pipeline, build_pipeline
-from embedstream.stream.config import MetricsSettings, Settings, SinkSettings, SourceSettings
+from embedstream.stream.config import (
+    EmbedSettings,
+    MetricsSettings,
+    Settings,
+    SinkSettings,
+    SourceSettings,
+)
 from embedstream.stream.events import ChangeEvent, Op, Position
 from embedstream.stream.plan import PreparedEvent, build_write, fold
 
-from _common import SHARED_DATA, log, machine, stock_model
+from _common import SHARED_DATA, encoder_info, log, machine, stock_model
 
 DEFAULT_DATA = SHARED_DATA / "beir" / "scifact"
 DOCS_PER_WRITE = 500
@@ -63,6 +79,17 @@ def load(data: Path) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, di
         if row["_id"] in qrels:
             queries[row["_id"]] = row["text"]
     return corpus, queries, qrels
+
+
+def sampled(corpus: Sequence[dict[str, Any]], qrels: Mapping[str, Mapping[str, int]],
+            others: int) -> list[dict[str, Any]]:
+    """Every document some test query judges relevant, plus ``others`` of the rest drawn
+    at random (seed 0), in corpus order: nDCG is higher than on the whole corpus (fewer
+    distractors), but two backends compared on it see the same documents."""
+    judged = {doc for docs in qrels.values() for doc in docs}
+    rest = [i for i, row in enumerate(corpus) if str(row["_id"]) not in judged]
+    keep = set(np.random.default_rng(0).choice(rest, min(others, len(rest)), replace=False))
+    return [row for i, row in enumerate(corpus) if str(row["_id"]) in judged or i in keep]
 
 
 def ndcg_at_10(rankings: Mapping[str, Ranking], qrels: Mapping[str, Mapping[str, int]]) -> float:
@@ -120,69 +147,122 @@ def stock_rankings(corpus: Sequence[dict[str, Any]], ids: Sequence[str],
     return exact(matrix, [str(r["_id"]) for r in corpus], ids, queries)
 
 
+def run(settings: Settings, args: argparse.Namespace, corpus: Sequence[dict[str, Any]],
+        ids: Sequence[str], texts: Sequence[str],
+        qrels: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
+    """Index the corpus into a fresh store with ``settings`` (the stream's write path, or
+    ``rebuild``), then search it: nDCG@10 through the store and exhaustively, the counts,
+    the seconds and the encoder it ran on."""
+    started = time.perf_counter()
+    if args.rebuild:
+        report = rebuild(settings, RebuildOptions(source=str(args.data / "corpus.jsonl"),
+                                                  handover=False))
+        counts = {"chunks": report.chunks, "chunk_tokens": report.tokens}
+    # Opened through the alias the rebuild moved: its fingerprint must match the stream's.
+    pipeline = build_pipeline(settings)
+    try:
+        if not args.rebuild:
+            counts = index(pipeline, corpus)
+        indexed_s = time.perf_counter() - started
+        query_vectors = pipeline.embedder.embed(texts)
+        store: dict[str, Ranking] = {}
+        for query, vector in zip(ids, query_vectors, strict=True):
+            hits = pipeline.sink.search(vector.tolist(), args.hits)
+            store[query] = best_chunk([str(h.payload["doc_id"]) for h in hits],
+                                      [h.score for h in hits])
+        points = list(pipeline.sink.points())
+        matrix = np.asarray([p.vector for p in points], np.float32)
+        exhaustive = exact(matrix, [str(p.payload["doc_id"]) for p in points], ids,
+                           query_vectors)
+        return {"ndcg_at_10": round(ndcg_at_10(store, qrels), 4),
+                "exact_ndcg_at_10": round(ndcg_at_10(exhaustive, qrels), 4),
+                **counts, "index_s": round(indexed_s, 1), "spec": pipeline.chunker.spec,
+                "encoder": encoder_info(pipeline.embedder)}
+    finally:
+        pipeline.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="BEIR scifact folder")
     parser.add_argument("--hits", type=int, default=100, help="chunks fetched per query")
     parser.add_argument("--limit", type=int, default=None, help="first N docs (smoke test)")
+    parser.add_argument("--sample", type=int, default=None,
+                        help="every judged doc plus N others drawn at random (seed 0): "
+                             "a smaller corpus on which every query can still find its docs")
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx", "openvino"))
+    parser.add_argument("--precision", default="auto",
+                        choices=("auto", "fp32", "bf16", "fp16", "int8"))
+    parser.add_argument("--no-fp32", action="store_true",
+                        help="skip the torch fp32 index (the chosen backend only)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock reference")
     parser.add_argument("--rebuild", action="store_true",
-                        help="index with `embedstream rebuild` (bulk engine, bf16 where it "
-                             "calibrates) instead of the stream's write path")
+                        help="index with `embedstream rebuild` (bulk engine) instead of the "
+                             "stream's write path")
     args = parser.parse_args(argv)
-    if args.rebuild and args.limit:
-        parser.error("--rebuild reads the whole corpus file; drop --limit")
+    if args.rebuild and (args.limit or args.sample is not None):
+        parser.error("--rebuild reads the whole corpus file; drop --limit and --sample")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     corpus, queries, qrels = load(args.data)
     corpus = corpus[:args.limit]
+    if args.sample is not None:
+        corpus = sampled(corpus, qrels, args.sample)
     ids, texts = list(queries), list(queries.values())
     started = time.perf_counter()
+    runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        settings = Settings(
-            source=SourceSettings(id_fields=("_id",), text_fields=("title", "text")),
-            sink=SinkSettings(kind="qdrant-edge", path=Path(scratch) / "store",
-                              collection="scifact"),
-            metrics=MetricsSettings(enabled=False),
-        )
-        if args.rebuild:
-            report = rebuild(settings, RebuildOptions(source=str(args.data / "corpus.jsonl"),
-                                                      handover=False))
-            counts = {"chunks": report.chunks, "chunk_tokens": report.tokens}
-        # Opened through the alias the rebuild moved: its fingerprint must match the stream's.
-        pipeline = build_pipeline(settings)
-        try:
-            if not args.rebuild:
-                counts = index(pipeline, corpus)
-            indexed_s = time.perf_counter() - started
-            query_vectors = pipeline.embedder.embed(texts)
-            store: dict[str, Ranking] = {}
-            for query, vector in zip(ids, query_vectors, strict=True):
-                hits = pipeline.sink.search(vector.tolist(), args.hits)
-                store[query] = best_chunk([str(h.payload["doc_id"]) for h in hits],
-                                          [h.score for h in hits])
-            points = list(pipeline.sink.points())
-            matrix = np.asarray([p.vector for p in points], np.float32)
-            exhaustive = exact(matrix, [str(p.payload["doc_id"]) for p in points], ids,
-                               query_vectors)
-            spec = pipeline.chunker.spec
-        finally:
-            pipeline.close()
+        def settings(name: str, backend: str, precision: str) -> Settings:
+            return Settings(
+                source=SourceSettings(id_fields=("_id",), text_fields=("title", "text")),
+                embed=EmbedSettings(backend=backend, precision=precision),  # type: ignore[arg-type]
+                sink=SinkSettings(kind="qdrant-edge", path=Path(scratch) / name,
+                                  collection="scifact"),
+                metrics=MetricsSettings(enabled=False),
+            )
+        runs["chosen"] = run(settings("chosen", args.backend, args.precision), args, corpus,
+                             ids, texts, qrels)
+        log(f"chosen backend: {runs['chosen']} after {time.perf_counter() - started:.0f}s")
+        chosen = runs["chosen"]["encoder"]
+        if (chosen["backend"], chosen["precision"]) == ("torch", "fp32"):
+            runs["fp32"] = runs["chosen"]  # the same vectors: nothing to compare
+        elif not args.no_fp32:
+            runs["fp32"] = run(settings("fp32", "torch", "fp32"), args, corpus, ids, texts,
+                               qrels)
+            log(f"torch fp32: {runs['fp32']} after {time.perf_counter() - started:.0f}s")
+    mine = runs["chosen"]
     result: dict[str, Any] = {
-        "ndcg_at_10": round(ndcg_at_10(store, qrels), 4),
-        "exact_ndcg_at_10": round(ndcg_at_10(exhaustive, qrels), 4),
+        "ndcg_at_10": mine["ndcg_at_10"], "exact_ndcg_at_10": mine["exact_ndcg_at_10"],
     }
-    log(f"chunked: {result} after {time.perf_counter() - started:.0f}s")
+    if "fp32" in runs:
+        fp32 = runs["fp32"]
+        result.update({
+            "fp32_ndcg_at_10": fp32["ndcg_at_10"],
+            "fp32_exact_ndcg_at_10": fp32["exact_ndcg_at_10"],
+            # chosen minus fp32: negative when the chosen backend retrieves worse.
+            "ndcg_diff": round(mine["ndcg_at_10"] - fp32["ndcg_at_10"], 4),
+            "exact_ndcg_diff": round(mine["exact_ndcg_at_10"] - fp32["exact_ndcg_at_10"], 4),
+            "fp32_index_s": fp32["index_s"],
+        })
+    result.update({"backend": mine["encoder"]["backend"],
+                   "precision": mine["encoder"]["precision"],
+                   "variant": mine["encoder"]["variant"],
+                   "cpu_flags": mine["encoder"]["cpu_flags"]})
     stock_s = None
     if not args.no_stock:
         stock_started = time.perf_counter()
         result["stock_ndcg_at_10"] = round(ndcg_at_10(stock_rankings(corpus, ids, texts), qrels), 4)
         stock_s = round(time.perf_counter() - stock_started, 1)
     result.update({
-        "docs": len(corpus), "chunks": counts["chunks"], "queries": len(ids),
-        "mean_chunk_tokens": round(counts["chunk_tokens"] / max(1, counts["chunks"]), 1),
+        "docs": len(corpus), "chunks": mine["chunks"], "queries": len(ids),
+        "mean_chunk_tokens": round(mine["chunk_tokens"] / max(1, mine["chunks"]), 1),
         "search": f"sink.search top {args.hits} chunks, doc = best chunk",
-        "chunker": spec, "index_s": round(indexed_s, 1), "stock_s": stock_s,
+        "chunker": mine["spec"], "index_s": mine["index_s"], "stock_s": stock_s,
         "indexed_by": "rebuild" if args.rebuild else "stream write path",
+        "corpus": "whole" if args.sample is None and not args.limit
+        else f"sample: judged docs + {args.sample} others" if args.sample is not None
+        else f"first {args.limit} docs",
         "wall_s": round(time.perf_counter() - started, 1),
+        "encoder": mine["encoder"],
         "machine": machine(),
     })
     print(json.dumps(result))

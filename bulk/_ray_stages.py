@@ -16,8 +16,9 @@ from typing import Any, cast
 import numpy as np
 import pyarrow as pa
 
-from embedstream.bulk.encoder import BulkEncoder
+from embedstream.stream.backend_choice import QualityGuard
 from embedstream.stream.embedding import pack_batches
+from embedstream.stream.local_encoder import LocalEncoder
 
 __all__ = ["CALIBRATION_TEXTS", "EmbedActor", "TokenizerSpec", "feed_datasource",
            "tokenize_batch"]
@@ -28,14 +29,14 @@ CALIBRATION_TEXTS = 256
 
 @dataclass(frozen=True, slots=True)
 class TokenizerSpec:
-    """The two things :meth:`BulkEncoder.tokenize` reads, small enough to ship to tasks."""
+    """The two things :meth:`LocalEncoder.tokenize` reads, small enough to ship to tasks."""
 
     tokenizer: Any
     max_seq_length: int
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        # BulkEncoder's own code, not a copy: truncation cannot drift from the local engine.
-        return BulkEncoder.tokenize(cast(BulkEncoder, self), texts)
+        # LocalEncoder's own code, not a copy: truncation cannot drift from the local engine.
+        return LocalEncoder.tokenize(cast(LocalEncoder, self), texts)
 
 
 def _read_feed(queue: Any) -> Iterator[pa.Table]:
@@ -62,12 +63,13 @@ def tokenize_batch(batch: pa.Table, tokenizer: TokenizerSpec) -> pa.Table:
 
 
 class EmbedActor:
-    """An embed actor: one :class:`BulkEncoder`, calibrated on its first batch."""
+    """An embed actor: one :class:`LocalEncoder`, calibrated on its first batch."""
 
-    def __init__(self, model: str, device: str, precision: str, batch_tokens: int,
-                 min_cosine: float) -> None:
-        self._encoder = BulkEncoder(model, device=device, precision=precision,
-                                    batch_tokens=batch_tokens, min_cosine=min_cosine)
+    def __init__(self, model: str, device: str, backend: str, precision: str,
+                 batch_tokens: int, guard: tuple[float, float]) -> None:
+        self._encoder = LocalEncoder(model, device=device, backend=backend,
+                                     precision=precision, batch_tokens=batch_tokens,
+                                     guard=QualityGuard(*guard))
         self._calibrated = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -80,7 +82,7 @@ class EmbedActor:
             ids.extend(flat[lo:hi] for lo, hi in itertools.pairwise(bounds))
             counts.append(len(lengths))
         if not self._calibrated and ids:
-            # A spread of real texts from the first batch decides the precision.
+            # A spread of real texts from the first batch decides the backend.
             encoder.calibrate(ids[::max(1, len(ids) // CALIBRATION_TEXTS)])
             self._calibrated = True
         lengths_all = [len(seq) for seq in ids]

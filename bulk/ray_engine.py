@@ -13,11 +13,12 @@ so ``embedstream rebuild --engine ray`` swaps one for the other. The stages:
    into blocks of a few units (``seq`` and the unit's flattened texts);
 3. **tokenize tasks** (``map_batches``, one CPU each) tokenize with the model's
    own tokenizer, truncated to ``max_seq_length`` by the very code of
-   :meth:`BulkEncoder.tokenize <embedstream.bulk.encoder.BulkEncoder.tokenize>`;
+   :meth:`LocalEncoder.tokenize <embedstream.stream.local_encoder.LocalEncoder.tokenize>`;
 4. **a fixed pool of ``actors`` embed actors** (``map_batches`` with a callable
    class, ``gpus_per_actor`` / ``cpus_per_actor`` each): each builds one
-   :class:`~embedstream.bulk.encoder.BulkEncoder` and calibrates its precision once, on its
-   first batch (bf16 only where faster and cosine-safe), then packs each batch's
+   :class:`~embedstream.stream.local_encoder.LocalEncoder` and settles its backend once
+   (a kept decision, else measured on its first batch under the quality guard), then packs
+   each batch's
    texts by length into token-budgeted batches (:func:`~embedstream.stream.embedding.pack_batches`)
    and returns vectors with real and padded token counts;
 5. **driver, calling thread**: collects results (``iter_batches``), restores
@@ -27,8 +28,8 @@ so ``embedstream rebuild --engine ray`` swaps one for the other. The stages:
 Guaranteed: every record is written exactly once, in source order, and a
 checkpoint after unit *n* means every record before it is written (as with the
 local engine); vectors are those of the local engine up to precision (the same
-tokens go through the same :class:`BulkEncoder` forward; reduced precision is
-chosen per actor, so actors may differ in it); everything ``source`` and
+tokens go through the same :class:`LocalEncoder` forward; the backend is
+chosen per actor, so actors on different machines may differ in it); everything ``source`` and
 ``prepare`` do runs on the driver; memory is bounded: at most two windows are
 prepared and not yet written, whatever the corpus size. Ray is joined at
 ``address`` (or ``RAY_ADDRESS``) when given, else a small local instance is
@@ -56,9 +57,9 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from embedstream.bulk._ray_stages import EmbedActor, TokenizerSpec, feed_datasource, tokenize_batch
-from embedstream.bulk.encoder import BulkEncoder
 from embedstream.bulk.engine import EmbeddedUnit, EngineStats
 from embedstream.stream.errors import ConfigError
+from embedstream.stream.local_encoder import LocalEncoder
 
 __all__ = ["RayEngine"]
 
@@ -104,8 +105,9 @@ class RayEngine(Generic[R, P]):
     down an instance it started.
     """
 
-    def __init__(self, model: str, *, device: str = "auto", precision: str = "auto",
-                 batch_tokens: int = 0, min_cosine: float = 0.99, unit_records: int = 256,
+    def __init__(self, model: str, *, device: str = "auto", backend: str = "torch",
+                 precision: str = "auto", batch_tokens: int = 0,
+                 guard: tuple[float, float] = (0.99, 0.98), unit_records: int = 256,
                  actors: int | None = None, gpus_per_actor: float | None = None,
                  cpus_per_actor: float = 1.0, window_units: int = 16,
                  address: str | None = None) -> None:
@@ -114,9 +116,10 @@ class RayEngine(Generic[R, P]):
             raise ConfigError(f"ray engine: actors must be at least 1, not {actors}")
         self.model = model
         self.device = device
+        self.backend = backend
         self.precision = precision
         self.batch_tokens = batch_tokens
-        self.min_cosine = min_cosine
+        self.guard = guard
         self.unit_records = max(1, unit_records)
         self.window_units = max(1, window_units)
         self.cpus_per_actor = cpus_per_actor
@@ -175,7 +178,7 @@ class RayEngine(Generic[R, P]):
     def _tokenizer_spec(self) -> TokenizerSpec:
         if self._tokenizer is None:
             # The model's own tokenizer and max_seq_length, exactly as each actor has them.
-            probe = BulkEncoder(self.model, device="cpu", precision="fp32")
+            probe = LocalEncoder(self.model, device="cpu")
             self._tokenizer = TokenizerSpec(probe.tokenizer, probe.max_seq_length)
             self._dimension = probe.dimension
             del probe
@@ -272,8 +275,9 @@ class RayEngine(Generic[R, P]):
                                 memory=_TOKENIZE_MEMORY)
             ds = ds.map_batches(
                 EmbedActor, fn_constructor_kwargs={
-                    "model": self.model, "device": device, "precision": self.precision,
-                    "batch_tokens": self.batch_tokens, "min_cosine": self.min_cosine},
+                    "model": self.model, "device": device, "backend": self.backend,
+                    "precision": self.precision, "batch_tokens": self.batch_tokens,
+                    "guard": self.guard},
                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus or None,
                 num_cpus=self.cpus_per_actor,
                 batch_size=call_units, batch_format="pyarrow")

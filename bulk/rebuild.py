@@ -50,7 +50,7 @@ from typing import Any, TextIO
 from embedstream.bulk._run import Prepared, RebuildRun, Record
 from embedstream.bulk.catch_up import catch_up, handover_ends
 from embedstream.bulk.checkpoint import Checkpoint, CheckpointStore
-from embedstream.bulk.encoder import AnyEncoder, BulkEncoder, RemoteEncoder
+from embedstream.bulk.encoder import AnyEncoder, RemoteEncoder
 from embedstream.bulk.engine import BulkEngine, EngineStats
 from embedstream.bulk.kafka_source import KafkaSnapshot, Partition
 from embedstream.bulk.outputs import VectorFileWriter
@@ -62,6 +62,7 @@ from embedstream.stream.config import Settings
 from embedstream.stream.errors import ConfigError, KafkaUnavailable
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.health import Health, serve_metrics
+from embedstream.stream.local_encoder import LocalEncoder
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.names import name_error
 from embedstream.stream.remote_embedding import OpenAIEmbedder
@@ -99,6 +100,7 @@ class RebuildReport:
     elapsed_s: float = 0.0
     resumed_from: int = 0
     precision: str = ""
+    backend: str = ""
     covered: dict[str, int] = field(default_factory=dict)
     handover: dict[str, int] = field(default_factory=dict)
     previous: str | None = None
@@ -133,8 +135,9 @@ def build_encoders(settings: Settings, metrics: Metrics | None = None) -> list[A
     devices = [embed.device]
     if embed.device == "auto" and torch.cuda.device_count() > 1:
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return [BulkEncoder(embed.model, device=d, precision=bulk.precision,
-                        batch_tokens=bulk.batch_tokens, min_cosine=bulk.min_cosine)
+    on_choice = metrics.embed_backend_chosen if metrics is not None else None
+    return [LocalEncoder.from_settings(embed, device=d, batch_tokens=bulk.batch_tokens,
+                                       on_choice=on_choice)
             for d in devices]
 
 
@@ -335,6 +338,7 @@ def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
         progress.close()
         report.covered = {_tp_key(tp): o for tp, o in sorted(checkpoint.covered.items())}
         report.precision = encoder.precision
+        report.backend = encoder.backend
         if sink is not None and options.handover and checkpoint.covered:
             caught = catch_up(settings, sink, run.chunker(), encoder, checkpoint.covered,
                               on_failure=lambda p, r, d: run.failure(
@@ -374,9 +378,11 @@ def _engine(settings: Settings, options: RebuildOptions,
     if options.engine == "ray":
         from embedstream.bulk.ray_engine import RayEngine
 
-        return RayEngine(settings.embed.model, device=settings.embed.device,
-                         precision=bulk.precision, batch_tokens=bulk.batch_tokens,
-                         min_cosine=bulk.min_cosine, unit_records=bulk.write_documents)
+        embed = settings.embed
+        guard = (embed.quality_guard.mean_cosine, embed.quality_guard.p01_cosine)
+        return RayEngine(embed.model, device=embed.device, backend=embed.backend,
+                         precision=embed.precision, batch_tokens=bulk.batch_tokens,
+                         guard=guard, unit_records=bulk.write_documents)
     if options.engine != "local":
         raise ConfigError(f"--engine must be local or ray, not {options.engine!r}")
     return BulkEngine[Record, Prepared](

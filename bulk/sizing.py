@@ -3,7 +3,7 @@
 A short calibration run chunks and embeds a sample of documents (``--sample
 FILE``, else a built-in sample made of embedstream's own docstrings,
 :func:`builtin_sample`) with the
-bulk engine on this machine's device (as a rebuild would, precision choice
+bulk engine on this machine's device (as a rebuild would, backend choice
 included) and measures tokens per second, chunks per document and tokens per
 chunk. :func:`estimate` turns that into device-hours, wall-clock for each fleet
 size and cost for a corpus of ``--docs`` documents. ``--rate`` skips the run.
@@ -128,8 +128,9 @@ def calibrate(settings: Settings, sample: str | None, docs: int = _SAMPLE_DOCS) 
             "embed.tokens_per_minute, requests / embed.requests_per_minute) minutes, "
             "requests being chunks / embed.request_max_inputs")
     started = time.perf_counter()
-    log.info("plan: loading %s (bulk.precision %s: decided on this machine once, then "
-             "kept)", settings.embed.model, settings.bulk.precision)
+    log.info("plan: loading %s (embed.backend %s, embed.precision %s: decided on this "
+             "machine once, then kept)", settings.embed.model, settings.embed.backend,
+             settings.embed.precision)
     encoders = build_encoders(settings)
     encoder = encoders[0]
     chunker = TokenChunker(encoder.tokenizer, max_tokens=min(

@@ -46,6 +46,7 @@ __all__ = [
     "KafkaSecurity",
     "KafkaSettings",
     "MetricsSettings",
+    "QualityGuardSettings",
     "QuerySettings",
     "RouteSettings",
     "SchemaRegistrySettings",
@@ -59,6 +60,19 @@ __all__ = [
 DEFAULT_ROUTE = "default"
 
 
+class QualityGuardSettings(Section):
+    """How close to torch fp32 a backend chosen by ``auto`` must stay, in cosine
+    similarity over the calibration texts."""
+
+    mean_cosine: float = Field(default=0.99, gt=0, le=1)
+    p01_cosine: float = Field(default=0.98, gt=0, le=1)  # the 1st percentile
+
+
+# What each backend runs (the rest is refused at start, naming the pair).
+_BACKEND_PRECISIONS = {"torch": {"fp32", "bf16", "fp16"}, "onnx": {"fp32", "int8"},
+                       "openvino": {"fp32", "bf16", "fp16"}}
+
+
 class EmbedSettings(Section):
     """Where vectors come from: a local sentence-transformers model (``provider: local``,
     the default) or an OpenAI-compatible ``/embeddings`` API (``provider: openai``:
@@ -69,8 +83,23 @@ class EmbedSettings(Section):
     # local: a sentence-transformers name or directory; openai: the API's model name.
     model: str = "sentence-transformers/all-MiniLM-L6-v2"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
-    # Tokens per stream micro-batch (and per local forward pass).
+    # local: where the forward pass runs and in what precision, for the stream, the
+    # rebuild and search alike. "auto" measures the candidates once per machine, model
+    # and library versions on real texts and keeps the fastest that passes
+    # quality_guard (README "Backends"); onnx and openvino need their extras.
+    backend: Literal["auto", "torch", "onnx", "openvino"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+    quality_guard: QualityGuardSettings = QualityGuardSettings()
+    # Exported models and the backend decision; unset: $EMBEDSTREAM_CACHE_DIR, else
+    # $XDG_CACHE_HOME/embedstream. The chart puts it on the persistent volume.
+    cache_dir: Path | None = None
+    # Texts the stream embeds on torch fp32 before it measures (when no decision is kept).
+    calibration_texts: int = Field(default=64, ge=8)
+    # Tokens per stream micro-batch (forward passes pack at most bulk.batch_tokens).
     max_batch_tokens: int = Field(default=8192, ge=16)
+    # adaptive: a micro-batch closes as soon as nothing more is waiting to be read, or
+    # when full, or max_wait_ms after its first message; fixed: when full or at max_wait_ms.
+    batching: Literal["adaptive", "fixed"] = "adaptive"
     max_wait_ms: int = Field(default=50, ge=0)
     # -- openai ------------------------------------------------------------------
     # Base URL up to the API version ("/embeddings" is appended), e.g.
@@ -113,6 +142,15 @@ class EmbedSettings(Section):
     # spend embedding, rate-limit waits included (the poll loop must keep turning).
     give_up_after_s: float = Field(default=60.0, gt=0)
 
+    @model_validator(mode="after")
+    def _backend_runs_precision(self) -> EmbedSettings:
+        runs = _BACKEND_PRECISIONS.get(self.backend)
+        if runs is not None and self.precision != "auto" and self.precision not in runs:
+            raise ValueError(
+                f"embed.backend {self.backend} cannot run precision {self.precision} "
+                f"(it runs {', '.join(sorted(runs))}; int8 runs on onnx)")
+        return self
+
 
 class ChunkSettings(Section):
     max_tokens: int = Field(default=256, ge=8)
@@ -150,13 +188,19 @@ class SinkSettings(Section):
 class BulkSettings(Section):
     """The bulk rebuild (``embedstream rebuild``): engine sizes, file reading, checkpoints."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_embed(cls, data: Any) -> Any:
+        moved = {"precision": "embed.precision", "min_cosine": "embed.quality_guard"}
+        if isinstance(data, dict) and (found := [k for k in moved if k in data]):
+            raise ValueError("; ".join(
+                f"bulk.{k} has moved to {moved[k]} (one backend and precision for the "
+                "stream and the rebuild)" for k in found))
+        return data
+
     # Padded tokens (rows x longest) per forward pass; 0 picks 4096 on a CPU
     # (larger spills out of cache there) and 65536 on a GPU.
     batch_tokens: int = Field(default=0, ge=0)
-    # "auto" runs bf16 (fp16 on GPUs without bf16) when a calibration batch is
-    # faster and every vector keeps cosine >= min_cosine with fp32; else fp32.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    min_cosine: float = Field(default=0.99, gt=0, le=1)
     # Threads that chunk and tokenize (HF fast tokenizers release the GIL).
     tokenizer_workers: int = Field(default=2, ge=1)
     # Texts gathered, sorted by length and packed into batches at a time.

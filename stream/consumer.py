@@ -100,6 +100,7 @@ class StreamConsumer:
         self._clock = clock
         self._topic_ids = topic_ids
         self._batch = self._new_batch()
+        self._adaptive = settings.embed.batching == "adaptive"
         self._subscribed = False
         self._pressure = Backpressure(consumer, metrics, self._health, clock)
         self._failed = False
@@ -164,6 +165,10 @@ class StreamConsumer:
         due, checkpoint when that is due."""
         self._health.beat()
         messages = self._poll()
+        # Adaptive batching: nothing more fetched and waiting means the batch goes now
+        # (a quiet stream pays no deadline; under load the queue refills while a batch
+        # is embedded, so batches grow with the load).
+        drained = self._adaptive and len(messages) < self._settings.kafka.poll_max_messages
         for index, message in enumerate(messages):
             try:
                 self._take(message)
@@ -186,7 +191,7 @@ class StreamConsumer:
         if self._pressure.waiting:
             if self._pressure.due(now) and self._flush() and self._checkpoint():
                 self._pressure.resume()  # also when there was nothing left to write
-        elif self._batch.due(now):
+        elif self._batch.due(now) or (drained and not self._batch.empty):
             self._flush()
         if not self._pressure.waiting and self._checkpoint_due(now):
             self._checkpoint()

@@ -1,21 +1,18 @@
-"""Embedding chunk texts into L2-normalised vectors.
+"""Embedding chunk texts into L2-normalised vectors: the protocol and its helpers.
 
-:class:`SentenceTransformerEmbedder` runs a sentence-transformers model in
-process: texts are tokenised once, sorted by length and packed into
-sub-batches by padded token count (less padding than fixed-size batches), run
-through the model's own modules (so its pooling configuration applies), then
-normalised and returned in input order. Texts longer than the model's
-``max_seq_length`` are truncated, as sentence-transformers does; the chunker
-keeps chunks below that length so nothing is lost in the stream.
+:class:`Embedder` is what the stream, the rebuild's catch-up and the commands call;
+:class:`~embedstream.stream.local_encoder.LocalEncoder` (the local model, on the
+backend chosen for the machine) and
+:class:`~embedstream.stream.remote_embedding.OpenAIEmbedder` implement it. Here too:
+finding the model's files, the digest of its weights, and the packing of texts
+into batches by padded token count that every local forward pass uses.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,8 +21,7 @@ import numpy.typing as npt
 
 from embedstream.stream.errors import ConfigError
 
-__all__ = ["Embedder", "SentenceTransformerEmbedder", "pack_batches", "pad_batch",
-           "resolve_model_path", "weights_digest"]
+__all__ = ["Embedder", "pack_batches", "pad_batch", "resolve_model_path", "weights_digest"]
 
 
 class Embedder(Protocol):
@@ -77,9 +73,6 @@ _DEFAULT_NAMES = frozenset({"sentence-transformers/all-MiniLM-L6-v2", "all-MiniL
 _REVISION_SUFFIXES = frozenset({".json", ".txt", ".model", ".safetensors", ".bin"})
 _OTHER_BACKENDS = frozenset({"onnx", "openvino", ".git", ".cache"})
 _HUB_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
-# On CPU, forward passes beyond ~2k padded tokens got slower, not faster (activations spill
-# out of cache): 8192 ran ~30% below 2048 for MiniLM on 2 x86 cores. GPUs take the full budget.
-_CPU_BATCH_TOKENS = 2048
 
 
 def resolve_model_path(name: str) -> str:
@@ -173,136 +166,3 @@ def pad_batch(batch: Sequence[Sequence[int]], pad_id: int,
         input_ids[row, lo:lo + len(seq)] = seq
         mask[row, lo:lo + len(seq)] = 1
     return input_ids, mask
-
-
-def _pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
-
-
-class SentenceTransformerEmbedder:
-    """Embeds texts with a sentence-transformers model, tuned for throughput.
-
-    ``embed`` tokenizes the whole call once (truncating to ``max_seq_length`` like
-    ``encode``), sorts by length and packs sub-batches whose padded size (rows x longest)
-    stays within ``max_batch_tokens`` (at most 2048 on CPU, where larger was slower), so
-    little compute goes to padding. The forward pass is the model's own module stack
-    (transformer, its configured pooling, Normalize) under ``torch.inference_mode()``, so
-    vectors match ``model.encode(..., normalize_embeddings=True)`` up to float rounding
-    (batch composition changes the last bits, not the meaning).
-
-    Guaranteed: float32 rows of unit L2 norm, in input order; empty input gives shape
-    ``(0, dimension)``. Not done: texts past ``max_seq_length`` tokens are truncated, as by
-    ``encode`` (chunk them first); the model's prompts (``prompt_name``) are not applied.
-    Not thread-safe: one caller at a time.
-
-    After each ``embed`` call, :attr:`last_tokens` and :attr:`last_padded_tokens` hold the
-    real tokens and the input positions (rows x longest, summed over sub-batches) of
-    that call's forward passes, for callers that measure padding; both are 0 after an
-    empty call, and they describe only the passes that finished if the call raised.
-    """
-
-    def __init__(self, model: str, device: str = "auto", max_batch_tokens: int = 8192) -> None:
-        if max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
-        from sentence_transformers import SentenceTransformer
-
-        self._name = model
-        self._path = resolve_model_path(model)
-        self._model: Any = SentenceTransformer(self._path, device=_pick_device(device))
-        self._model.eval()
-        self._max_batch_tokens = max_batch_tokens
-        if self._model.device.type == "cpu":
-            self._max_batch_tokens = min(max_batch_tokens, _CPU_BATCH_TOKENS)
-        tokenizer = self._model.tokenizer
-        if tokenizer is None:
-            raise ConfigError(f"embed.model: {model!r} has no text tokenizer")
-        self._tokenizer: Any = tokenizer
-        max_len = self._model.max_seq_length or tokenizer.model_max_length
-        self._max_seq_length = int(max_len)
-        # get_embedding_dimension is the sentence-transformers >= 5 name.
-        get_dim = getattr(self._model, "get_embedding_dimension", None)
-        if get_dim is None:
-            get_dim = self._model.get_sentence_embedding_dimension
-        dimension = get_dim()
-        if dimension is None:
-            raise ConfigError(f"embed.model: cannot tell the output dimension of {model!r}")
-        self._dimension = int(dimension)
-        self._input_names = ["input_ids", "attention_mask"]
-        if "token_type_ids" in tokenizer.model_input_names:
-            self._input_names.append("token_type_ids")  # all zeros: one segment per text
-        self._pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        self._left_pad = tokenizer.padding_side == "left"
-        self.last_tokens = 0
-        self.last_padded_tokens = 0
-
-    @property
-    def model_name(self) -> str:
-        return self._name
-
-    @cached_property
-    def revision(self) -> str:
-        """Digest of the weight, config and tokenizer files (about 0.1 s for 90 MB)."""
-        return weights_digest(self._path)
-
-    @property
-    def dimension(self) -> int:
-        return self._dimension
-
-    @property
-    def max_seq_length(self) -> int:
-        """Longest input in tokens, special tokens included; longer texts are truncated."""
-        return self._max_seq_length
-
-    @property
-    def tokenizer(self) -> Any:
-        """The model's Hugging Face (fast) tokenizer, shared with the chunker."""
-        return self._tokenizer
-
-    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        out = np.empty((len(texts), self._dimension), dtype=np.float32)
-        self.last_tokens = self.last_padded_tokens = 0
-        if not texts:
-            return out
-        ids: list[list[int]] = self._tokenizer(
-            list(texts), truncation=True, max_length=self._max_seq_length, padding=False,
-            return_attention_mask=False, return_token_type_ids=False, verbose=False,
-        )["input_ids"]
-        lengths = [len(seq) for seq in ids]
-        for batch in pack_batches(lengths, self._max_batch_tokens):
-            out[batch] = self._forward([ids[i] for i in batch])
-            # As pad_batch pads: every row to the batch's longest (at least 1).
-            self.last_tokens += sum(lengths[i] for i in batch)
-            self.last_padded_tokens += len(batch) * max(1, max(lengths[i] for i in batch))
-        return out
-
-    def close(self) -> None:
-        """Nothing to release (the model goes with the object); as remote embedders do."""
-
-    def twin(self) -> SentenceTransformerEmbedder:
-        """An embedder for another thread: the same model, its weights shared (forward
-        passes under ``inference_mode`` change nothing in it, so two threads may run
-        them at once), with a tokenizer of its own (a fast tokenizer sets its
-        truncation per call, and two threads sharing one fail with "Already borrowed")."""
-        twin = copy.copy(self)
-        twin._tokenizer = copy.deepcopy(self._tokenizer)
-        return twin
-
-    def _forward(self, batch: list[list[int]]) -> npt.NDArray[np.float32]:
-        import torch
-
-        input_ids, mask = pad_batch(batch, self._pad_id, self._left_pad)
-        arrays = {"input_ids": input_ids, "attention_mask": mask,
-                  "token_type_ids": np.zeros_like(input_ids)}
-        device = self._model.device
-        features = {n: torch.from_numpy(arrays[n]).to(device) for n in self._input_names}
-        with torch.inference_mode():
-            vectors = self._model(features)["sentence_embedding"]
-            vectors = torch.nn.functional.normalize(vectors.float(), p=2, dim=1)
-        result: npt.NDArray[np.float32] = vectors.cpu().numpy()
-        return result

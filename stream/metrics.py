@@ -8,6 +8,8 @@ operation; never a document id.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 __all__ = ["Metrics"]
@@ -15,6 +17,21 @@ __all__ = ["Metrics"]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _FRESHNESS_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 _RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+
+class ChosenBackend(Protocol):
+    """What :meth:`Metrics.embed_backend_chosen` reads of an encoder."""
+
+    @property
+    def backend(self) -> str: ...
+    @property
+    def precision(self) -> str: ...
+    @property
+    def variant(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def calibration(self) -> dict[str, float]: ...
 
 
 class Metrics:
@@ -202,6 +219,26 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.embed_backend_info = Gauge(
+            "embedstream_embed_backend_info",
+            "1 for the backend, precision and device the local model runs on (auto: the "
+            "fastest that passed the quality guard on this machine); 0 for one left",
+            ["backend", "precision", "device"],
+            registry=r,
+        )
+        self.embed_backend_speedup = Gauge(
+            "embedstream_embed_backend_speedup_ratio",
+            "Speed of the chosen backend over torch fp32, as measured when it was chosen "
+            "(full batches and the stream's small ones; 1 when nothing was measured)",
+            registry=r,
+        )
+        self.embed_backend_cosine = Gauge(
+            "embedstream_embed_backend_cosine",
+            "Cosine of the chosen backend's vectors to torch fp32's on the calibration "
+            "texts, by statistic (mean, p01, min); 1 for torch fp32 itself",
+            ["statistic"],
+            registry=r,
+        )
         # Rebuild progress (``embedstream rebuild``; zero in the consumer).
         self.rebuild_records = Counter(
             "embedstream_rebuild_records_total",
@@ -226,3 +263,17 @@ class Metrics:
             "Share of the rebuild's model input positions that were padding, so far",
             registry=r,
         )
+
+    def embed_backend_chosen(self, encoder: ChosenBackend) -> None:
+        """Record the backend a local encoder settled on (called by the encoder)."""
+        for labels in list(self.embed_backend_info._metrics):
+            self.embed_backend_info.labels(*labels).set(0)
+        self.embed_backend_info.labels(
+            backend=encoder.backend, precision="-".join(
+                p for p in (encoder.precision, encoder.variant) if p),
+            device=encoder.device).set(1)
+        figures = encoder.calibration
+        self.embed_backend_speedup.set(figures.get("speedup", 1.0))
+        for statistic in ("mean", "p01", "min"):
+            self.embed_backend_cosine.labels(statistic=statistic).set(
+                figures.get(f"{statistic}_cos", 1.0))

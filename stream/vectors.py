@@ -142,7 +142,7 @@ class ChunkVectors:
             raise
 
     def _observe_padding(self) -> None:
-        # Only embedders that measure it (SentenceTransformerEmbedder) say how much of
+        # Only embedders that measure it (LocalEncoder) say how much of
         # their forward passes was padding; the Embedder protocol does not require it.
         padded = getattr(self._embedder, "last_padded_tokens", 0)
         if padded:

@@ -89,10 +89,10 @@ def minilm_tokenizer(minilm_path: str) -> Any:
 
 @pytest.fixture(scope="session")
 def minilm() -> Any:
-    """A SentenceTransformerEmbedder on the real model, loaded once per session."""
-    from embedstream.stream.embedding import SentenceTransformerEmbedder
+    """A LocalEncoder on the real model, loaded once per session."""
+    from embedstream.stream.local_encoder import LocalEncoder
 
-    return SentenceTransformerEmbedder("sentence-transformers/all-MiniLM-L6-v2", device="cpu")
+    return LocalEncoder("sentence-transformers/all-MiniLM-L6-v2", device="cpu")
 
 
 def build_tiny_model(directory: Path, tokenizer_dir: str, seed: int = 0) -> Path:
@@ -149,18 +149,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -
 
 @pytest.fixture(scope="session", autouse=True)
 def precision_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """``bulk.precision: auto`` keeps its decisions in a file of this session, never in
-    the user's cache (a test that needs its own sets EMBEDSTREAM_PRECISION_CACHE)."""
-    from embedstream.bulk.precision import CACHE_ENV
+    """``embed.backend``/``precision: auto`` keep their decisions (and exported models)
+    in a directory of this session, never in the user's cache (a test that needs its
+    own sets EMBEDSTREAM_PRECISION_CACHE or EMBEDSTREAM_CACHE_DIR)."""
+    from embedstream.stream._calibration import CACHE_DIR_ENV, CACHE_ENV
 
-    path = tmp_path_factory.mktemp("precision") / "precision.json"
-    before = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(path)  # subprocesses of the CLI inherit it
+    directory = tmp_path_factory.mktemp("embed-cache")
+    path = directory / "backend.json"
+    before = {name: os.environ.get(name) for name in (CACHE_ENV, CACHE_DIR_ENV)}
+    os.environ[CACHE_ENV] = str(path)  # subprocesses of the CLI inherit both
+    os.environ[CACHE_DIR_ENV] = str(directory)
     yield path
-    if before is None:
-        os.environ.pop(CACHE_ENV, None)
-    else:
-        os.environ[CACHE_ENV] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 # ======================================================================================

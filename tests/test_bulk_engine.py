@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from embedstream.bulk.encoder import BulkEncoder
 from embedstream.bulk.engine import BulkEngine, EmbeddedUnit
+from embedstream.stream.backend_choice import QualityGuard
 from embedstream.stream.embedding import pack_batches
+from embedstream.stream.local_encoder import LocalEncoder
 
 PASSAGES = Path(__file__).resolve().parents[1].parent / "shared/data/msmarco-sample/passages.tsv"
 
@@ -32,12 +33,12 @@ def test_packing_covers_every_text_once_within_the_budget(lengths: list[int], bu
 
 
 @pytest.fixture(scope="module")
-def tiny_encoder(tiny_model_dir: Path) -> BulkEncoder:
-    return BulkEncoder(str(tiny_model_dir), device="cpu", precision="fp32", batch_tokens=512)
+def tiny_encoder(tiny_model_dir: Path) -> LocalEncoder:
+    return LocalEncoder(str(tiny_model_dir), device="cpu", precision="fp32", batch_tokens=512)
 
 
 def test_units_are_written_in_source_order_with_one_row_per_text(
-        tiny_encoder: BulkEncoder) -> None:
+        tiny_encoder: LocalEncoder) -> None:
     texts = [f"record {i} " + "word " * (i % 37) for i in range(500)]
     engine: BulkEngine[int, int] = BulkEngine([tiny_encoder], unit_records=7, tokenizer_workers=3,
                                               bucket_texts=64, queue_depth=2)
@@ -63,7 +64,7 @@ def test_units_are_written_in_source_order_with_one_row_per_text(
     np.testing.assert_allclose(rows[5][0], alone, atol=1e-4)
 
 
-def test_a_failing_stage_stops_the_run_and_reaches_the_caller(tiny_encoder: BulkEncoder) -> None:
+def test_a_failing_stage_stops_the_run_and_reaches_the_caller(tiny_encoder: LocalEncoder) -> None:
     engine: BulkEngine[int, None] = BulkEngine([tiny_encoder], unit_records=4, queue_depth=1)
     written: list[int] = []
 
@@ -91,7 +92,7 @@ def test_bf16_vectors_keep_cosine_with_stock_encode(minilm_path: str) -> None:
     with PASSAGES.open(newline="", encoding="utf-8") as handle:
         texts = [row[1] for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)]
     texts = texts[:300]
-    encoder = BulkEncoder("sentence-transformers/all-MiniLM-L6-v2", device="cpu",
+    encoder = LocalEncoder("sentence-transformers/all-MiniLM-L6-v2", device="cpu",
                           precision="bf16")
     engine: BulkEngine[int, None] = BulkEngine([encoder], unit_records=64)
     out = np.empty((len(texts), encoder.dimension), np.float32)
@@ -110,8 +111,8 @@ def test_bf16_vectors_keep_cosine_with_stock_encode(minilm_path: str) -> None:
 
 def test_a_rejected_reduced_precision_leaves_the_fp32_weights_untouched(
         tiny_model_dir: Path) -> None:
-    encoder = BulkEncoder(str(tiny_model_dir), device="cpu", precision="auto",
-                          min_cosine=1.01)  # no reduced precision can pass this
+    encoder = LocalEncoder(str(tiny_model_dir), device="cpu", precision="auto",
+                           guard=QualityGuard(1.0, 1.0))  # bf16 cannot pass this
     transformer = encoder._model[0].auto_model
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
     ids = encoder.tokenize([f"calibration text number {i}" for i in range(64)])

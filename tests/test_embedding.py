@@ -1,4 +1,4 @@
-"""SentenceTransformerEmbedder and resolve_model_path: the real model and a tiny random one."""
+"""LocalEncoder and resolve_model_path: the real model and a tiny random one."""
 
 from __future__ import annotations
 
@@ -14,12 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from embedstream.stream.embedding import (
-    SentenceTransformerEmbedder,
-    resolve_model_path,
-    weights_digest,
-)
+from embedstream.stream.embedding import resolve_model_path, weights_digest
 from embedstream.stream.errors import ConfigError
+from embedstream.stream.local_encoder import LocalEncoder
 from tests.conftest import build_tiny_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -55,14 +52,14 @@ def stock(minilm_path: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def varied(minilm: SentenceTransformerEmbedder) -> tuple[list[str], np.ndarray]:
+def varied(minilm: LocalEncoder) -> tuple[list[str], np.ndarray]:
     """The varied texts and their vectors, computed once (CPU time is the test budget)."""
     texts = _varied_texts()
     return texts, minilm.embed(texts)
 
 
 @pytest.mark.slow
-def test_properties(minilm: SentenceTransformerEmbedder, minilm_path: str) -> None:
+def test_properties(minilm: LocalEncoder, minilm_path: str) -> None:
     assert minilm.model_name == "sentence-transformers/all-MiniLM-L6-v2"
     assert minilm.dimension == 384
     assert minilm.max_seq_length == 256
@@ -73,14 +70,14 @@ def test_properties(minilm: SentenceTransformerEmbedder, minilm_path: str) -> No
 
 
 @pytest.mark.slow
-def test_unit_norm_float32(minilm: SentenceTransformerEmbedder) -> None:
+def test_unit_norm_float32(minilm: LocalEncoder) -> None:
     vectors = minilm.embed(["one", "two words", "", "three words here"])
     assert vectors.shape == (4, 384) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
 @pytest.mark.slow
-def test_empty_input(minilm: SentenceTransformerEmbedder) -> None:
+def test_empty_input(minilm: LocalEncoder) -> None:
     vectors = minilm.embed([])
     assert vectors.shape == (0, 384) and vectors.dtype == np.float32
 
@@ -96,7 +93,7 @@ def test_matches_stock_encode(varied: tuple[list[str], np.ndarray], stock: Any) 
 
 @pytest.mark.slow
 def test_input_order_preserved(
-    minilm: SentenceTransformerEmbedder, varied: tuple[list[str], np.ndarray]
+    minilm: LocalEncoder, varied: tuple[list[str], np.ndarray]
 ) -> None:
     texts, straight = varied
     order = list(range(len(texts)))
@@ -109,8 +106,8 @@ def test_input_order_preserved(
 
 
 @pytest.mark.slow
-def test_revision_stable_across_loads(minilm: SentenceTransformerEmbedder) -> None:
-    again = SentenceTransformerEmbedder("all-MiniLM-L6-v2", device="cpu")
+def test_revision_stable_across_loads(minilm: LocalEncoder) -> None:
+    again = LocalEncoder("all-MiniLM-L6-v2", device="cpu")
     assert again.revision == minilm.revision
     assert again.model_name == "all-MiniLM-L6-v2"
 
@@ -124,9 +121,9 @@ def test_revision_is_fast(minilm_path: str) -> None:
 
 @pytest.mark.slow
 def test_revision_differs_with_weights(
-    minilm: SentenceTransformerEmbedder, tiny_model_dir: Path, tmp_path: Path
+    minilm: LocalEncoder, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    tiny = SentenceTransformerEmbedder(str(tiny_model_dir), device="cpu")
+    tiny = LocalEncoder(str(tiny_model_dir), device="cpu")
     assert tiny.revision != minilm.revision
     copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
     assert weights_digest(str(copy)) == tiny.revision  # location does not matter
@@ -140,7 +137,7 @@ def test_tiny_model_packing_matches_stock(tiny_model_dir: Path) -> None:
     """A tiny token budget forces many sub-batches, and rows longer than the budget."""
     from sentence_transformers import SentenceTransformer
 
-    tiny = SentenceTransformerEmbedder(str(tiny_model_dir), device="cpu", max_batch_tokens=16)
+    tiny = LocalEncoder(str(tiny_model_dir), device="cpu", batch_tokens=16)
     assert tiny.dimension == 32 and tiny.max_seq_length == 128
     texts = ["", "x", "a b c d e f g", "word " * 300, "中文", "mixed length text " * 5] * 3
     ours = tiny.embed(texts)
@@ -169,4 +166,4 @@ def test_resolve_bogus_name_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "local" in str(caught.value)
     assert time.perf_counter() - started < 5.0
     with pytest.raises(ConfigError, match=r"embed\.model"):
-        SentenceTransformerEmbedder("no-such-org/no-such-model-xyz", device="cpu")
+        LocalEncoder("no-such-org/no-such-model-xyz", device="cpu")

@@ -242,10 +242,11 @@ def test_a_rebuild_from_kafka_resumes_per_partition(broker: LocalBroker, tmp_pat
     settings = Settings(
         kafka={"bootstrap_servers": bootstrap, "topics": [topic], "group_id": unique("g"),
                "options": {"session.timeout.ms": 6000}},
-        source={"format": "native"}, embed={"model": str(tiny_model_dir)},
+        source={"format": "native"},
+        embed={"model": str(tiny_model_dir), "backend": "torch", "precision": "fp32"},
         sink={"path": str(tmp_path / "store"), "collection": "docs"},
         metrics={"enabled": False},
-        bulk={"write_documents": 10, "checkpoint_interval_s": 0.001, "precision": "fp32"},
+        bulk={"write_documents": 10, "checkpoint_interval_s": 0.001},
     )
     feed = Feed(bootstrap, topic, one_per_batch=True)
     feed.send(400)

@@ -147,6 +147,7 @@ def test_defaults_config_is_the_values_config() -> None:
     config = yaml.safe_load(manifests["ConfigMap"]["data"]["config.yaml"])
     values_config["metrics"]["port"] = 9108
     values_config["sink"]["path"] = "/var/lib/embedstream/data"
+    values_config["embed"]["cache_dir"] = "/var/lib/embedstream/embed-cache"
     assert config == values_config
     assert manifests["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"] == "10Gi"
     assert {"Secret", "ScaledObject", "Job", "ServiceMonitor", "PrometheusRule"}.isdisjoint(
@@ -202,6 +203,10 @@ def test_existing_secret_and_kafka_tls() -> None:
     ({"config": {"sink": {"kind": "qdrant"}}}, "set config.sink.url"),
     ({"config": {"sink": {"api_key": "x"}}}, "config.sink.api_key is a secret"),
     ({"config": {"embed": {"api_key": "x"}}}, "config.embed.api_key is a secret"),
+    ({"config": {"bulk": {"precision": "bf16"}}},
+     "config.bulk.precision has moved to config.embed.precision"),
+    ({"config": {"bulk": {"min_cosine": 0.99}}},
+     "config.bulk.min_cosine has moved to config.embed.quality_guard"),
 ])
 def test_misconfiguration_fails_clearly(values: dict[str, Any], message: str) -> None:
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError, match=message):
@@ -212,8 +217,61 @@ def test_schema_rejects_bad_values() -> None:
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(ci_values("server-values.yaml"))
         for bad in ({"replicaCount": "two"}, {"config": {"sink": {"kind": "milvus"}}},
-                    {"replicaCunt": 1}):
+                    {"replicaCunt": 1}, {"config": {"embed": {"backend": "tensorrt"}}},
+                    {"config": {"embed": {"precision": "int4"}}},
+                    {"config": {"embed": {"batching": "eager"}}},
+                    {"config": {"embed": {"quality_guard": {"min_cosine": 0.99}}}},
+                    {"config": {"embed": {"cache_dir": "relative/dir"}}},
+                    {"embedCache": {"mountPath": "var/cache"}}):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema(bad)
     report = helm.lint(CHART, {"replicaCount": "two"})
     assert any("replicaCount" in error for error in report["errors"])
+
+
+def _mounts_and_volumes(pod_owner: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """The container's mount paths and the pod's volumes, by volume name."""
+    return ({m["name"]: m["mountPath"] for m in container(pod_owner)["volumeMounts"]},
+            {v["name"]: v for v in pod_owner["spec"]["template"]["spec"]["volumes"]})
+
+
+def test_embed_cache_is_kept_on_the_stores_volume(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The decision and the exported graphs survive a restart, and the rebuild Job
+    # (same volume) reads what the consumer decided: neither measures again.
+    manifests = render({"rebuild": {"enabled": True}})
+    for owner in ("Deployment", "Job"):
+        settings = rendered_settings(manifests, owner, tmp_path, monkeypatch)
+        mounts, volumes = _mounts_and_volumes(manifests[owner])
+        assert settings.embed.cache_dir == Path(mounts["data"]) / "embed-cache"
+        assert "persistentVolumeClaim" in volumes["data"] and "embed-cache" not in volumes
+    moved = render({"persistence": {"mountPath": "/srv/es/"},
+                    "config": {"sink": {"path": "/srv/es/store"}}})
+    config = yaml.safe_load(moved["ConfigMap"]["data"]["config.yaml"])
+    assert config["embed"]["cache_dir"] == "/srv/es/embed-cache"
+
+
+def test_embed_cache_without_a_volume_is_an_empty_dir(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    manifests = render(ci_values("server-values.yaml"))
+    settings = rendered_settings(manifests, "Deployment", tmp_path, monkeypatch)
+    mounts, volumes = _mounts_and_volumes(manifests["Deployment"])
+    assert settings.embed.cache_dir == Path(mounts["embed-cache"]) == Path(
+        "/var/cache/embedstream")
+    assert volumes["embed-cache"]["emptyDir"] == {"sizeLimit": "2Gi"}
+    assert (settings.embed.backend, settings.embed.precision) == ("onnx", "int8")
+
+
+@pytest.mark.parametrize("values", [
+    {"config": {"embed": {"cache_dir": "/models/embed-cache"}}},
+    {"config": {"embed": {"cache_dir": "/models/embed-cache"}, "sink": {
+        "kind": "qdrant", "url": "http://q:6333"}}},
+    ci_values("remote-embedder-values.yaml"),
+], ids=["own-dir-edge", "own-dir-server", "remote-api"])
+def test_embed_cache_left_alone(values: dict[str, Any]) -> None:
+    # A cache_dir of the user's own is kept as given; a remote API has no local model.
+    manifests = render(values)
+    config = yaml.safe_load(manifests["ConfigMap"]["data"]["config.yaml"])
+    assert config["embed"].get("cache_dir") == values["config"]["embed"].get("cache_dir")
+    mounts, volumes = _mounts_and_volumes(manifests["Deployment"])
+    assert "embed-cache" not in mounts and "embed-cache" not in volumes

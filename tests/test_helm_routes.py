@@ -18,6 +18,7 @@ from embedstream.stream.config import (
     BulkSettings,
     EmbedSettings,
     KafkaSettings,
+    QualityGuardSettings,
     RouteSettings,
     SchemaRegistrySettings,
     Settings,
@@ -156,6 +157,11 @@ def test_schema_names_only_settings_fields_and_every_choice() -> None:
     for name in ("format", "encoding", "version"):
         choices = typing.get_args(SourceSettings.model_fields[name].annotation)
         assert defs["source"]["properties"][name]["enum"] == list(choices), name
+    for name in ("backend", "precision", "batching"):
+        choices = typing.get_args(EmbedSettings.model_fields[name].annotation)
+        assert config["embed"]["properties"][name]["enum"] == list(choices), name
+    guard = config["embed"]["properties"]["quality_guard"]["properties"]
+    assert set(guard) == set(QualityGuardSettings.model_fields)
 
 
 def test_monitoring_objects() -> None:

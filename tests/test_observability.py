@@ -243,10 +243,10 @@ def test_a_rebuild_serves_its_progress(tmp_path: Path, tiny_model_dir: Path) -> 
                               + "\n" for i in range(40)) + "not json\n")
     port = free_port()
     settings = Settings(source={"id_fields": ["_id"], "text_fields": ["title", "text"]},
-                        embed={"model": str(tiny_model_dir)},
+                        embed={"model": str(tiny_model_dir), "backend": "torch",
+                               "precision": "fp32"},
                         sink={"path": str(tmp_path / "store"), "collection": "docs"},
-                        metrics={"enabled": True, "host": "127.0.0.1", "port": port},
-                        bulk={"precision": "fp32"})
+                        metrics={"enabled": True, "host": "127.0.0.1", "port": port})
     report = rebuild(settings, RebuildOptions(source=str(corpus), handover=False))
     assert (report.records, report.failures) == (41, 1)
     # The server outlives the run (a daemon thread), so the final figures are readable.
@@ -280,10 +280,10 @@ def test_a_rebuild_given_metrics_fills_them_without_serving(tmp_path: Path,
 
 
 def test_the_embedder_counts_the_padding_of_its_forward_passes(tiny_model_dir: Path) -> None:
-    from embedstream.stream.embedding import SentenceTransformerEmbedder, pack_batches
+    from embedstream.stream.embedding import pack_batches
+    from embedstream.stream.local_encoder import LocalEncoder
 
-    embedder = SentenceTransformerEmbedder(str(tiny_model_dir), device="cpu",
-                                           max_batch_tokens=64)
+    embedder = LocalEncoder(str(tiny_model_dir), device="cpu", batch_tokens=64)
     texts = ["short", "a somewhat longer text " * 3, "mid length text here"]
     lengths = [len(embedder.tokenizer(t)["input_ids"]) for t in texts]
     embedder.embed(texts)

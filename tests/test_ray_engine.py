@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from embedstream.bulk.encoder import BulkEncoder
 from embedstream.bulk.engine import BulkEngine, EmbeddedUnit, EngineStats
 from embedstream.bulk.ray_engine import RayEngine  # imports without Ray; running needs it
+from embedstream.stream.local_encoder import LocalEncoder
 
 DEADLINE_S = 100.0  # one run takes ~20 s here, most of it starting the actor
 # Imports Ray in the engine fixture, not at collection. A test makes up to two runs,
@@ -64,7 +64,7 @@ def engine() -> Iterator[RayEngine[int, int]]:
 
 @pytest.fixture(scope="module")
 def local_vectors(passages: list[str]) -> npt.NDArray[np.float32]:
-    encoder = BulkEncoder(MODEL, device="cpu", precision="fp32")
+    encoder = LocalEncoder(MODEL, device="cpu", precision="fp32")
     local: BulkEngine[int, None] = BulkEngine([encoder], unit_records=64)
     out = np.zeros((len(passages), encoder.dimension), np.float32)
 

@@ -29,10 +29,10 @@ SCIFACT = Path(__file__).resolve().parents[1].parent / "shared/data/beir/scifact
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def settings_for(tmp: Path, model: str, **bulk: object) -> Settings:
+def settings_for(tmp: Path, model: str, precision: str = "auto", **bulk: object) -> Settings:
     return Settings(source={"id_fields": ["_id"], "text_fields": ["title", "text"]},
-                    embed={"model": model}, sink={"path": str(tmp / "store"),
-                                                  "collection": "docs"},
+                    embed={"model": model, "backend": "torch", "precision": precision},
+                    sink={"path": str(tmp / "store"), "collection": "docs"},
                     metrics={"enabled": False}, bulk=bulk)
 
 
@@ -122,9 +122,9 @@ def test_a_killed_rebuild_resumes_without_embedding_again(tmp_path: Path,
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({
         "source": {"id_fields": ["_id"], "text_fields": ["title", "text"]},
-        "embed": {"model": str(tiny_model_dir)},
+        "embed": {"model": str(tiny_model_dir), "backend": "torch", "precision": "fp32"},
         "sink": {"path": str(tmp_path / "store"), "collection": "docs"},
-        "bulk": {"checkpoint_interval_s": 0.2, "write_documents": 16, "precision": "fp32"}}))
+        "bulk": {"checkpoint_interval_s": 0.2, "write_documents": 16}}))
     checkpoint = tmp_path / "store" / ".rebuild" / "docs.json"
     child = subprocess.Popen(
         [sys.executable, "-m", "embedstream.stream.app.cli", "rebuild", "--config", str(config),
@@ -142,9 +142,10 @@ def test_a_killed_rebuild_resumes_without_embedding_again(tmp_path: Path,
     killed_at = Checkpoint.from_json(checkpoint.read_text())
 
     settings = Settings(source={"id_fields": ["_id"], "text_fields": ["title", "text"]},
-                        embed={"model": str(tiny_model_dir)},
+                        embed={"model": str(tiny_model_dir), "backend": "torch",
+                               "precision": "fp32"},
                         sink={"path": str(tmp_path / "store"), "collection": "docs"},
-                        bulk={"write_documents": 16, "precision": "fp32"},
+                        bulk={"write_documents": 16},
                         metrics={"enabled": False})
     report = rebuild(settings, RebuildOptions(source=str(corpus), handover=False))
     assert report.resumed_from == killed_at.done

@@ -20,7 +20,6 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from embedstream.bulk.catch_up import HandoverRefused
-from embedstream.bulk.encoder import BulkEncoder
 from embedstream.bulk.kafka_source import topic_ends
 from embedstream.bulk.rebuild import RebuildOptions, rebuild
 from embedstream.sinks.factory import build_admin, build_sink
@@ -28,6 +27,7 @@ from embedstream.stream.app.broker import LocalBroker
 from embedstream.stream.app.cli import main
 from embedstream.stream.app.service import build_consumer, build_pipeline
 from embedstream.stream.config import Settings
+from embedstream.stream.local_encoder import LocalEncoder
 from embedstream.stream.metrics import Metrics
 
 from .streamkit import REVISIONS, create_topic, revision_stream, run_until, unique
@@ -74,9 +74,9 @@ def config_for(broker: LocalBroker, topic: str, store: Path, model: Path,
                   "group_id": unique("g"), "options": {"session.timeout.ms": 6000}},
         # text_fields: what a file rebuild reads (native events carry "text" anyway).
         "source": source or {"format": "native", "version": "auto", "text_fields": ["text"]},
-        "embed": {"model": str(model)},
+        "embed": {"model": str(model), "backend": "torch", "precision": "fp32"},
         "sink": {"path": str(store), "collection": "docs", "flush_interval_ms": 200},
-        "metrics": {"enabled": False}, "bulk": {"write_documents": 8, "precision": "fp32"}}
+        "metrics": {"enabled": False}, "bulk": {"write_documents": 8}}
 
 
 def settings_for(broker: LocalBroker, topic: str, store: Path, model: Path,
@@ -145,7 +145,7 @@ def test_a_kafka_rebuild_reads_every_record_of_multi_record_batches(
 class CountingEncoder:
     """A real encoder that counts the texts it embeds."""
 
-    def __init__(self, encoder: BulkEncoder) -> None:
+    def __init__(self, encoder: LocalEncoder) -> None:
         self.encoder, self.texts = encoder, 0
         self.lock = threading.Lock()
 
@@ -174,7 +174,7 @@ def test_a_kafka_rebuild_embeds_each_document_once(broker: LocalBroker, tmp_path
     ends = produce_batched(broker.bootstrap_servers, topic, messages)
     assert_listed_short(broker.bootstrap_servers, topic, ends)
     settings = settings_for(broker, topic, tmp_path / "store", tiny_model_dir)
-    encoder = CountingEncoder(BulkEncoder(str(tiny_model_dir), device="cpu", precision="fp32"))
+    encoder = CountingEncoder(LocalEncoder(str(tiny_model_dir), device="cpu", precision="fp32"))
 
     report = rebuild(settings, RebuildOptions(source="kafka", handover=False),
                      encoders=[encoder])  # type: ignore[list-item]

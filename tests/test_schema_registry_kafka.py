@@ -77,9 +77,10 @@ def test_a_rebuild_from_an_avro_topic_equals_the_json_oracle(
     settings = Settings(
         kafka={"bootstrap_servers": bootstrap, "topics": [topic], "group_id": unique("g"),
                "schema_registry": {"url": registry.url}},
-        source=CUSTOMERS.model_dump(), embed={"model": str(tiny_model_dir)},
+        source=CUSTOMERS.model_dump(),
+        embed={"model": str(tiny_model_dir), "backend": "torch", "precision": "fp32"},
         sink={"path": str(tmp_path / "store"), "collection": "customers"},
-        metrics={"enabled": False}, bulk={"precision": "fp32"})
+        metrics={"enabled": False})
     registry.reset_log()
     report = rebuild(settings, RebuildOptions(source="kafka", handover=False))
     assert report.failures == 0 and report.records == len(messages)

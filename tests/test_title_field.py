@@ -297,7 +297,7 @@ def test_the_stream_and_a_rebuild_embed_title_and_text_alike(
                "group_id": unique("g"), "options": {"session.timeout.ms": 6000}},
         source=source().model_dump(), chunk={"max_tokens": 64},
         sink={"kind": "qdrant-edge", "path": str(tmp_path / "store"), "collection": "docs"},
-        metrics={"enabled": False}, bulk={"precision": "fp32"},
+        metrics={"enabled": False}, embed={"backend": "torch", "precision": "fp32"},
     )
     # One batch each: the test broker (Tansu) gives a batch's first offset + 1 as the high
     # watermark, and a rebuild from Kafka reads up to the high watermark.

@@ -256,7 +256,8 @@ def _rebuild_and_follow(pipeline: Pipeline, stream: StreamConsumer, producer: Pr
     report = rebuild(pipeline.settings.for_route("pages"), RebuildOptions(source="kafka"))
     print(f"  {report.records} records read, {report.superseded} superseded: "
           f"{report.documents} documents, {report.chunks} chunks into {report.target} "
-          f"({report.precision}, {report.padding_fraction:.1%} padding); snapshot up to "
+          f"({report.backend} {report.precision}, {report.padding_fraction:.1%} padding); "
+          f"snapshot up to "
           f"{report.covered}, handover at {report.handover}; previous: {report.previous}")
     text = "A page written after the rebuild, about vector search that follows every change."
     page = "demo/after-the-rebuild.adoc"

@@ -56,7 +56,7 @@ from embedstream.stream.app.query_jobs import (
 )
 from embedstream.stream.config import RouteSettings, Settings
 from embedstream.stream.consumer import StreamConsumer
-from embedstream.stream.embedding import Embedder, SentenceTransformerEmbedder
+from embedstream.stream.embedding import Embedder
 from embedstream.stream.errors import (
     ConfigError,
     EmbedderError,
@@ -74,6 +74,7 @@ from embedstream.stream.http_server import (
     listen,
     text_answer,
 )
+from embedstream.stream.local_encoder import LocalEncoder
 from embedstream.stream.store import Hit, Sink
 
 if TYPE_CHECKING:
@@ -306,7 +307,7 @@ def _query_embedder(settings: Settings, embedder: Embedder) -> tuple[Embedder, b
     """An embedder the query thread may use while the loop uses ``embedder``, and
     whether it is a new one (to close): the local model's twin, or for a remote
     provider a client of its own (one probe request)."""
-    if isinstance(embedder, SentenceTransformerEmbedder):
+    if isinstance(embedder, LocalEncoder):
         return embedder.twin(), False
     if settings.embed.provider == "openai":
         from embedstream.stream.app.service import build_embedder

@@ -31,7 +31,7 @@ from embedstream.stream.chunking import TokenChunker
 from embedstream.stream.config import RouteSettings, Settings
 from embedstream.stream.consumer import AppliedCallback, Route, StreamConsumer
 from embedstream.stream.dead_letters import DeadLetters, ensure_topics
-from embedstream.stream.embedding import Embedder, SentenceTransformerEmbedder
+from embedstream.stream.embedding import Embedder
 from embedstream.stream.errors import (
     ConfigError,
     KafkaUnavailable,
@@ -42,6 +42,7 @@ from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.handover import AliasFollower
 from embedstream.stream.health import Health, serve_metrics
 from embedstream.stream.kafka_config import kafka_client_config
+from embedstream.stream.local_encoder import LocalEncoder
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.registry import ValueReader, build_registry_client
 from embedstream.stream.remote_embedding import OpenAIEmbedder
@@ -91,8 +92,10 @@ def build_embedder(settings: Settings, metrics: Metrics | None = None) -> Embedd
         # Bounded calls: a slow provider must not hold the poll loop (the consumer
         # pauses and retries instead); a rebuild builds its own, without a bound.
         return OpenAIEmbedder(embed, metrics=metrics, call_budget_s=embed.give_up_after_s)
-    return SentenceTransformerEmbedder(embed.model, device=embed.device,
-                                       max_batch_tokens=embed.max_batch_tokens)
+    # The same encoder, backend and forward-pass size as the rebuild (bulk.batch_tokens).
+    return LocalEncoder.from_settings(
+        embed, batch_tokens=settings.bulk.batch_tokens,
+        on_choice=metrics.embed_backend_chosen if metrics is not None else None)
 
 
 # Told why the store cannot be opened yet (e.g. its disk nearly full); True: wait
@@ -313,6 +316,9 @@ def _consume(settings: Settings, metrics: Metrics, health: Health,
             raise
         log.info("stopped before the store could be opened")
         return 0
+    if isinstance(pipeline.embedder, LocalEncoder):
+        # Measuring the backends (once per machine) runs inside the loop: it beats.
+        pipeline.embedder.heartbeat = health.beat
     try:
         stream = build_consumer(pipeline, metrics, health=health)
         for route in settings.all_routes():

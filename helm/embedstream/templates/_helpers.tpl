@@ -88,6 +88,12 @@ app.kubernetes.io/component: consumer
 {{- fail "secrets.schemaRegistryPassword is set but config.kafka.schema_registry is not: give the registry's url there (the password alone is never used)" }}
 {{- end }}
 {{- include "embedstream.validateRoutes" . }}
+{{- $moved := dict "precision" "config.embed.precision" "min_cosine" "config.embed.quality_guard" }}
+{{- range $key := list "precision" "min_cosine" }}
+{{- if hasKey (dig "bulk" dict $.Values.config) $key }}
+{{- fail (printf "config.bulk.%s has moved to %s: one backend and precision for the stream and the rebuild (README, \"Backends and precision\")" $key (get $moved $key)) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* With config.routes, each route names its topics, source and collection: the
@@ -137,6 +143,30 @@ app.kubernetes.io/component: consumer
 {{- dig "sink" "path" (printf "%s/data" .Values.persistence.mountPath) .Values.config }}
 {{- end }}
 
+{{/* "true" when the local model embeds (not a remote API): it keeps a backend
+     decision and exported graphs in embed.cache_dir. */}}
+{{- define "embedstream.localModel" -}}
+{{- if ne (dig "embed" "provider" "local" .Values.config) "openai" }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the chart gives embed.cache_dir an emptyDir of its own: a local
+     model, no cache_dir in config.embed, and no Edge volume to keep it on. */}}
+{{- define "embedstream.embedCacheEmptyDir" -}}
+{{- if and (include "embedstream.localModel" .) (not (dig "embed" "cache_dir" "" .Values.config)) (not (include "embedstream.edge" .)) }}true{{ end }}
+{{- end }}
+
+{{/* embed.cache_dir: config.embed's own, else a directory on the Edge store's
+     volume (kept across restarts, shared with the rebuild Job), else the emptyDir. */}}
+{{- define "embedstream.embedCacheDir" -}}
+{{- if dig "embed" "cache_dir" "" .Values.config }}
+{{- dig "embed" "cache_dir" "" .Values.config }}
+{{- else if include "embedstream.edge" . }}
+{{- printf "%s/%s" (trimSuffix "/" .Values.persistence.mountPath) .Values.embedCache.subPath }}
+{{- else }}
+{{- .Values.embedCache.mountPath }}
+{{- end }}
+{{- end }}
+
 {{/* config.yaml: .Values.config with metrics on the container port and the paths the pod can write. */}}
 {{- define "embedstream.config" -}}
 {{- $cfg := deepCopy .Values.config }}
@@ -161,6 +191,11 @@ app.kubernetes.io/component: consumer
 {{- end }}
 {{- end }}
 {{- $_ = set $cfg "sink" $sink }}
+{{- if include "embedstream.localModel" . }}
+{{- $embed := default dict (get $cfg "embed") }}
+{{- $_ = set $embed "cache_dir" (include "embedstream.embedCacheDir" .) }}
+{{- $_ = set $cfg "embed" $embed }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 
@@ -226,6 +261,11 @@ saslPassword sslKeyPassword sinkApiKey embedApiKey schemaRegistryPassword
 - name: hf-cache
   emptyDir:
     sizeLimit: {{ .Values.hfCache.sizeLimit }}
+{{- if include "embedstream.embedCacheEmptyDir" . }}
+- name: embed-cache
+  emptyDir:
+    sizeLimit: {{ .Values.embedCache.sizeLimit }}
+{{- end }}
 {{- if include "embedstream.edge" . }}
 - name: data
 {{- if .Values.persistence.enabled }}
@@ -252,6 +292,10 @@ saslPassword sslKeyPassword sinkApiKey embedApiKey schemaRegistryPassword
   mountPath: /tmp
 - name: hf-cache
   mountPath: {{ .Values.hfCache.mountPath }}
+{{- if include "embedstream.embedCacheEmptyDir" . }}
+- name: embed-cache
+  mountPath: {{ .Values.embedCache.mountPath }}
+{{- end }}
 {{- if include "embedstream.edge" . }}
 - name: data
   mountPath: {{ .Values.persistence.mountPath }}

@@ -1,29 +1,30 @@
-"""Choosing ``bulk.precision: auto`` quickly, and once per machine and model.
+"""What makes choosing the backend cheap, and once per machine and model.
 
-:class:`~embedstream.bulk.encoder.BulkEncoder` measures fp32 against bf16 (fp16
-on a GPU without bf16) on real texts; this module holds what makes that cheap:
+:mod:`embedstream.stream.backend_choice` measures the candidate backends on real
+texts; this module holds what it measures with and where it keeps the outcome:
 
 * :func:`calibration_sample`: a spread of at most :data:`SAMPLE_TEXTS` texts and
-  one batch of tokens (as the engine batches: a reduced precision's fixed cost
-  per forward shows only at the real size), so a pass takes about a second;
-* :func:`timed_pass`: one timed pass over a sample, packed as the engine packs;
-* :func:`time_limit`: stops a forward from inside once it has run too long, so a
-  reduced precision that has already lost (emulated bf16 on a CPU without it runs
+  one batch of tokens (as the engine batches: a backend's fixed cost per forward
+  shows only at the real size), so a pass takes about a second;
+* :func:`time_limit`: stops a torch forward from inside once it has run too long,
+  so a precision that has already lost (emulated bf16 on a CPU without it runs
   ten and more times slower than fp32) costs a few seconds, not minutes;
 * :class:`PrecisionCache`: the decision kept per machine and model, so the next
-  rebuild or ``plan`` on the same machine does not measure again.
+  start of the stream, ``rebuild`` or ``plan`` does not measure again.
 
 The cache is one JSON file: ``$EMBEDSTREAM_PRECISION_CACHE`` if set (``off``
-disables it), else ``$XDG_CACHE_HOME/embedstream/precision.json`` (``~/.cache``
-without XDG_CACHE_HOME). An entry's key is what the decision depends on
-(:func:`decision_key`): the CPU's model name and flags (or the GPU's name), the
-device, the torch version, the model's weights digest, the reduced precision
-tried and ``bulk.min_cosine``; a change in any of them measures again.
+disables it), else ``backend.json`` in the cache directory (:func:`cache_dir`:
+``embed.cache_dir``, else ``$EMBEDSTREAM_CACHE_DIR``, else
+``$XDG_CACHE_HOME/embedstream``, ``~/.cache`` without XDG_CACHE_HOME). An entry's
+key is what the decision depends on (:func:`decision_key`): the CPU's model name
+and flags (or the GPU's name), the device, the versions of torch, ONNX Runtime
+and OpenVINO, the model's weights digest, what was asked for and the quality
+guard; a change in any of them measures again.
 
 Guaranteed: the file is replaced atomically (a reader sees the old or the new
 one, never half); a file that cannot be read or parsed is ignored with a
 warning (the next decision rewrites it); a cache that cannot be written is a
-warning, never a failed rebuild. Not guaranteed: entries written by two
+warning, never a failed start. Not guaranteed: entries written by two
 processes at once both survive (the last writer wins; the loser measures again
 next time); a decision still right after a change the key does not hold (a BIOS
 setting, another process now sharing the cores): delete the file to measure again.
@@ -39,35 +40,40 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
+__all__ = ["CACHE_DIR_ENV", "CACHE_ENV", "SAMPLE_TEXTS", "SAMPLE_TOKENS", "Decision",
+           "PrecisionCache", "TooSlow", "cache_dir", "cache_path", "calibration_sample",
+           "decision_key", "library_versions", "now_utc", "time_limit"]
 
-from embedstream.stream.embedding import pack_batches
-
-__all__ = ["CACHE_ENV", "SAMPLE_TEXTS", "SAMPLE_TOKENS", "Decision", "PrecisionCache",
-           "TooSlow", "cache_path", "calibration_sample", "decision_key", "now_utc",
-           "time_limit", "timed_pass"]
-
-log = logging.getLogger("embedstream.bulk")
+log = logging.getLogger("embedstream.embed")
 
 CACHE_ENV = "EMBEDSTREAM_PRECISION_CACHE"
+CACHE_DIR_ENV = "EMBEDSTREAM_CACHE_DIR"
 SAMPLE_TEXTS = 64
 SAMPLE_TOKENS = 16384  # at most; a CPU batch is 4096
-_VERSION = 1  # of the file's layout and of the measuring method
+_VERSION = 2  # of the file's layout and of the measuring method
 
 
-def cache_path() -> Path | None:
-    """Where decisions are kept (see the module docstring); None when disabled."""
+def cache_dir(configured: Path | None = None) -> Path:
+    """Where exported models and decisions live (see the module docstring)."""
+    if configured is not None:
+        return configured
+    if env := os.environ.get(CACHE_DIR_ENV, "").strip():
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "embedstream"
+
+
+def cache_path(configured_dir: Path | None = None) -> Path | None:
+    """The decisions file (see the module docstring); None when disabled."""
     configured = os.environ.get(CACHE_ENV)
     if configured is not None:
         return None if configured.strip().lower() in ("", "off", "none") else Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "embedstream" / "precision.json"
+    return cache_dir(configured_dir) / "backend.json"
 
 
 def _cpu() -> tuple[str, str]:
@@ -87,13 +93,26 @@ def _cpu() -> tuple[str, str]:
     return model, fields.get("flags") or fields.get("Features", "")
 
 
-def decision_key(*, device: str, model_digest: str, reduced: str, min_cosine: float,
-                 torch_version: str, gpu_name: str | None = None) -> dict[str, str]:
-    """What a precision decision depends on (see the module docstring)."""
+def library_versions() -> dict[str, str]:
+    """Versions of the inference libraries installed (a new one may change the choice)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("torch", "onnxruntime", "openvino"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = ""
+    return versions
+
+
+def decision_key(*, device: str, model_digest: str, asked: str, guard: str,
+                 gpu_name: str | None = None) -> dict[str, str]:
+    """What a backend decision depends on (see the module docstring)."""
     cpu, flags = _cpu()
     return {"cpu": cpu, "cpu_flags": flags, "gpu": gpu_name or "", "device": device,
-            "torch": torch_version, "model": model_digest, "reduced": reduced,
-            "min_cosine": repr(min_cosine), "method": str(_VERSION)}
+            **library_versions(), "model": model_digest, "asked": asked, "guard": guard,
+            "method": str(_VERSION)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +122,8 @@ class Decision:
     precision: str
     figures: dict[str, float]
     decided_at: str  # UTC, ISO 8601
+    backend: str = "torch"
+    variant: str = ""
 
 
 class PrecisionCache:
@@ -142,7 +163,8 @@ class PrecisionCache:
             if entry["key"] != dict(key):  # a hash collision, or an entry edited by hand
                 return None
             figures = {str(k): float(v) for k, v in entry["figures"].items()}
-            return Decision(str(entry["precision"]), figures, str(entry["decided_at"]))
+            return Decision(str(entry["precision"]), figures, str(entry["decided_at"]),
+                            str(entry.get("backend", "torch")), str(entry.get("variant", "")))
         except (TypeError, KeyError, ValueError, AttributeError):
             return None
 
@@ -152,6 +174,7 @@ class PrecisionCache:
             return
         entries = self._entries()
         entries[self._id(key)] = {"key": dict(key), "precision": decision.precision,
+                                  "backend": decision.backend, "variant": decision.variant,
                                   "figures": decision.figures,
                                   "decided_at": decision.decided_at}
         text = json.dumps({"version": _VERSION, "entries": entries}, indent=1, sort_keys=True)
@@ -215,15 +238,3 @@ def time_limit(module: Any, seconds: float) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
-
-
-def timed_pass(encode: Callable[[Sequence[list[int]]], npt.NDArray[np.float32]],
-               sample: list[list[int]], batch_tokens: int, dimension: int
-               ) -> tuple[npt.NDArray[np.float32], float]:
-    """Vectors of ``sample`` packed as the engine packs them, and the seconds the
-    pass took."""
-    vectors = np.empty((len(sample), dimension), np.float32)
-    started = time.perf_counter()
-    for batch in pack_batches([len(ids) for ids in sample], batch_tokens):
-        vectors[batch] = encode([sample[i] for i in batch])
-    return vectors, time.perf_counter() - started
