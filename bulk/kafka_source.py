@@ -12,8 +12,8 @@ settings and limits):
 1. **fold**: every event of the snapshot, from each partition's start, goes
    through the stream's version guard (:func:`embedstream.stream.plan.fold`);
    what is kept is each document's winning state only (its version and
-   position, no text: about 270 bytes per document measured, so some 0.3 GB
-   per million documents, as much as the version guard alone always kept);
+   position, no text), on disk (:class:`~embedstream.bulk._winners.Winners`, a
+   scratch SQLite table): the rebuild's memory does not grow with the corpus;
 2. **yield**: from the start (or the resume offsets) again, each message becomes
    one item; only a document's winning event becomes a :class:`BulkEvent`, so
    nothing superseded is ever chunked or embedded.
@@ -45,10 +45,10 @@ not stored), so it reads the topic once more before it yields anything.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -60,6 +60,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
+from embedstream.bulk._winners import Winners
 from embedstream.stream.chunking import Chunker
 from embedstream.stream.config import Settings
 from embedstream.stream.errors import KafkaUnavailable, RegistryUnavailable
@@ -67,7 +68,7 @@ from embedstream.stream.events import ChangeEvent, Position, Skipped
 from embedstream.stream.intake import Rejected, take_in
 from embedstream.stream.kafka_config import kafka_client_config
 from embedstream.stream.offsets import committed_offsets, served_ends
-from embedstream.stream.plan import PreparedEvent, fold
+from embedstream.stream.plan import PreparedEvent
 from embedstream.stream.registry import ValueReader, build_reader
 from embedstream.stream.store import DocState
 from embedstream.stream.topic_ids import TopicIds, position_of
@@ -90,6 +91,7 @@ log = logging.getLogger("embedstream.bulk")
 
 Partition = tuple[str, int]
 _METADATA_TIMEOUT_S = 15.0
+_BATCH = 2000  # messages decoded and looked up together (the fold's memory: one batch)
 _POLL_S = 0.2  # consume() waits this long for a full batch: short, or small topics wait
 _REGISTRY_BACKOFF_MAX_S = 10.0
 
@@ -184,17 +186,21 @@ class KafkaSnapshot:
 
     def __init__(self, settings: Settings, start: Mapping[Partition, int] | None = None,
                  covered: Mapping[Partition, int] | None = None,
-                 on_folded: Callable[[int], None] | None = None) -> None:
+                 on_folded: Callable[[int], None] | None = None,
+                 scratch: Path | None = None) -> None:
         """``start``: resume offsets per partition (default: each partition's
         beginning). ``covered``: the ends to read up to, recorded earlier (by the
         rebuild before it opens the snapshot, or by an interrupted run of the same
         rebuild, so a resumed run covers exactly what it first set out to).
         ``on_folded`` is told, once the fold has read everything, how many records
-        :meth:`items` is about to yield."""
+        :meth:`items` is about to yield. ``scratch``: the directory of the fold's
+        on-disk state (:class:`~embedstream.bulk._winners.Winners`; default: the
+        system's temporary directory)."""
         self._settings = settings
         self._start = dict(start or {})
         self.covered: dict[Partition, int] = dict(covered or {})
         self._on_folded = on_folded
+        self._scratch = scratch
         self._consumer: Consumer | None = None
         self._topic_ids: TopicIds | None = None
         self._reader: ValueReader | None = None
@@ -225,37 +231,44 @@ class KafkaSnapshot:
                   if self._start.get(tp, 0) < end}
         if not starts:
             return
-        winners, count = self._fold(starts)
-        if self._on_folded is not None:
-            self._on_folded(count)
-        for message, position in self._read({tp: s or OFFSET_BEGINNING
-                                             for tp, s in starts.items()}):
-            yield self._decode(message, position, winners)
+        winners = Winners(self._scratch)
+        try:
+            count = self._fold(starts, winners)
+            if self._on_folded is not None:
+                self._on_folded(count)
+            batch: list[tuple[Message, Position]] = []
+            for pair in self._read({tp: s or OFFSET_BEGINNING for tp, s in starts.items()}):
+                batch.append(pair)
+                if len(batch) >= _BATCH:
+                    yield from self._decode(batch, winners)
+                    batch = []
+            yield from self._decode(batch, winners)
+        finally:
+            winners.close()
 
-    def _fold(self, starts: Mapping[Partition, int]) -> tuple[dict[str, DocState], int]:
-        """Each document's winning state over the whole snapshot (every partition from
-        its start: a key may have moved between partitions), and how many of the
-        records read lie at or after ``starts`` (what :meth:`items` then yields)."""
+    def _fold(self, starts: Mapping[Partition, int], winners: Winners) -> int:
+        """Fold each document's winning state over the whole snapshot into ``winners``
+        (every partition from its start: a key may have moved between partitions);
+        returns how many of the records read lie at or after ``starts`` (what
+        :meth:`items` then yields)."""
         began = time.monotonic()
-        winners: dict[str, DocState] = {}
         read = after_start = 0
+        batch: list[PreparedEvent] = []
         for message, position in self._read(dict.fromkeys(self.covered, OFFSET_BEGINNING)):
             read += 1
             tp = (position.topic, position.partition)
             if tp in starts and position.offset >= starts[tp]:
                 after_start += 1
             taken = take_in_patiently(message, position, self._settings, None, self._reader)
-            if isinstance(taken, Rejected | Skipped):
-                continue
-            doc_id = taken.event.doc_id
-            state = fold(winners.get(doc_id), [taken]).state
-            if state is not None:
-                if state.topic is not None:  # one string per topic, not one per document
-                    state = replace(state, topic=sys.intern(state.topic))
-                winners[doc_id] = state
+            if not isinstance(taken, Rejected | Skipped):
+                batch.append(taken)
+                if len(batch) >= _BATCH:
+                    winners.fold(batch)
+                    batch = []
+        winners.fold(batch)
         log.info("kafka snapshot folded: %d records, %d documents (%.1f s)", read,
                  len(winners), time.monotonic() - began)
-        return winners, after_start
+        return after_start
 
     def _read(self, starts: Mapping[Partition, int]) -> Iterator[tuple[Message, Position]]:
         """The records of each partition from ``starts`` up to ``covered``, in each
@@ -303,19 +316,25 @@ class KafkaSnapshot:
             pending.discard(tp)
             consumer.pause([TopicPartition(*tp)])
 
-    def _decode(self, message: Message, position: Position, winners: Mapping[str, DocState]
-                ) -> BulkEvent | BulkSuperseded | BulkFailure | BulkSkip:
-        taken = take_in_patiently(message, position, self._settings, None, self._reader)
-        if isinstance(taken, Rejected):
-            return BulkFailure(position, taken.reason, taken.detail)
-        if isinstance(taken, Skipped):
-            return BulkSkip(position)
-        state = winners.get(taken.event.doc_id)
-        # The winner's state was stamped from its own event: its position names it.
-        if state is None or (state.topic, state.partition, state.offset) != (
-                position.topic, position.partition, position.offset):
-            return BulkSuperseded(position)
-        return BulkEvent(taken.event, state)
+    def _decode(self, batch: list[tuple[Message, Position]], winners: Winners
+                ) -> Iterator[BulkEvent | BulkSuperseded | BulkFailure | BulkSkip]:
+        """The batch's items in order, its documents' winners read in one query."""
+        taken = [take_in_patiently(m, p, self._settings, None, self._reader) for m, p in batch]
+        states = winners.get_many({t.event.doc_id for t in taken
+                                   if not isinstance(t, Rejected | Skipped)})
+        for (_, position), one in zip(batch, taken, strict=True):
+            if isinstance(one, Rejected):
+                yield BulkFailure(position, one.reason, one.detail)
+            elif isinstance(one, Skipped):
+                yield BulkSkip(position)
+            else:
+                state = states.get(one.event.doc_id)
+                # The winner's state was stamped from its own event: its position names it.
+                if state is None or (state.topic, state.partition, state.offset) != (
+                        position.topic, position.partition, position.offset):
+                    yield BulkSuperseded(position)
+                else:
+                    yield BulkEvent(one.event, state)
 
 
 def take_in_patiently(message: Message, position: Position, settings: Settings,

@@ -124,6 +124,11 @@ def fresh_name(alias: str, taken: Collection[str] = (), now: datetime | None = N
     return name
 
 
+def _state_dir(settings: Settings) -> Path:
+    """Where the rebuild keeps its checkpoints and scratch files."""
+    return settings.bulk.state_dir or settings.sink.path / ".rebuild"
+
+
 def build_encoders(settings: Settings, metrics: Metrics | None = None) -> list[AnyEncoder]:
     """One encoder per GPU when there are several and ``embed.device`` is auto; the
     remote API (one client, its own concurrency) with ``embed.provider: openai``."""
@@ -146,7 +151,7 @@ def _records(settings: Settings, options: RebuildOptions, checkpoint: Checkpoint
     if options.source == "kafka":
         snapshot = KafkaSnapshot(settings, start=checkpoint.offsets,
                                  covered=checkpoint.covered or None,
-                                 on_folded=run.expect)
+                                 on_folded=run.expect, scratch=_state_dir(settings))
         snapshot.open()
         checkpoint.covered = dict(snapshot.covered)
         return snapshot.items(), snapshot
@@ -223,7 +228,7 @@ def _rebuild(settings: Settings, options: RebuildOptions, encoders: list[AnyEnco
     admin = admin or (None if to_files else build_admin(settings.sink))
     try:
         taken = {c.name for c in admin.collections()} if admin is not None else set()
-        checkpoints = CheckpointStore(settings.bulk.state_dir or settings.sink.path / ".rebuild")
+        checkpoints = CheckpointStore(_state_dir(settings))
         checkpoint = checkpoints.load_or_new(
             name, restart=options.restart, source=options.source,
             files=_files_signature(options.source),

@@ -218,7 +218,10 @@ class OpenVinoRunner:
 
     def run(self, input_ids: npt.NDArray[np.int64],
             attention_mask: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-        result = self._request.infer({"input_ids": input_ids, "attention_mask": attention_mask})
+        # share_inputs: no copy of the arrays into OpenVINO's tensors (~15% of a
+        # one-text call measured); they outlive the synchronous call.
+        result = self._request.infer({"input_ids": input_ids, "attention_mask": attention_mask},
+                                     share_inputs=True)
         return _unit(np.array(result[self._output], dtype=np.float32))
 
     def twin(self) -> OpenVinoRunner:
