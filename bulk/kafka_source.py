@@ -204,6 +204,7 @@ class KafkaSnapshot:
         self._consumer: Consumer | None = None
         self._topic_ids: TopicIds | None = None
         self._reader: ValueReader | None = None
+        self._winners: Winners | None = None
 
     def open(self) -> None:
         consumer = snapshot_consumer(self._settings)
@@ -222,6 +223,11 @@ class KafkaSnapshot:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+        if self._winners is not None:
+            # Also when items() was left mid-way (its finally runs only once the
+            # generator is closed or collected; a reader thread still folding at exit
+            # never gets there): the scratch file must not outlive the rebuild.
+            self._winners.close()
 
     def items(self) -> Iterator[BulkEvent | BulkSuperseded | BulkFailure | BulkSkip]:
         """Every message below ``covered`` (from the resume offsets), decoded, with
@@ -231,7 +237,7 @@ class KafkaSnapshot:
                   if self._start.get(tp, 0) < end}
         if not starts:
             return
-        winners = Winners(self._scratch)
+        winners = self._winners = Winners(self._scratch)
         try:
             count = self._fold(starts, winners)
             if self._on_folded is not None:

@@ -199,14 +199,18 @@ def measure(build: Callable[[Candidate], Runner], choices: Sequence[Candidate],
                 runner.run(*padded(warm_batch, pad_id, left, runner.length_multiple))
             if time.perf_counter() - started > cap:
                 raise TooSlow
+            timed = _timed(runner, pack, sample, pad_id, left)
+            vectors = pack(runner)
         except TooSlow:
             result.why = f"warm-up over {cap:.1f} s: slower than fp32"
-        except (ConfigError, RuntimeError, ImportError, OSError) as error:
+        except Exception as error:
+            # Any failure leaves this candidate out, not the choice: ONNX Runtime raises
+            # its own types (InvalidProtobuf, Fail, ...), which are not RuntimeErrors.
             result.why = f"cannot run here: {type(error).__name__}: {error}"
         else:
             result.runner = runner
-            result.figures.update(_timed(runner, pack, sample, pad_id, left))
-            cosines = (pack(runner) * expected).sum(axis=1)
+            result.figures.update(timed)
+            cosines = (vectors * expected).sum(axis=1)
             result.figures.update(mean_cos=float(cosines.mean()),
                                   p01_cos=float(np.percentile(cosines, 1)),
                                   min_cos=float(cosines.min()))
@@ -250,7 +254,12 @@ def _log(result: Measured) -> None:
 
 
 def model_dir_for(cache: Path, digest: str) -> Path:
-    """Where ``digest``'s exported graphs live (torch's version: its exporter made them)."""
+    """Where ``digest``'s exported graphs live: torch's exporter made them, ONNX Runtime's
+    quantizer their int8 copies, so both versions name the directory."""
     from importlib import metadata
 
-    return cache / "models" / digest[:24] / f"torch-{metadata.version('torch')}"
+    try:
+        quantizer = f"-ort-{metadata.version('onnxruntime')}"
+    except metadata.PackageNotFoundError:
+        quantizer = ""
+    return cache / "models" / digest[:24] / f"torch-{metadata.version('torch')}{quantizer}"

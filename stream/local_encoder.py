@@ -121,7 +121,10 @@ class LocalEncoder:
         self._asked = (backend, precision)
         self._choices = candidates(
             backend=backend, precision=precision, on_gpu=self._on_gpu,
-            gpu_bf16=self._on_gpu and bool(torch.cuda.is_bf16_supported()))
+            # Native bf16 on this device (Ampere on, or ROCm): is_bf16_supported() says
+            # yes to emulated bf16 too (T4, V100), and asks the current device only.
+            gpu_bf16=self._on_gpu and (bool(torch.version.hip) or torch.cuda.get_device_capability(
+                self._model.device)[0] >= 8))
         self._reference = TorchRunner(self._model, "fp32", self._with_types)
         self.runner: Runner = self._reference
         self.calibration: dict[str, float] = {}
@@ -136,10 +139,19 @@ class LocalEncoder:
             self._settle(self._build(self._choices[0]), {})
         elif (known := self._cache.get(self._key())) is not None:
             choice = Candidate(known.backend, known.precision, known.variant)
-            log.info("embed backend %s: decided on this machine for this model on %s "
-                     "(kept in %s; delete it to measure again)", choice.label,
-                     known.decided_at, self._cache.path)
-            self._settle(self._build(choice), {**known.figures, "cached": 1.0})
+            try:
+                kept = self._build(choice)
+            except Exception as error:
+                # E.g. the onnx package (not in the key) removed since: measure again
+                # rather than fail every start until someone deletes the file.
+                log.warning("embed backend %s, decided on this machine on %s, cannot be "
+                            "built here now (%s: %s): measuring again", choice.label,
+                            known.decided_at, type(error).__name__, error)
+            else:
+                log.info("embed backend %s: decided on this machine for this model on %s "
+                         "(kept in %s; delete it to measure again)", choice.label,
+                         known.decided_at, self._cache.path)
+                self._settle(kept, {**known.figures, "cached": 1.0})
 
     @classmethod
     def from_settings(cls, embed: EmbedSettings, *, device: str | None = None,
@@ -256,7 +268,10 @@ class LocalEncoder:
         if not self.decided and ids:
             self._pending += ids
             if len(self._pending) >= self._calibration_texts:
-                self.calibrate(self._pending)
+                # Taken out first: should measuring fail (e.g. out of memory, the call
+                # then halved and retried), the retries do not measure again at once.
+                sample, self._pending = self._pending, []
+                self.calibrate(sample)
         out = np.empty((len(ids), self.dimension), np.float32)
         lengths = [len(seq) for seq in ids]
         multiple = self.runner.length_multiple
@@ -302,6 +317,6 @@ def _figures(results: Sequence[Measured], best: Measured) -> dict[str, float]:
         label = result.candidate.label.replace("/", "_")
         if result.score < float("inf"):  # one stopped or unable to run has no cost (and
             figures[f"{label}_ms"] = result.score  # Infinity is not JSON, in the cache)
-        if "mean_cos" in result.figures:
+        if np.isfinite(result.figures.get("mean_cos", np.nan)):  # NaN is not JSON either
             figures[f"{label}_mean_cos"] = result.figures["mean_cos"]
     return figures

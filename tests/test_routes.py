@@ -260,7 +260,9 @@ def assert_holds(store: Path, collection: str, live: dict[str, str]) -> None:
 
 
 class Feed(threading.Thread):
-    """Produces each topic's messages in order, interleaved, ``per_s`` a second."""
+    """Produces each topic's messages in order, interleaved, ``per_s`` a second. The
+    last fifth waits for :attr:`release`, so whatever a loaded machine does to the
+    timing, the consumer is killed while events are still arriving."""
 
     def __init__(self, bootstrap: str, messages: dict[str, list[Message]],
                  per_s: float) -> None:
@@ -268,12 +270,17 @@ class Feed(threading.Thread):
         self.servers, self.per_s = bootstrap, per_s
         self.items = [(topic, m) for i in range(max(map(len, messages.values())))
                        for topic, ms in messages.items() if i < len(ms) for m in [ms[i]]]
+        self.release = threading.Event()
 
     def run(self) -> None:
         from confluent_kafka import Producer
 
         producer = Producer({"bootstrap.servers": self.servers, "linger.ms": 5})
-        for topic, (key, value) in self.items:
+        hold_at = len(self.items) * 4 // 5
+        for index, (topic, (key, value)) in enumerate(self.items):
+            if index == hold_at:
+                producer.flush(30)
+                self.release.wait(300)
             producer.produce(topic, key=key, value=value)
             producer.poll(0)
             time.sleep(1 / self.per_s)
@@ -343,7 +350,10 @@ def test_three_routes_over_five_topics_each_collection_equals_its_oracle(
             {"name": "notes", "topics": [notes_topic], "collection": "notes",
              "source": {"text_fields": ["body"], "encoding": "schema-registry"}},
         ],
-        "embed": {"model": str(tiny_model_dir), "max_batch_tokens": 512},
+        # A fixed backend: measuring the candidates (embed.backend auto) inside the
+        # killed processes would stall them while the paced feed runs out.
+        "embed": {"model": str(tiny_model_dir), "max_batch_tokens": 512,
+                  "backend": "torch", "precision": "fp32"},
         "sink": {"path": str(tmp_path / "store"), "flush_interval_ms": 100},
         "metrics": {"enabled": True, "port": free_port()},
     }
@@ -371,6 +381,7 @@ def test_three_routes_over_five_topics_each_collection_equals_its_oracle(
             process.wait()
             assert feed.is_alive(), "killed mid-stream: events still arriving"
         process = consume_process(config_file, log)
+        feed.release.set()
         feed.join()
         create_topic(bootstrap, late, partitions=2)
         produce(bootstrap, late, produced[late])
