@@ -311,7 +311,7 @@ class LocalEncoder:
 def _figures(results: Sequence[Measured], best: Measured) -> dict[str, float]:
     """The decision's figures: the winner's, its speed-up, every candidate's cost."""
     reference = results[0]
-    figures = {k: v for k, v in best.figures.items()}
+    figures = dict(best.figures)
     figures["speedup"] = reference.score / best.score
     for result in results:
         label = result.candidate.label.replace("/", "_")
