@@ -38,6 +38,7 @@ from embedstream.stream.config import (
     EmbedSettings,
     KafkaSettings,
     MetricsSettings,
+    RetrievalSettings,
     Settings,
     SinkSettings,
     SourceSettings,
@@ -194,7 +195,7 @@ def local_broker(topics: Iterable[str], *, partitions: int = 1,
 
 def stream_settings(bootstrap: str, topic: str, store: Path, *, group: str, collection: str,
                     chunk: ChunkSettings | None = None, embed: EmbedSettings | None = None,
-                    **sink: Any) -> Settings:
+                    retrieval: RetrievalSettings | None = None, **sink: Any) -> Settings:
     """A consumer of Debezium events (``id`` the key field, ``text`` the text) on one topic,
     writing to a Qdrant Edge store at ``store``; no metrics endpoint. ``embed``: the
     model side (default: the defaults, backend and precision ``auto``)."""
@@ -204,6 +205,7 @@ def stream_settings(bootstrap: str, topic: str, store: Path, *, group: str, coll
         source=SourceSettings(format="debezium", id_fields=("id",), text_fields=("text",)),
         chunk=chunk or ChunkSettings(),
         embed=embed or EmbedSettings(),
+        retrieval=retrieval or RetrievalSettings(),
         sink=SinkSettings(kind="qdrant-edge", path=store, collection=collection, **sink),
         metrics=MetricsSettings(enabled=False),
     )

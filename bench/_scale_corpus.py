@@ -62,7 +62,7 @@ def embed_sample(target: Path) -> None:
 
     encoder = LocalEncoder(MODEL, device="cpu", backend="torch", precision="fp32")
     passages = encoder.embed(read_passages(PASSAGES))
-    queries = encoder.embed(read_passages(QUERIES))
+    queries = encoder.embed_queries(read_passages(QUERIES))
     partial = target.with_suffix(".tmp.npz")
     np.savez(partial, passages=passages, queries=queries)
     os.replace(partial, target)

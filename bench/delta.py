@@ -85,9 +85,16 @@ class RecordingEmbedder:
     def dimension(self) -> int:
         return self.inner.dimension
 
+    @property
+    def document_prompt(self) -> str:
+        return self.inner.document_prompt
+
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         self.texts.extend(texts)
         return self.inner.embed(texts)
+
+    def embed_queries(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        return self.inner.embed_queries(texts)  # not recorded: only documents are
 
 
 def line_diff(old: str, new: str) -> tuple[int, int]:

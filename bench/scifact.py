@@ -9,11 +9,15 @@ Its chunks are embedded with the pipeline's embedder and written through the sin
 :func:`embedstream.stream.plan.build_write`, as the consumer writes them (Kafka is left out: it
 changes nothing about what is stored).
 
-Search: each test query (``qrels/test.tsv``, 300 queries) is embedded with the same
-embedder and sent to the sink's ``search`` for the ``--hits`` (100) nearest chunks; a
-document scores its best chunk, and documents are ranked by that score. ``exact_ndcg_at_10``
-repeats the ranking with an exact numpy search over all the vectors read back from the
-store (``sink.points()``), to show what the store's approximate search costs, if anything.
+Search: each test query (``qrels/test.tsv``, 300 queries; ``--split train``: the 809
+train queries, for choosing settings) goes through ``embedstream search``'s own path
+(:func:`embedstream.stream.app.query_jobs.search_jobs`) in each ``--mode``: ``dense``
+(documents by their best chunk), ``sparse`` (by their document BM25 vector,
+``retrieval.bm25``) and ``hybrid`` (both fused, ``retrieval.fusion``), all on one
+collection written with sparse vectors (``dense_ndcg_at_10``, ``sparse_ndcg_at_10``,
+``hybrid_ndcg_at_10``; ``ndcg_at_10`` is the dense one). ``exact_ndcg_at_10`` repeats the
+dense ranking with an exact numpy search over all the vectors read back from the store
+(``sink.points()``), to show what the store's approximate search costs, if anything.
 
 Two indexes, same chunks, same write and search path, each in its own store: one with
 the backend and precision ``--backend``/``--precision`` give (default ``auto``: the one
@@ -46,16 +50,21 @@ import numpy as np
 import numpy.typing as npt
 
 from embedstream.bulk.rebuild import RebuildOptions, rebuild
+from embedstream.stream.app.query_jobs import QueryJob, embed_jobs, search_jobs
 from embedstream.stream.app.service import Pipeline, build_pipeline
 from embedstream.stream.config import (
+    Bm25Settings,
     EmbedSettings,
     MetricsSettings,
+    RetrievalSettings,
     Settings,
     SinkSettings,
     SourceSettings,
 )
 from embedstream.stream.events import ChangeEvent, Op, Position
+from embedstream.stream.filters import Filter
 from embedstream.stream.plan import PreparedEvent, build_write, fold
+from embedstream.stream.retrieval import MODES
 
 from _common import SHARED_DATA, encoder_info, log, machine, stock_model
 
@@ -65,11 +74,12 @@ DOCS_PER_WRITE = 500
 Ranking = dict[str, float]  # doc id -> score
 
 
-def load(data: Path) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, dict[str, int]]]:
-    """Corpus rows, test queries by id, and test qrels (query -> doc -> score > 0)."""
+def load(data: Path, split: str = "test"
+         ) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, dict[str, int]]]:
+    """Corpus rows, the split's queries by id, and its qrels (query -> doc -> score > 0)."""
     corpus = [json.loads(line) for line in (data / "corpus.jsonl").open() if line.strip()]
     qrels: dict[str, dict[str, int]] = {}
-    for line in (data / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+    for line in (data / "qrels" / f"{split}.tsv").read_text().splitlines()[1:]:
         query, doc, score = line.split("\t")
         if int(score) > 0:
             qrels.setdefault(query, {})[doc] = int(score)
@@ -123,7 +133,8 @@ def index(pipeline: Pipeline, corpus: Sequence[dict[str, Any]]) -> dict[str, int
             prepared.append(PreparedEvent(event, pipeline.chunker.chunk(text)))
         texts = {c.content_hash: c.text for p in prepared for c in p.chunks}
         vectors = dict(zip(texts, pipeline.embedder.embed(list(texts.values())), strict=True))
-        pipeline.sink.apply([build_write(fold(None, [p]), vectors) for p in prepared])
+        pipeline.sink.apply([build_write(fold(None, [p]), vectors, pipeline.sparse)
+                             for p in prepared])
         chunks += sum(len(p.chunks) for p in prepared)
         tokens += sum(p.n_tokens for p in prepared)
         log(f"indexed {first + len(prepared)}/{len(corpus)} docs, {chunks} chunks")
@@ -164,17 +175,20 @@ def run(settings: Settings, args: argparse.Namespace, corpus: Sequence[dict[str,
         if not args.rebuild:
             counts = index(pipeline, corpus)
         indexed_s = time.perf_counter() - started
-        query_vectors = pipeline.embedder.embed(texts)
-        store: dict[str, Ranking] = {}
-        for query, vector in zip(ids, query_vectors, strict=True):
-            hits = pipeline.sink.search(vector.tolist(), args.hits)
-            store[query] = best_chunk([str(h.payload["doc_id"]) for h in hits],
-                                      [h.score for h in hits])
+        jobs = [QueryJob(query, text, Filter()) for query, text in zip(ids, texts, strict=True)]
+        by_mode: dict[str, float] = {}
+        for mode in args.modes:
+            found = search_jobs(pipeline.embedder, pipeline.sink, jobs, 10, mode,
+                                pipeline.sparse, settings.retrieval)
+            rankings = {str(job.id): {str(h.payload["doc_id"]): h.score for h in hits}
+                        for job, hits in found}
+            by_mode[mode] = round(ndcg_at_10(rankings, qrels), 4)
+        query_vectors = embed_jobs(pipeline.embedder, jobs)
         points = list(pipeline.sink.points())
         matrix = np.asarray([p.vector for p in points], np.float32)
         exhaustive = exact(matrix, [str(p.payload["doc_id"]) for p in points], ids,
                            query_vectors)
-        return {"ndcg_at_10": round(ndcg_at_10(store, qrels), 4),
+        return {"ndcg_at_10": by_mode.get("dense"), "modes": by_mode,
                 "exact_ndcg_at_10": round(ndcg_at_10(exhaustive, qrels), 4),
                 **counts, "index_s": round(indexed_s, 1), "spec": pipeline.chunker.spec,
                 "encoder": encoder_info(pipeline.embedder)}
@@ -182,10 +196,30 @@ def run(settings: Settings, args: argparse.Namespace, corpus: Sequence[dict[str,
         pipeline.close()
 
 
+def retrieval_settings(args: argparse.Namespace) -> RetrievalSettings:
+    """The ``retrieval`` section: defaults, with what the flags set."""
+    bm25 = {name: value for name, value in (("k", args.bm25_k), ("b", args.bm25_b),
+                                            ("avg_len", args.bm25_avg_len)) if value is not None}
+    tuned = {name: value for name, value in (("fusion", args.fusion), ("rrf_k", args.rrf_k))
+             if value is not None}
+    return RetrievalSettings(sparse="none" if args.modes == ["dense"] else "bm25",
+                             bm25=Bm25Settings(**bm25), **tuned)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="BEIR scifact folder")
-    parser.add_argument("--hits", type=int, default=100, help="chunks fetched per query")
+    parser.add_argument("--mode", default="all", choices=("all", *MODES),
+                        help="search mode(s) to score on the one collection (default: all "
+                             "three; the collection gets sparse vectors unless only dense)")
+    parser.add_argument("--split", default="test", choices=("test", "train"),
+                        help="the queries and qrels scored (tune on train, never on test)")
+    parser.add_argument("--bm25-k", type=float, default=None, help="retrieval.bm25.k")
+    parser.add_argument("--bm25-b", type=float, default=None, help="retrieval.bm25.b")
+    parser.add_argument("--bm25-avg-len", type=float, default=None,
+                        help="retrieval.bm25.avg_len")
+    parser.add_argument("--fusion", default=None, choices=("rrf", "dbsf"))
+    parser.add_argument("--rrf-k", type=int, default=None, help="retrieval.rrf_k")
     parser.add_argument("--limit", type=int, default=None, help="first N docs (smoke test)")
     parser.add_argument("--sample", type=int, default=None,
                         help="every judged doc plus N others drawn at random (seed 0): "
@@ -203,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rebuild and (args.limit or args.sample is not None):
         parser.error("--rebuild reads the whole corpus file; drop --limit and --sample")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    corpus, queries, qrels = load(args.data)
+    args.modes = list(MODES) if args.mode == "all" else [args.mode]
+    retrieval = retrieval_settings(args)
+    corpus, queries, qrels = load(args.data, args.split)
     corpus = corpus[:args.limit]
     if args.sample is not None:
         corpus = sampled(corpus, qrels, args.sample)
@@ -215,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return Settings(
                 source=SourceSettings(id_fields=("_id",), text_fields=("title", "text")),
                 embed=EmbedSettings(backend=backend, precision=precision),  # type: ignore[arg-type]
+                retrieval=retrieval,
                 sink=SinkSettings(kind="qdrant-edge", path=Path(scratch) / name,
                                   collection="scifact"),
                 metrics=MetricsSettings(enabled=False),
@@ -231,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"torch fp32: {runs['fp32']} after {time.perf_counter() - started:.0f}s")
     mine = runs["chosen"]
     result: dict[str, Any] = {
+        **{f"{mode}_ndcg_at_10": score for mode, score in mine["modes"].items()},
         "ndcg_at_10": mine["ndcg_at_10"], "exact_ndcg_at_10": mine["exact_ndcg_at_10"],
     }
     if "fp32" in runs:
@@ -255,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result.update({
         "docs": len(corpus), "chunks": mine["chunks"], "queries": len(ids),
         "mean_chunk_tokens": round(mine["chunk_tokens"] / max(1, mine["chunks"]), 1),
-        "search": f"sink.search top {args.hits} chunks, doc = best chunk",
+        "search": "embedstream search: dense = doc by best chunk, sparse = doc vector, "
+                  "hybrid = both fused",
+        "split": args.split, "retrieval": retrieval.model_dump(),
         "chunker": mine["spec"], "index_s": mine["index_s"], "stock_s": stock_s,
         "indexed_by": "rebuild" if args.rebuild else "stream write path",
         "corpus": "whole" if args.sample is None and not args.limit

@@ -63,7 +63,7 @@ from confluent_kafka import Producer
 
 from embedstream.stream.app.devdata import debezium_value
 from embedstream.stream.app.service import Pipeline, build_consumer, build_pipeline
-from embedstream.stream.config import EmbedSettings, Settings
+from embedstream.stream.config import EmbedSettings, RetrievalSettings, Settings
 from embedstream.stream.consumer import StreamConsumer
 from embedstream.stream.events import ChangeEvent
 from embedstream.stream.kafka_config import kafka_client_config
@@ -125,9 +125,11 @@ def produce_at_rate(producer: Producer, texts: Sequence[str], rate: float,
     return late
 
 
-def make_settings(bootstrap: str, topic: str, store: Path, embed: EmbedSettings) -> Settings:
+def make_settings(bootstrap: str, topic: str, store: Path, embed: EmbedSettings,
+                  sparse: str = "none") -> Settings:
     return stream_settings(bootstrap, topic, store, group=f"bench-{topic}", collection="bench",
-                           embed=embed)
+                           embed=embed,
+                           retrieval=RetrievalSettings(sparse=sparse))  # type: ignore[arg-type]
 
 
 def settle(pipeline: Pipeline, passages: Sequence[str]) -> float:
@@ -293,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto",
                         choices=("auto", "fp32", "bf16", "fp16", "int8"))
     parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--sparse", choices=("none", "bm25"), default="none",
+                        help="retrieval.sparse: document BM25 vectors written with the chunks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("embedstream").setLevel(logging.WARNING)
@@ -309,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with local_broker([FRESH_TOPIC, BACKLOG_TOPIC]) as broker, \
             tempfile.TemporaryDirectory() as scratch:
         store = Path(scratch) / "store"
-        fresh_settings = make_settings(broker.bootstrap_servers, FRESH_TOPIC, store, embed)
+        fresh_settings = make_settings(broker.bootstrap_servers, FRESH_TOPIC, store, embed,
+                                       args.sparse)
         log("loading the model")
         pipeline = build_pipeline(fresh_settings)
         try:
@@ -335,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"reference: {len(reference_chunks)} chunks in {before:.1f}s")
             backlog_pipeline = dataclasses.replace(
                 pipeline,
-                settings=make_settings(broker.bootstrap_servers, BACKLOG_TOPIC, store, embed))
+                settings=make_settings(broker.bootstrap_servers, BACKLOG_TOPIC, store, embed,
+                                       args.sparse))
             result.update(backlog(backlog_pipeline, backlog_texts))
             after, others_after = encode_seconds(stock, reference_chunks)
             log(f"reference: {len(reference_chunks)} chunks in {after:.1f}s")
@@ -350,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backlog_ratio": round(result["backlog_per_s"] / encode_per_s, 3),
         "backend": chosen["backend"], "precision": chosen["precision"],
         "variant": chosen["variant"], "cpu_flags": chosen["cpu_flags"],
-        "batching": embed.batching, "max_wait_ms": embed.max_wait_ms,
+        "batching": embed.batching, "max_wait_ms": embed.max_wait_ms, "sparse": args.sparse,
         "calibration_s": round(calibration_s, 1),
         "encoder": chosen,
         "machine": machine(),

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedstream.stream.backend_choice import QualityGuard
+from embedstream.stream.config import PromptSettings
 from embedstream.stream.embedding import pack_batches
 from embedstream.stream.local_encoder import LocalEncoder
 
@@ -29,10 +30,11 @@ CALIBRATION_TEXTS = 256
 
 @dataclass(frozen=True, slots=True)
 class TokenizerSpec:
-    """The two things :meth:`LocalEncoder.tokenize` reads, small enough to ship to tasks."""
+    """What :meth:`LocalEncoder.tokenize` reads of documents, small enough to ship to tasks."""
 
     tokenizer: Any
     max_seq_length: int
+    document_prompt: str = ""
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         # LocalEncoder's own code, not a copy: truncation cannot drift from the local engine.
@@ -66,10 +68,12 @@ class EmbedActor:
     """An embed actor: one :class:`LocalEncoder`, calibrated on its first batch."""
 
     def __init__(self, model: str, device: str, backend: str, precision: str,
-                 batch_tokens: int, guard: tuple[float, float]) -> None:
+                 batch_tokens: int, guard: tuple[float, float],
+                 prompts: PromptSettings | None = None) -> None:
+        # The prompts too: a model whose pooling leaves them out needs their length.
         self._encoder = LocalEncoder(model, device=device, backend=backend,
                                      precision=precision, batch_tokens=batch_tokens,
-                                     guard=QualityGuard(*guard))
+                                     guard=QualityGuard(*guard), prompts=prompts)
         self._calibrated = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:

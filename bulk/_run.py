@@ -20,9 +20,11 @@ from embedstream.bulk.progress import Progress
 from embedstream.bulk.sources import RowFailure, SourceRow
 from embedstream.stream.chunking import Chunk, TokenChunker
 from embedstream.stream.config import Settings
+from embedstream.stream.embedding import chunk_max_tokens
 from embedstream.stream.events import ChangeEvent, Op, Position
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.plan import Folded, PreparedEvent, build_write, supersedes
+from embedstream.stream.sparse import SparseEncoder
 from embedstream.stream.store import DocState, DocumentWrite, Sink, chunk_point_id
 
 if TYPE_CHECKING:
@@ -44,8 +46,10 @@ class RebuildRun:
     def __init__(self, settings: Settings, encoder: AnyEncoder,
                  checkpoints: CheckpointStore, checkpoint: Checkpoint, report: RebuildReport,
                  sink: Sink | None, writer: VectorFileWriter | None, progress: Progress,
-                 metrics: Metrics | None = None, total: int | None = None) -> None:
+                 metrics: Metrics | None = None, total: int | None = None,
+                 sparse: SparseEncoder | None = None) -> None:
         self.settings, self.encoder = settings, encoder
+        self.sparse = sparse  # each document's sparse vector, made as it is written
         self.checkpoints, self.checkpoint, self.report = checkpoints, checkpoint, report
         self.sink, self.writer, self.progress = sink, writer, progress
         self.metrics, self.total = metrics, total
@@ -57,7 +61,7 @@ class RebuildRun:
         self._local = threading.local()
         self._next_checkpoint = time.monotonic() + settings.bulk.checkpoint_interval_s
         self._failures: TextIO | None = None
-        self.max_tokens = min(settings.chunk.max_tokens, encoder.max_seq_length - 2)
+        self.max_tokens = chunk_max_tokens(settings.chunk.max_tokens, encoder)
         # A resumed Kafka snapshot checks each write against the store (see _newer_than_stored).
         self.resumed_kafka = checkpoint.source == "kafka" and checkpoint.done > 0
 
@@ -180,7 +184,7 @@ class RebuildRun:
             event, state = record.event, record.state
         by_hash = {c.content_hash: v for c, v in zip(chunks, vectors, strict=True)}
         folded = Folded(winner=PreparedEvent(event, chunks), state=state, applied=1, stale=0)
-        return build_write(folded, by_hash)
+        return build_write(folded, by_hash, self.sparse)
 
     def _write_files(self, writes: list[DocumentWrite]) -> None:
         import numpy as np
@@ -193,7 +197,8 @@ class RebuildRun:
                 p = point.payload
                 rows.append(VectorRow(chunk_point_id(write.doc_id, point.chunk_index), write.doc_id,
                                       point.chunk_index, int(p["start"]), int(p["end"]),
-                                      str(p["content_hash"]), str(p["text"])))
+                                      str(p["content_hash"]), str(p["text"]),
+                                      write.sparse if point.chunk_index == 0 else None))
                 vectors.append(point.vector)
         if rows:
             self.writer.add(rows, np.asarray(vectors, dtype=np.float32))

@@ -67,6 +67,7 @@ from embedstream.stream.intake import Rejected
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.plan import PreparedEvent
 from embedstream.stream.registry import ValueReader, build_reader
+from embedstream.stream.sparse import SparseEncoder
 from embedstream.stream.store import Sink
 from embedstream.stream.topic_ids import TopicIds, position_of
 from embedstream.stream.vectors import ChunkVectors, Failure
@@ -145,11 +146,13 @@ def handover_ends(settings: Settings, partitions: Sequence[Partition] | None = N
 def catch_up(settings: Settings, sink: Sink, chunker: Chunker, embedder: Embedder,
              covered: Mapping[Partition, int], *, rounds: int = 2,
              on_failure: OnFailure | None = None,
-             reader: ValueReader | None = None) -> CatchUpReport:
+             reader: ValueReader | None = None,
+             sparse: SparseEncoder | None = None) -> CatchUpReport:
     """Apply every event from ``covered`` to the partitions' current ends to
     ``sink``, ``rounds`` times over (each round chases the end found when it
     starts); returns the offsets reached (see the module docstring). ``reader``
-    reads framed values (default: one built from ``settings``). Raises
+    reads framed values (default: one built from ``settings``); ``sparse``: the
+    document sparse encoder of a collection with sparse vectors. Raises
     :class:`HandoverRefused` (see :func:`handover_ends`)."""
     if not covered:
         return CatchUpReport()
@@ -188,7 +191,8 @@ def catch_up(settings: Settings, sink: Sink, chunker: Chunker, embedder: Embedde
                     if prepared is not None:
                         batch.append(prepared)
                 if batch:
-                    report.applied += len(apply_batch(batch, sink, vectors, metrics, unembedded))
+                    report.applied += len(apply_batch(batch, sink, vectors, metrics, unembedded,
+                                                          sparse=sparse))
                 if messages:
                     moved_at = time.monotonic()
                 elif behind and time.monotonic() - moved_at > _STALL_S:

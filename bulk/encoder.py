@@ -40,9 +40,11 @@ class RemoteEncoder:
         self.dimension = embedder.dimension
         self.tokenizer: Any = embedder.tokenizer
         self.max_seq_length = embedder.max_seq_length
+        self.document_prompt = embedder.document_prompt
         self.calibration: dict[str, float] = {}
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        # With the document prompt, so the counts the API's limits see are whole.
         return self.embedder.token_ids(texts)
 
     def calibrate(self, sample: Sequence[list[int]]) -> str:
@@ -51,6 +53,9 @@ class RemoteEncoder:
     def embed(self, texts: Sequence[str],
               token_counts: Sequence[int] | None = None) -> npt.NDArray[np.float32]:
         return self.embedder.embed(texts, token_counts)
+
+    def embed_queries(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        return self.embedder.embed_queries(texts)
 
     def close(self) -> None:
         self.embedder.close()

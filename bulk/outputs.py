@@ -10,6 +10,13 @@ them, by the suffix of ``path``, to
 * ``.parquet``: one file with columns ``id, doc_id, chunk_index (int32), start,
   end (int64), content_hash, text, vector (fixed_size_list<float32>[dimension])``.
 
+With document sparse vectors (``retrieval.sparse``), each document's vector is on its
+first chunk's row (``chunk_index`` 0) and null on the others: Parquet columns
+``sparse_indices (list<uint32>)`` and ``sparse_values (list<float32>)``, and in the
+``.npy`` ids file ``"sparse": {"indices": [...], "values": [...]}`` on that row. The
+IDF is not in them (the store applies it at search time: see
+:mod:`embedstream.stream.sparse`).
+
 Guaranteed:
 
 * Nothing appears at ``path`` before :meth:`~VectorFileWriter.close`; then the
@@ -49,6 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedstream.stream.errors import ConfigError
+from embedstream.stream.sparse import SparseVector
 
 __all__ = ["SUFFIXES", "VectorFileWriter", "VectorRow"]
 
@@ -78,6 +86,7 @@ class VectorRow:
     end: int
     content_hash: str
     text: str
+    sparse: SparseVector | None = None  # the document's, on its first chunk's row
 
 
 def _npy_header(rows: int, dimension: int) -> bytes:
@@ -138,7 +147,8 @@ class _NpyBackend:
 
     def add(self, rows: Sequence[VectorRow], vectors: npt.NDArray[np.float32]) -> None:
         lines = [json.dumps({"id": r.point_id, "doc_id": r.doc_id, "chunk_index": r.chunk_index,
-                             "start": r.start, "end": r.end, "content_hash": r.content_hash},
+                             "start": r.start, "end": r.end, "content_hash": r.content_hash,
+                             **_sparse_json(r.sparse)},
                             ensure_ascii=False, separators=(",", ":")) + "\n" for r in rows]
         self._ids.write("".join(lines).encode("utf-8"))
         self._vec.write(np.ascontiguousarray(vectors, dtype="<f4").data)
@@ -166,15 +176,25 @@ class _NpyBackend:
         self._ids.close()
 
 
+def _sparse_json(sparse: SparseVector | None) -> dict[str, Any]:
+    if sparse is None:
+        return {}
+    return {"sparse": {"indices": list(sparse.indices), "values": list(sparse.values)}}
+
+
 class _ParquetBackend:
-    def __init__(self, path: Path, dimension: int, resume: Mapping[str, Any] | None) -> None:
+    def __init__(self, path: Path, dimension: int, resume: Mapping[str, Any] | None,
+                 sparse: bool = False) -> None:
         self._path = path
         self._parts_dir = Path(f"{path}.parts")
         self._tmp = path.with_name(f".{path.name}.tmp")
+        self._sparse = sparse
         self._schema = pa.schema([
             ("id", pa.string()), ("doc_id", pa.string()), ("chunk_index", pa.int32()),
             ("start", pa.int64()), ("end", pa.int64()), ("content_hash", pa.string()),
             ("text", pa.string()), ("vector", pa.list_(pa.float32(), dimension)),
+            *([("sparse_indices", pa.list_(pa.uint32())),
+               ("sparse_values", pa.list_(pa.float32()))] if sparse else []),
         ])
         self._parts: list[dict[str, Any]] = []  # completed parts: {"name", "rows"}
         self._pending: list[pa.RecordBatch] = []
@@ -209,6 +229,11 @@ class _ParquetBackend:
         columns = [pa.array([getattr(r, name) for r in rows], kind)
                    for name, kind in zip(_ROW_FIELDS, self._schema.types, strict=False)]
         columns.append(pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
+        if self._sparse:
+            columns.append(pa.array([None if r.sparse is None else list(r.sparse.indices)
+                                     for r in rows], pa.list_(pa.uint32())))
+            columns.append(pa.array([None if r.sparse is None else list(r.sparse.values)
+                                     for r in rows], pa.list_(pa.float32())))
         self._pending.append(pa.record_batch(columns, schema=self._schema))
         if sum(b.nbytes for b in self._pending) >= _ROW_GROUP_BYTES:
             self._write_pending()
@@ -279,11 +304,12 @@ class VectorFileWriter:
 
     ``resume`` is a token :meth:`checkpoint` returned earlier for the same path and
     dimension; ``None`` starts afresh, discarding partial files a killed run left.
+    ``sparse``: the rows carry document sparse vectors (Parquet: two more columns).
     Usable as a context manager: ``close`` on success, ``abort`` on an exception.
     """
 
     def __init__(self, path: Path, dimension: int,
-                 resume: Mapping[str, Any] | None = None) -> None:
+                 resume: Mapping[str, Any] | None = None, sparse: bool = False) -> None:
         path = Path(path)
         kind = path.suffix.lower()
         if kind not in SUFFIXES:
@@ -300,10 +326,11 @@ class VectorFileWriter:
             raise _cannot_resume(f"the token is for {resume.get('format')!r} with dimension "
                                  f"{resume.get('dimension')!r}, not {self._kind!r} with "
                                  f"dimension {dimension}")
-        backend = _NpyBackend if self._kind == "npy" else _ParquetBackend
         try:
             self._rows = 0 if resume is None else int(resume["rows"])
-            self._backend: _NpyBackend | _ParquetBackend | None = backend(path, dimension, resume)
+            self._backend: _NpyBackend | _ParquetBackend | None = (
+                _NpyBackend(path, dimension, resume) if self._kind == "npy"
+                else _ParquetBackend(path, dimension, resume, sparse))
         except (KeyError, TypeError) as e:
             raise _cannot_resume(f"the token is malformed ({e!r})") from e
 

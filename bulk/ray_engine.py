@@ -58,6 +58,7 @@ import pyarrow as pa
 
 from embedstream.bulk._ray_stages import EmbedActor, TokenizerSpec, feed_datasource, tokenize_batch
 from embedstream.bulk.engine import EmbeddedUnit, EngineStats
+from embedstream.stream.config import PromptSettings
 from embedstream.stream.errors import ConfigError
 from embedstream.stream.local_encoder import LocalEncoder
 
@@ -110,7 +111,7 @@ class RayEngine(Generic[R, P]):
                  guard: tuple[float, float] = (0.99, 0.98), unit_records: int = 256,
                  actors: int | None = None, gpus_per_actor: float | None = None,
                  cpus_per_actor: float = 1.0, window_units: int = 16,
-                 address: str | None = None) -> None:
+                 address: str | None = None, prompts: PromptSettings | None = None) -> None:
         _require_ray()
         if actors is not None and actors < 1:
             raise ConfigError(f"ray engine: actors must be at least 1, not {actors}")
@@ -120,6 +121,7 @@ class RayEngine(Generic[R, P]):
         self.precision = precision
         self.batch_tokens = batch_tokens
         self.guard = guard
+        self.prompts = prompts
         self.unit_records = max(1, unit_records)
         self.window_units = max(1, window_units)
         self.cpus_per_actor = cpus_per_actor
@@ -178,8 +180,9 @@ class RayEngine(Generic[R, P]):
     def _tokenizer_spec(self) -> TokenizerSpec:
         if self._tokenizer is None:
             # The model's own tokenizer and max_seq_length, exactly as each actor has them.
-            probe = LocalEncoder(self.model, device="cpu")
-            self._tokenizer = TokenizerSpec(probe.tokenizer, probe.max_seq_length)
+            probe = LocalEncoder(self.model, device="cpu", prompts=self.prompts)
+            self._tokenizer = TokenizerSpec(probe.tokenizer, probe.max_seq_length,
+                                            probe.document_prompt)
             self._dimension = probe.dimension
             del probe
         return self._tokenizer
@@ -277,7 +280,7 @@ class RayEngine(Generic[R, P]):
                 EmbedActor, fn_constructor_kwargs={
                     "model": self.model, "device": device, "backend": self.backend,
                     "precision": self.precision, "batch_tokens": self.batch_tokens,
-                    "guard": self.guard},
+                    "guard": self.guard, "prompts": self.prompts},
                 compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus or None,
                 num_cpus=self.cpus_per_actor,
                 batch_size=call_units, batch_format="pyarrow")

@@ -59,6 +59,7 @@ from embedstream.bulk.sources import count_rows, expand_files, read_rows
 from embedstream.sinks.factory import build_admin, build_sink
 from embedstream.stream.chunking import TokenChunker
 from embedstream.stream.config import Settings
+from embedstream.stream.embedding import chunk_max_tokens
 from embedstream.stream.errors import ConfigError, KafkaUnavailable
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.health import Health, serve_metrics
@@ -66,6 +67,7 @@ from embedstream.stream.local_encoder import LocalEncoder
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.names import name_error
 from embedstream.stream.remote_embedding import OpenAIEmbedder
+from embedstream.stream.sparse import build_sparse_encoder, sparse_spec
 from embedstream.stream.store import Sink, SinkAdmin
 
 __all__ = ["RebuildOptions", "RebuildReport", "rebuild"]
@@ -217,11 +219,13 @@ def _rebuild(settings: Settings, options: RebuildOptions, encoders: list[AnyEnco
     alias = _alias(settings, options)
     to_files = options.output is not None
     encoder = encoders[0]
-    chunk_spec = TokenChunker(encoder.tokenizer, max_tokens=min(
-        settings.chunk.max_tokens, encoder.max_seq_length - 2)).spec
+    chunk_spec = TokenChunker(encoder.tokenizer, max_tokens=chunk_max_tokens(
+        settings.chunk.max_tokens, encoder)).spec
     fingerprint = Fingerprint(model=settings.embed.model, revision=encoder.revision,
                               dimension=encoder.dimension, normalized=True, chunker=chunk_spec,
-                              provider=settings.embed.provider)
+                              provider=settings.embed.provider,
+                              prompt=encoder.document_prompt,
+                              sparse=sparse_spec(settings.retrieval))
     name = (f"output-{hashlib.sha256(str(options.output).encode()).hexdigest()[:12]}"
             if to_files else alias)
     owned_admin = admin is None and not to_files
@@ -314,7 +318,8 @@ def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
     if to_files:
         assert options.output is not None
         writer = VectorFileWriter(options.output, encoder.dimension,
-                                  resume=checkpoint.writer if resumed_from else None)
+                                  resume=checkpoint.writer if resumed_from else None,
+                                  sparse=settings.retrieval.sparse != "none")
     else:
         sink = (sink_factory or (lambda n: build_sink(
             settings.sink, physical=n, filter_fields=settings.source.filter_fields)))(
@@ -323,8 +328,9 @@ def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
     total = None if options.source == "kafka" else count_rows(options.source, settings)
     progress = Progress(total, interval_s=settings.bulk.progress_interval_s,
                         stream=progress_stream, start=resumed_from)
+    sparse = build_sparse_encoder(settings.retrieval, settings.embed.device)
     run = RebuildRun(settings, encoder, checkpoints, checkpoint, report, sink, writer,
-                     progress, metrics=metrics, total=total)
+                     progress, metrics=metrics, total=total, sparse=sparse)
     snapshot: KafkaSnapshot | None = None
     try:
         if not checkpoint.embedded:
@@ -346,7 +352,7 @@ def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
         report.backend = encoder.backend
         if sink is not None and options.handover and checkpoint.covered:
             caught = catch_up(settings, sink, run.chunker(), encoder, checkpoint.covered,
-                              on_failure=lambda p, r, d: run.failure(
+                              sparse=sparse, on_failure=lambda p, r, d: run.failure(
                                   f"{p.topic}[{p.partition}]@{p.offset}", r, d))
             report.failures += caught.failed
             sink.flush()  # the catch-up's writes are durable before the record that counts them
@@ -387,7 +393,8 @@ def _engine(settings: Settings, options: RebuildOptions,
         guard = (embed.quality_guard.mean_cosine, embed.quality_guard.p01_cosine)
         return RayEngine(embed.model, device=embed.device, backend=embed.backend,
                          precision=embed.precision, batch_tokens=bulk.batch_tokens,
-                         guard=guard, unit_records=bulk.write_documents)
+                         guard=guard, unit_records=bulk.write_documents,
+                         prompts=embed.prompts)
     if options.engine != "local":
         raise ConfigError(f"--engine must be local or ray, not {options.engine!r}")
     return BulkEngine[Record, Prepared](

@@ -119,6 +119,7 @@ def calibrate(settings: Settings, sample: str | None, docs: int = _SAMPLE_DOCS) 
     from embedstream.bulk.rebuild import build_encoders
     from embedstream.bulk.sources import SourceRow, read_rows
     from embedstream.stream.chunking import TokenChunker
+    from embedstream.stream.embedding import chunk_max_tokens
 
     if settings.embed.provider != "local":
         # A provider's rate limits, not devices, decide: nothing to calibrate here.
@@ -133,8 +134,8 @@ def calibrate(settings: Settings, sample: str | None, docs: int = _SAMPLE_DOCS) 
              settings.embed.precision)
     encoders = build_encoders(settings)
     encoder = encoders[0]
-    chunker = TokenChunker(encoder.tokenizer, max_tokens=min(
-        settings.chunk.max_tokens, encoder.max_seq_length - 2))
+    chunker = TokenChunker(encoder.tokenizer, max_tokens=chunk_max_tokens(
+        settings.chunk.max_tokens, encoder))
     rows: list[SourceRow] = []
     if sample is None:
         rows = [SourceRow(f"builtin-{i}", text, {}, f"builtin#{i}")

@@ -20,15 +20,14 @@ which exceptions become which error (each sink's ``_translate``).
 from __future__ import annotations
 
 import contextlib
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
-from embedstream.sinks._handover import handover_payload, parse_handover
+from embedstream.sinks._handover import HandoverRecords
 from embedstream.sinks._layout import (
     CHUNKS,
     FINGERPRINT_POINT_ID,
-    HANDOVER_POINT_ID,
     STATE,
     STATE_SUFFIX,
     STATE_VECTOR,
@@ -36,25 +35,30 @@ from embedstream.sinks._layout import (
     Record,
     Schema,
     Scored,
+    StatePoint,
     WritePlan,
     alias_missing_message,
     as_floats,
     dense_vector,
+    document_field_indexes,
     made_for,
     parse_fingerprint,
     payload_indexes,
     plan_writes,
+    state_filter,
     state_from_payload,
+    stored_document,
 )
 from embedstream.stream.errors import ConfigError, FingerprintMismatch, NeedsOperator, SinkError
 from embedstream.stream.filters import FieldType, Filter
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.names import name_error
+from embedstream.stream.sparse import SparseVector, uses_idf
 from embedstream.stream.store import (
     DocState,
     DocumentWrite,
-    Handover,
     Hit,
+    StoredDocument,
     StoredPoint,
     doc_state_point_id,
 )
@@ -80,7 +84,7 @@ def translated(translate: Callable[[Exception], SinkError], *,
         raise translate(exc) from (exc if keep_cause else None)
 
 
-class CollectionSink(ABC):
+class CollectionSink(HandoverRecords):
     """A sink of one chunk collection and its state companion (see the module
     docstring). ``alias`` is the configured name; ``physical``, when given,
     the physical collection ``open`` uses or creates instead, without reading
@@ -101,7 +105,19 @@ class CollectionSink(ABC):
         self._forced = physical
         self._collection = physical or alias
         self._at = at
-        self._indexes = payload_indexes(filter_fields or {})
+        self._filter_fields = dict(filter_fields or {})
+        self._indexes = payload_indexes(self._filter_fields)
+        # Known once open: the fingerprint's sparse spec ("none": no sparse vectors).
+        self._sparse_spec = "none"
+
+    @property
+    def sparse(self) -> bool:
+        return self._sparse_spec != "none"
+
+    @property
+    def _sparse_idf(self) -> bool:
+        """Whether the store applies IDF to the sparse vectors (see ``_make``)."""
+        return uses_idf(self._sparse_spec)
 
     @property
     def collection(self) -> str:
@@ -159,7 +175,9 @@ class CollectionSink(ABC):
 
     @abstractmethod
     def _make(self, part: Part, size: int) -> None:
-        """Create ``part`` with cosine vectors of ``size``."""
+        """Create ``part`` with cosine vectors of ``size``; the state part also with
+        the sparse vector when ``self.sparse`` (the ``Idf`` modifier when
+        ``self._sparse_idf``)."""
 
     @abstractmethod
     def _index(self, part: Part, field: str, schema: Schema) -> None:
@@ -174,9 +192,10 @@ class CollectionSink(ABC):
         """The payloads of the state points of these ids that exist."""
 
     @abstractmethod
-    def _put_states(self, points: list[tuple[str, dict[str, Any]]],
-                    durable: bool = False) -> None:
-        """Upsert state points; ``durable``: on disk on return, not at the next flush."""
+    def _put_states(self, points: list[StatePoint], durable: bool = False) -> None:
+        """Upsert state points (with their sparse vectors where given: the state
+        part then has them, see ``_make``); ``durable``: on disk on return, not at
+        the next flush."""
 
     @abstractmethod
     def _write_chunks(self, plan: WritePlan) -> None:
@@ -193,6 +212,17 @@ class CollectionSink(ABC):
                  only: Filter | None) -> Sequence[Scored]:
         """The ``limit`` chunk points nearest ``vector`` (among those ``only``
         matches, when given), with their payloads."""
+
+    @abstractmethod
+    def _nearest_documents(self, vector: SparseVector, limit: int,
+                           only: Filter | None) -> Sequence[Scored]:
+        """The ``limit`` state points of the highest sparse score (among those
+        ``only``, already on ``fields.<name>``, matches), with their payloads."""
+
+    @abstractmethod
+    def _documents_page(self, offset: Any) -> tuple[Sequence[Record], Any]:
+        """One page of state points with their payloads and sparse vectors (as
+        the client returns them), and the offset of the next (None after the last)."""
 
     @abstractmethod
     def _translate(self, what: str, exc: Exception) -> SinkError:
@@ -277,6 +307,7 @@ class CollectionSink(ABC):
         if stored is not None:
             if fingerprint is not None:
                 fingerprint.require_compatible(stored, self._collection)
+            self._sparse_spec = stored.sparse
             if not chunks_exist:
                 raise SinkError(f"{self._chunks_where} is missing although its state "
                                 "collection exists; delete both to rebuild")
@@ -291,6 +322,7 @@ class CollectionSink(ABC):
         # No fingerprint: a new collection, or a creation interrupted before its
         # last step (writing the fingerprint). An empty leftover of the right shape
         # is adopted; anything else was not made by embedstream and is refused.
+        self._sparse_spec = fingerprint.sparse
         with self._errors("create"):
             if chunks_exist:
                 self._adopt(CHUNKS, fingerprint.dimension)
@@ -300,17 +332,18 @@ class CollectionSink(ABC):
                 self._adopt(STATE, len(STATE_VECTOR))
             else:
                 self._make(STATE, len(STATE_VECTOR))
-            for part, field, schema in self._indexes:
+            for part, field, schema in self._all_indexes():
                 self._index(part, field, schema)
             # Written last: its presence marks the creation as complete.
-            self._put_states([(FINGERPRINT_POINT_ID, {"fingerprint": fingerprint.to_json()})])
+            self._put_states([(FINGERPRINT_POINT_ID, {"fingerprint": fingerprint.to_json()},
+                               None)])
         return fingerprint
 
     def _add_indexes(self) -> None:
         """Index what is not indexed (as its type): a filter field added to the
         settings later needs no rebuild, as Qdrant indexes existing points."""
         have = {part: self._indexed(part) for part in (CHUNKS, STATE)}
-        for part, field, schema in self._indexes:
+        for part, field, schema in self._all_indexes():
             if have[part].get(field) != schema:
                 self._index(part, field, schema)
 
@@ -355,9 +388,35 @@ class CollectionSink(ABC):
             found = self._nearest(as_floats(vector), limit, filter or None)
         return [Hit(str(p.id), p.score, p.payload or {}) for p in found]
 
+    def search_sparse(self, vector: SparseVector, limit: int,
+                      filter: Filter | None = None) -> list[Hit]:
+        self._check_open()
+        if limit <= 0 or not self.sparse or not vector:
+            return []
+        with self._errors("search"):
+            found = self._nearest_documents(vector, limit, state_filter(filter))
+        return [Hit(str(p.id), p.score, p.payload or {}) for p in found]
+
     def points(self) -> Iterator[StoredPoint]:
         for record in self._scroll(None, True):
             yield StoredPoint(str(record.id), dense_vector(record.vector), record.payload or {})
+
+    def documents(self) -> Iterator[StoredDocument]:
+        self._check_open()
+        offset: Any = None
+        while self.sparse:
+            with self._errors("scroll"):
+                records, offset = self._documents_page(offset)
+            yield from filter(None, map(stored_document, records))
+            if offset is None:
+                return
+
+    def _all_indexes(self) -> tuple[tuple[Part, str, Schema], ...]:
+        """The payload indexes of the open collection: with sparse vectors, its
+        states' document fields too (a sparse search filters on them)."""
+        if not self.sparse:
+            return self._indexes
+        return self._indexes + document_field_indexes(self._filter_fields)
 
     def _scroll(self, doc_ids: list[str] | None, payload: bool | list[str]) -> Iterator[Record]:
         """Every chunk record (of ``doc_ids``, or all), with its vector, page by page."""
@@ -369,35 +428,6 @@ class CollectionSink(ABC):
             yield from records
             if offset is None:
                 return
-
-    # -- the handover record (its format is in embedstream.sinks._handover) ---
-
-    def write_handover(self, offsets: Mapping[tuple[str, int], int]) -> None:
-        record = Handover({(str(t), int(p)): int(o) for (t, p), o in offsets.items()}, {})
-        self._replace_handover(record)
-
-    def read_handover(self) -> Handover | None:
-        self._check_open()
-        with self._errors("read the handover record"):
-            found = self._state_payloads([HANDOVER_POINT_ID])
-        return parse_handover(found[0] if found else None, self._where)
-
-    def acknowledge_handover(self, group_id: str,
-                             partitions: Collection[tuple[str, int]]) -> None:
-        current = self.read_handover()
-        if current is None:
-            raise SinkError(f"{self._where} holds no handover record to acknowledge")
-        merged = dict(current.acknowledged)
-        merged[group_id] = merged.get(group_id, frozenset()) | {(str(t), int(p))
-                                                                 for t, p in partitions}
-        self._replace_handover(Handover(current.offsets, merged))
-
-    def _replace_handover(self, record: Handover) -> None:
-        self._check_open()
-        self._before_write()
-        with self._errors("write the handover record"):
-            # A rare control record: durable at once, not at the next flush.
-            self._put_states([(HANDOVER_POINT_ID, handover_payload(record))], durable=True)
 
     def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:
         """Translate what the store raises while doing ``what``."""

@@ -9,13 +9,16 @@ It is one point in the state collection, with the fixed id
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+from embedstream.sinks._layout import HANDOVER_POINT_ID, StatePoint
 from embedstream.stream.errors import SinkError
 from embedstream.stream.store import Handover
 
-__all__ = ["handover_payload", "parse_handover"]
+__all__ = ["HandoverRecords", "handover_payload", "parse_handover"]
 
 
 def handover_payload(handover: Handover) -> dict[str, Any]:
@@ -40,3 +43,57 @@ def parse_handover(payload: Mapping[str, Any] | None, where: str) -> Handover | 
         raise SinkError(f"{where} holds a handover record this version cannot read "
                         f"({type(exc).__name__}: {exc})") from exc
     return Handover(offsets, acknowledged)
+
+
+class HandoverRecords(ABC):
+    """The store protocol's handover operations over a sink's state points (mixed
+    into :class:`~embedstream.sinks._collection.CollectionSink`, which supplies the
+    primitives)."""
+
+    @property
+    @abstractmethod
+    def _where(self) -> str:
+        """The collection and store, as messages name them."""
+
+    @abstractmethod
+    def _check_open(self) -> None: ...
+
+    @abstractmethod
+    def _before_write(self) -> None: ...
+
+    @abstractmethod
+    def _state_payloads(self, ids: Sequence[str]) -> list[Mapping[str, Any] | None]: ...
+
+    @abstractmethod
+    def _put_states(self, points: list[StatePoint], durable: bool = False) -> None: ...
+
+    @abstractmethod
+    def _errors(self, what: str) -> contextlib.AbstractContextManager[None]: ...
+
+    def write_handover(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        record = Handover({(str(t), int(p)): int(o) for (t, p), o in offsets.items()}, {})
+        self._replace_handover(record)
+
+    def read_handover(self) -> Handover | None:
+        self._check_open()
+        with self._errors("read the handover record"):
+            found = self._state_payloads([HANDOVER_POINT_ID])
+        return parse_handover(found[0] if found else None, self._where)
+
+    def acknowledge_handover(self, group_id: str,
+                             partitions: Collection[tuple[str, int]]) -> None:
+        current = self.read_handover()
+        if current is None:
+            raise SinkError(f"{self._where} holds no handover record to acknowledge")
+        merged = dict(current.acknowledged)
+        merged[group_id] = merged.get(group_id, frozenset()) | {(str(t), int(p))
+                                                                 for t, p in partitions}
+        self._replace_handover(Handover(current.offsets, merged))
+
+    def _replace_handover(self, record: Handover) -> None:
+        self._check_open()
+        self._before_write()
+        with self._errors("write the handover record"):
+            # A rare control record: durable at once, not at the next flush.
+            self._put_states([(HANDOVER_POINT_ID, handover_payload(record), None)],
+                             durable=True)

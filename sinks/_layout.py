@@ -8,6 +8,16 @@ collection ``<collection>_state`` (one point per document, id
 written one, the handover point). The helpers here are that shared layout,
 independent of the client library.
 
+Sparse vectors (``retrieval.sparse`` on, named in the fingerprint): a live document's
+state point also holds its sparse vector, named ``sparse`` (modifier ``Idf``), and its
+metadata under the payload key ``fields``. So the documents are exactly the points
+that have a sparse vector, and the store's IDF counts documents, not chunks (the
+fingerprint and handover points, and a deleted document's state, have none; Qdrant
+counts only points that have the vector). A sparse search filters on
+``fields.<name>`` (indexed as the chunk collection indexes ``<name>``). The write
+that replaces a document's chunks replaces its state point with them, so its sparse
+vector changes with its text, in the same fenced write, and goes with a delete.
+
 Names: the configured ``sink.collection`` is an alias; the physical collections
 behind it are ``<alias>_<UTC timestamp>`` (:func:`new_physical_name`). A store
 made before aliases holds a physical collection named like the alias itself.
@@ -19,18 +29,20 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from embedstream.stream.errors import FingerprintMismatch, SinkError
-from embedstream.stream.filters import FieldType
+from embedstream.stream.filters import Condition, FieldType, Filter
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.names import name_problem
+from embedstream.stream.sparse import SPARSE_NAME, SparseVector, as_pairs
 from embedstream.stream.store import (
     DocState,
     DocumentWrite,
+    StoredDocument,
     Vector,
     chunk_point_id,
     doc_state_point_id,
@@ -54,7 +66,10 @@ FINGERPRINT_POINT_ID = "c1c86a3b-311e-5a2e-9268-cdbaef47be79"
 # Fixed id of the handover point (uuid5(NAMESPACE_URL, "embedstream:handover")).
 # Neither special point has a ``doc_id``, so no state read takes one for a document.
 HANDOVER_POINT_ID = "87458333-df8c-5469-a4ac-fe359ead1600"
-STATE_VECTOR = [1.0]  # state points need some vector; they are never searched
+STATE_VECTOR = [1.0]  # state points need some dense vector; it is never searched
+# A state point's payload key holding its document's fields (metadata and filter
+# fields), beside its sparse vector: a sparse search filters on ``fields.<name>``.
+DOC_FIELDS = "fields"
 SCROLL_PAGE = 256
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 # The shape of a new_physical_name: <alias>_<timestamp>, optionally _<n>.
@@ -69,6 +84,46 @@ def payload_indexes(filter_fields: Mapping[str, FieldType]
     own = {field for part, field, _ in _INDEXES if part == CHUNKS}
     return _INDEXES + tuple((CHUNKS, name, kind) for name, kind in filter_fields.items()
                             if name not in own)
+
+
+def document_field_indexes(filter_fields: Mapping[str, FieldType]
+                           ) -> tuple[tuple[Part, str, Schema], ...]:
+    """The state collection's indexes of the documents' filter fields (a collection
+    with sparse vectors): ``fields.<name>``, of its type."""
+    return tuple((STATE, f"{DOC_FIELDS}.{name}", kind) for name, kind in filter_fields.items())
+
+
+def state_filter(filter: Filter | None) -> Filter | None:
+    """``filter`` (on filter fields, as the chunks hold them) on the state points'
+    ``fields.<name>``; ``None`` or an empty filter: ``None``."""
+    if not filter:
+        return None
+
+    def moved(conditions: tuple[Condition, ...]) -> tuple[Condition, ...]:
+        return tuple(replace(c, field=f"{DOC_FIELDS}.{c.field}") for c in conditions)
+
+    return Filter(must=moved(filter.must), must_not=moved(filter.must_not))
+
+
+def stored_document(record: Record) -> StoredDocument | None:
+    """A state record (read with its vectors) as a live document with its sparse
+    vector; ``None`` for a point without one (special points, deleted documents)."""
+    payload = record.payload or {}
+    vector = record.vector
+    sparse = vector.get(SPARSE_NAME) if isinstance(vector, Mapping) else None
+    if "doc_id" not in payload or sparse is None or payload.get("deleted"):
+        return None
+    if isinstance(sparse, Mapping):  # a client that returns {"indices": .., "values": ..}
+        found = as_pairs(_Pairs(sparse["indices"], sparse["values"]))
+    else:
+        found = as_pairs(sparse)
+    return StoredDocument(str(payload["doc_id"]), found, dict(payload.get(DOC_FIELDS) or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class _Pairs:
+    indices: Sequence[int]
+    values: Sequence[float]
 
 
 def valid_name(name: str, *, alias: bool = False) -> bool:
@@ -151,7 +206,11 @@ class WritePlan:
     # Chunk count -> documents whose chunks at index >= count must go. Grouping
     # by count turns one delete per document into one per distinct count.
     trims: dict[int, list[str]]
-    states: list[tuple[str, dict[str, Any]]]  # (state point id, payload)
+    states: list[StatePoint]
+
+
+# A state point to write: (point id, payload, the document's sparse vector or None).
+StatePoint = tuple[str, dict[str, Any], SparseVector | None]
 
 
 class Record(Protocol):
@@ -190,7 +249,7 @@ def plan_writes(writes: Sequence[DocumentWrite]) -> WritePlan:
         latest[write.doc_id] = write
     chunks: list[tuple[str, list[float], dict[str, Any]]] = []
     trims: dict[int, list[str]] = defaultdict(list)
-    states: list[tuple[str, dict[str, Any]]] = []
+    states: list[StatePoint] = []
     for doc_id, write in latest.items():
         if write.state.deleted and write.chunks:
             raise ValueError(f"document {doc_id!r}: a deletion must not carry chunks")
@@ -205,7 +264,13 @@ def plan_writes(writes: Sequence[DocumentWrite]) -> WritePlan:
             pid = chunk_point_id(doc_id, chunk.chunk_index)
             chunks.append((pid, as_floats(chunk.vector), payload))
         trims[len(write.chunks)].append(doc_id)
-        states.append((doc_state_point_id(doc_id), state_payload(doc_id, write.state)))
+        payload = state_payload(doc_id, write.state)
+        sparse = write.sparse or None  # an empty vector: none (no term to find it by)
+        if sparse is not None:
+            if write.state.deleted:
+                raise ValueError(f"document {doc_id!r}: a deletion must not carry a sparse vector")
+            payload[DOC_FIELDS] = dict(write.fields)
+        states.append((doc_state_point_id(doc_id), payload, sparse))
     return WritePlan(chunks, dict(trims), states)
 
 

@@ -56,6 +56,7 @@ from embedstream.sinks._edge_files import AliasRegistry, ProcessLock, is_shard, 
 from embedstream.sinks._layout import (
     SCROLL_PAGE,
     STATE_VECTOR,
+    StatePoint,
     WritePlan,
     new_physical_name,
     not_ours_message,
@@ -64,6 +65,7 @@ from embedstream.sinks.disk import DiskGuard, FreeBytes, free_bytes
 from embedstream.stream.errors import FingerprintMismatch, NeedsOperator, SinkError
 from embedstream.stream.filters import Condition, FieldType, Filter, Match
 from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.sparse import SPARSE_NAME, SparseVector
 
 __all__ = ["QdrantEdgeSink", "open_fingerprint"]
 
@@ -236,7 +238,8 @@ class QdrantEdgeSink(CollectionSink):
     def _loaded(self, part: Part, size: int | None) -> qe.EdgeShard:
         directory = self._path / self._name(part)
         try:
-            shard = qe.EdgeShard.load(str(directory), None if size is None else _config(part, size))
+            shard = qe.EdgeShard.load(str(directory),
+                                  None if size is None else self._config(part, size))
         except Exception as exc:
             if "incompatible" in str(exc).lower():  # another vector size
                 raise FingerprintMismatch(not_ours_message(self._collection, str(exc))) from exc
@@ -264,7 +267,10 @@ class QdrantEdgeSink(CollectionSink):
         config, written = directory / _EDGE_CONFIG, directory / f".{_EDGE_CONFIG}.tmp"
         written.write_text(json.dumps({"wal_options": _WAL_OPTIONS}))
         os.replace(written, config)
-        self._keep(part, qe.EdgeShard.load(str(directory), _config(part, size)))
+        self._keep(part, qe.EdgeShard.load(str(directory), self._config(part, size)))
+
+    def _config(self, part: Part, size: int) -> qe.EdgeConfig:
+        return _config(part, size, self.sparse, self._sparse_idf)
 
     def _before_write(self) -> None:
         self._disk.check()
@@ -287,12 +293,11 @@ class QdrantEdgeSink(CollectionSink):
         found = self._shard(STATE).retrieve(list(ids), with_payload=True, with_vector=False)
         return [record.payload for record in found]
 
-    def _put_states(self, points: list[tuple[str, dict[str, Any]]],
-                    durable: bool = False) -> None:
+    def _put_states(self, points: list[StatePoint], durable: bool = False) -> None:
         # Like every update, in the WAL once update() returns (see the module docstring).
         state = self._shard(STATE)
         state.update(qe.UpdateOperation.upsert_points(
-            [qe.Point(pid, STATE_VECTOR, payload) for pid, payload in points]))
+            [qe.Point(pid, _state_vectors(sparse), payload) for pid, payload, sparse in points]))
         if durable:
             state.flush()
 
@@ -317,6 +322,16 @@ class QdrantEdgeSink(CollectionSink):
             limit=limit, query=qe.Query.Nearest(vector), with_payload=True,
             filter=None if only is None else _edge_filter(only)))
 
+    def _nearest_documents(self, vector: SparseVector, limit: int,
+                           only: Filter | None) -> list[qe.ScoredPoint]:
+        return self._shard(STATE).query(qe.QueryRequest(
+            limit=limit, query=qe.Query.Nearest(_edge_sparse(vector), using=SPARSE_NAME),
+            with_payload=True, filter=None if only is None else _edge_filter(only)))
+
+    def _documents_page(self, offset: Any) -> tuple[list[qe.Record], Any]:
+        return self._shard(STATE).scroll(qe.ScrollRequest(
+            offset=offset, limit=SCROLL_PAGE, with_payload=True, with_vector=[SPARSE_NAME]))
+
     def _translate(self, what: str, exc: Exception) -> SinkError:
         if "WouldBlock" in str(exc):  # the shard's own WAL lock, held without ours
             return SinkError(f"{self._where} is in use by another process; a Qdrant Edge "
@@ -324,12 +339,26 @@ class QdrantEdgeSink(CollectionSink):
         return SinkError(f"{self._where}: {what} failed: {exc}")
 
 
-def _config(part: Part, size: int) -> qe.EdgeConfig:
-    # The state's vectors are never searched: left on disk (Cold), not loaded into
-    # memory at open, which on tmpfs filled a 32 MiB chunk file at every start.
+def _config(part: Part, size: int, sparse: bool, idf: bool) -> qe.EdgeConfig:
+    # The state's dense vectors are never searched: left on disk (Cold), not loaded
+    # into memory at open, which on tmpfs filled a 32 MiB chunk file at every start.
     memory = qe.Memory.Cold if part == STATE else None
-    return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=size, distance=qe.Distance.Cosine,
-                                                     memory=memory))
+    vectors = qe.EdgeVectorParams(size=size, distance=qe.Distance.Cosine, memory=memory)
+    if part == STATE and sparse:
+        return qe.EdgeConfig(vectors=vectors, sparse_vectors={
+            SPARSE_NAME: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf if idf else None)})
+    return qe.EdgeConfig(vectors=vectors)
+
+
+def _edge_sparse(vector: SparseVector) -> qe.SparseVector:
+    return qe.SparseVector(indices=list(vector.indices), values=list(vector.values))
+
+
+def _state_vectors(sparse: SparseVector | None) -> Any:
+    """A state point's vectors: the unused dense one, and the document's sparse one."""
+    if sparse is None:
+        return STATE_VECTOR
+    return {"": STATE_VECTOR, SPARSE_NAME: _edge_sparse(sparse)}
 
 
 def _chunk_filter(doc_ids: list[str], from_index: int = 0) -> qe.Filter:

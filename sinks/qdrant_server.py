@@ -58,6 +58,7 @@ from embedstream.sinks._layout import (
     SCROLL_PAGE,
     STATE_SUFFIX,
     STATE_VECTOR,
+    StatePoint,
     WritePlan,
     made_for,
     new_physical_name,
@@ -69,6 +70,7 @@ from embedstream.stream.config import SinkSettings
 from embedstream.stream.errors import FingerprintMismatch, SinkError
 from embedstream.stream.filters import Condition, FieldType, Filter, Match
 from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.sparse import SPARSE_NAME, SparseVector
 
 __all__ = ["QdrantServerSink"]
 
@@ -235,6 +237,9 @@ class QdrantServerSink(CollectionSink):
             self._open().create_collection(
                 self._name(part),
                 vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE),
+                sparse_vectors_config=({SPARSE_NAME: models.SparseVectorParams(
+                    modifier=models.Modifier.IDF if self._sparse_idf else None)}
+                    if part == STATE and self.sparse else None),
                 shard_number=self._shard_number, replication_factor=self._replication_factor,
                 write_consistency_factor=self._write_consistency_factor)
         except Exception as exc:
@@ -259,12 +264,11 @@ class QdrantServerSink(CollectionSink):
         found = self._open().retrieve(self._name(STATE), ids, with_payload=True)
         return [record.payload for record in found]
 
-    def _put_states(self, points: list[tuple[str, dict[str, Any]]],
-                    durable: bool = False) -> None:
+    def _put_states(self, points: list[StatePoint], durable: bool = False) -> None:
         # durable changes nothing: every write is in the server's WAL when it returns.
         self._open().upsert(self._name(STATE), wait=True, points=[
-            models.PointStruct(id=pid, vector=STATE_VECTOR, payload=payload)
-            for pid, payload in points])
+            models.PointStruct(id=pid, vector=_state_vectors(sparse), payload=payload)
+            for pid, payload, sparse in points])
 
     def _write_chunks(self, plan: WritePlan) -> None:
         client = self._open()
@@ -294,8 +298,29 @@ class QdrantServerSink(CollectionSink):
             self._collection, query=vector, limit=limit, with_payload=True,
             query_filter=None if only is None else _server_filter(only)).points
 
+    def _nearest_documents(self, vector: SparseVector, limit: int,
+                           only: Filter | None) -> list[models.ScoredPoint]:
+        return self._open().query_points(
+            self._name(STATE), query=_server_sparse(vector), using=SPARSE_NAME, limit=limit,
+            with_payload=True, query_filter=None if only is None else _server_filter(only)).points
+
+    def _documents_page(self, offset: Any) -> tuple[list[models.Record], Any]:
+        return self._open().scroll(self._name(STATE), limit=SCROLL_PAGE, offset=offset,
+                                   with_payload=True, with_vectors=[SPARSE_NAME])
+
     def _translate(self, what: str, exc: Exception) -> SinkError:
         return self._endpoint.failure(exc, self._where, what)
+
+
+def _server_sparse(vector: SparseVector) -> models.SparseVector:
+    return models.SparseVector(indices=list(vector.indices), values=list(vector.values))
+
+
+def _state_vectors(sparse: SparseVector | None) -> models.VectorStruct:
+    """A state point's vectors: the unused dense one, and the document's sparse one."""
+    if sparse is None:
+        return STATE_VECTOR
+    return {"": STATE_VECTOR, SPARSE_NAME: _server_sparse(sparse)}
 
 
 def _chunk_filter(doc_ids: list[str], from_index: int = 0) -> models.Filter:

@@ -40,10 +40,11 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import TypeVar
 
 from embedstream.stream.config import DEFAULT_ROUTE
-from embedstream.stream.errors import SinkError
+from embedstream.stream.errors import ConfigError, SinkError
 from embedstream.stream.events import ChangeEvent, Position
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.plan import Folded, PreparedEvent, build_write, fold, group_by_document
+from embedstream.stream.sparse import SparseEncoder
 from embedstream.stream.store import Sink
 from embedstream.stream.vectors import ChunkVectors, Failure, failure_of
 
@@ -73,14 +74,21 @@ def apply_batch(
     on_failure: FailureCallback,
     failed: MutableMapping[Position, Failure] | None = None,
     route: str = DEFAULT_ROUTE,
+    sparse: SparseEncoder | None = None,
 ) -> list[ChangeEvent]:
     """Apply ``events`` (in log order) to ``sink``; returns the winning events
     written, in the order their documents first appear (see the module docstring).
 
     ``failed``: the failures of earlier attempts at this same batch, by position;
     new ones are added. Leave it out when a batch is never retried. ``route``:
-    the route label of the events counted."""
+    the route label of the events counted. ``sparse``: the document sparse encoder,
+    used when ``sink`` holds sparse vectors (its fingerprint, checked at open, names
+    the same encoder)."""
     failed = {} if failed is None else failed
+    encoder = sparse if sink.sparse else None
+    if sink.sparse and encoder is None:
+        raise ConfigError("the collection holds document sparse vectors but no sparse "
+                          "encoder was given (retrieval.sparse)")
     by_doc = group_by_document(events)
     stored = call_sink(metrics, "read_state", lambda: sink.document_states(list(by_doc)))
     folded = {doc_id: fold(stored.get(doc_id), doc_events)
@@ -101,7 +109,7 @@ def apply_batch(
                 outcomes.append((prepared.event.kind, "stale"))
             elif keep:
                 outcomes.append((prepared.event.kind, "moved" if item.moved else "applied"))
-    writes = [build_write(item, found) for item in writing]
+    writes = [build_write(item, found, encoder) for item in writing]
     if writes:
         call_sink(metrics, "apply", lambda: sink.apply(writes))
     for op, outcome in outcomes:

@@ -131,14 +131,18 @@ class TorchRunner:
         """The torch module that runs the layers (for time limits on a first pass)."""
         return self._transformer
 
-    def run(self, input_ids: npt.NDArray[np.int64],
-            attention_mask: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+    def run(self, input_ids: npt.NDArray[np.int64], attention_mask: npt.NDArray[np.int64],
+            prompt_length: int = 0) -> npt.NDArray[np.float32]:
+        """``prompt_length``: leading positions that are a prompt's, for a Pooling
+        that leaves prompts out (``include_prompt: false``; others ignore it)."""
         torch = self._torch
         features: dict[str, Any] = {
             "input_ids": torch.from_numpy(input_ids).to(self._device, non_blocking=True),
             "attention_mask": torch.from_numpy(attention_mask).to(self._device,
                                                                   non_blocking=True),
         }
+        if prompt_length:
+            features["prompt_length"] = prompt_length  # read by sentence-transformers' Pooling
         if self._with_types:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
         with torch.inference_mode():

@@ -26,6 +26,7 @@ from embedstream.stream._kafka_settings import (
     KafkaSettings,
     SchemaRegistrySettings,
 )
+from embedstream.stream._retrieval_settings import Bm25Settings, RetrievalSettings
 from embedstream.stream._section import Section
 from embedstream.stream._source_settings import (
     RESERVED_PAYLOAD_FIELDS,
@@ -40,14 +41,18 @@ from embedstream.stream.redact import checked_header_secret
 __all__ = [
     "DEFAULT_ROUTE",
     "RESERVED_PAYLOAD_FIELDS",
+    "Bm25Settings",
     "BulkSettings",
     "ChunkSettings",
     "EmbedSettings",
+    "InputTypeSettings",
     "KafkaSecurity",
     "KafkaSettings",
     "MetricsSettings",
+    "PromptSettings",
     "QualityGuardSettings",
     "QuerySettings",
+    "RetrievalSettings",
     "RouteSettings",
     "SchemaRegistrySettings",
     "Settings",
@@ -67,6 +72,40 @@ class QualityGuardSettings(Section):
     mean_cosine: float = Field(default=0.99, gt=0, le=1)
     p01_cosine: float = Field(default=0.98, gt=0, le=1)  # the 1st percentile
 
+
+class PromptSettings(Section):
+    """Text put in front of every document (chunk) and every query before embedding,
+    e.g. ``{document: "passage: ", query: "query: "}`` for e5 models. Unset (``None``):
+    the model's own sentence-transformers prompts (``prompts``: ``document``, else
+    ``passage``, else ``corpus`` for documents, ``query`` for queries; else the prompt
+    ``default_prompt_name`` names; else nothing). ``""`` means no prompt, whatever the
+    model says. A remote model has no such configuration: unset is nothing there."""
+
+    document: str | None = None
+    query: str | None = None
+
+
+class InputTypeSettings(Section):
+    """For ``provider: openai`` APIs that tell documents from queries by a field of the
+    request instead of a prefix (Cohere ``input_type: search_document|search_query``,
+    Voyage ``input_type: document|query``, Jina ``task: retrieval.passage|retrieval.query``):
+    ``{key}: {document}`` goes in every document request's body, ``{key}: {query}`` in
+    every query request's. Unset: no such field."""
+
+    key: str = Field(default="input_type", min_length=1)
+    document: str | None = None
+    query: str | None = None
+
+    @model_validator(mode="after")
+    def _key_is_free(self) -> InputTypeSettings:
+        if self.key in _REQUEST_FIELDS:
+            raise ValueError(f"embed.input_type.key {self.key!r} is a field embedstream "
+                             f"already sends ({', '.join(sorted(_REQUEST_FIELDS))})")
+        return self
+
+
+# The body fields every embeddings request carries (an input_type key must not clash).
+_REQUEST_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions"})
 
 # What each backend runs (the rest is refused at start, naming the pair).
 _BACKEND_PRECISIONS = {"torch": {"fp32", "bf16", "fp16"}, "onnx": {"fp32", "int8"},
@@ -101,6 +140,10 @@ class EmbedSettings(Section):
     # when full, or max_wait_ms after its first message; fixed: when full or at max_wait_ms.
     batching: Literal["adaptive", "fixed"] = "adaptive"
     max_wait_ms: int = Field(default=50, ge=0)
+    # What goes in front of documents and queries (both providers); see PromptSettings.
+    # The document prompt is part of the collection's fingerprint (changing it needs a
+    # rebuild) and its tokens count against chunk.max_tokens.
+    prompts: PromptSettings = PromptSettings()
     # -- openai ------------------------------------------------------------------
     # Base URL up to the API version ("/embeddings" is appended), e.g.
     # https://api.openai.com/v1, http://tei:8080/v1, or for Azure
@@ -141,6 +184,8 @@ class EmbedSettings(Section):
     # rebuild stops (resumable). It is also the longest one stream micro-batch may
     # spend embedding, rate-limit waits included (the poll loop must keep turning).
     give_up_after_s: float = Field(default=60.0, gt=0)
+    # A request field naming documents and queries apart (see InputTypeSettings).
+    input_type: InputTypeSettings = InputTypeSettings()
 
     @model_validator(mode="after")
     def _backend_runs_precision(self) -> EmbedSettings:
@@ -149,6 +194,15 @@ class EmbedSettings(Section):
             raise ValueError(
                 f"embed.backend {self.backend} cannot run precision {self.precision} "
                 f"(it runs {', '.join(sorted(runs))}; int8 runs on onnx)")
+        return self
+
+    @model_validator(mode="after")
+    def _input_type_is_remote(self) -> EmbedSettings:
+        kinds = self.input_type
+        if self.provider == "local" and (kinds.document is not None or kinds.query is not None):
+            # A local model has no request to put it in: silently unused otherwise.
+            raise ValueError("embed.input_type applies to provider openai only; a local "
+                             "model takes embed.prompts")
         return self
 
 
@@ -266,6 +320,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     query: QuerySettings = QuerySettings()
     bulk: BulkSettings = BulkSettings()
+    retrieval: RetrievalSettings = RetrievalSettings()
     # Many topics to many collections, each route with its own source settings and
     # collection. Without it, kafka.topics (or kafka.topic_pattern), source and
     # sink.collection are one route, named "default".

@@ -53,6 +53,7 @@ from embedstream.stream.metrics import Metrics
 from embedstream.stream.offsets import commit_offsets, report_lag
 from embedstream.stream.plan import PreparedEvent
 from embedstream.stream.route_sides import Route, RouteSides
+from embedstream.stream.sparse import SparseEncoder
 from embedstream.stream.store import Sink
 from embedstream.stream.topic_ids import TopicIds, position_of
 from embedstream.stream.vectors import ChunkVectors, Failure
@@ -85,8 +86,10 @@ class StreamConsumer:
         clock: Callable[[], float] = time.monotonic,
         topic_ids: TopicIds | None = None,
         ensure_dlq: Callable[[set[str]], None] | None = None,
+        sparse: SparseEncoder | None = None,
     ) -> None:
         self._settings = settings
+        self._sparse = sparse  # document sparse vectors (retrieval.sparse), or None
         self._consumer = consumer
         self._dead_letters = dead_letters
         self._chunker = chunker
@@ -349,7 +352,8 @@ class StreamConsumer:
             # again; a retry after one route's store failed re-applies the others' as
             # no-ops (the version guard).
             applied += apply_batch(events, self._routes[name].sink, self._chunk_vectors,
-                                   self._metrics, dead_letter, batch.dead_lettered, route=name)
+                                   self._metrics, dead_letter, batch.dead_lettered, route=name,
+                                   sparse=self._sparse)
         return time.time(), applied
 
     def _observe(self, batch: MicroBatch, applied: list[ChangeEvent], acked_at: float) -> None:

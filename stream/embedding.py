@@ -21,7 +21,8 @@ import numpy.typing as npt
 
 from embedstream.stream.errors import ConfigError
 
-__all__ = ["Embedder", "pack_batches", "pad_batch", "resolve_model_path", "weights_digest"]
+__all__ = ["Embedder", "chunk_max_tokens", "pack_batches", "pad_batch", "prompt_tokens",
+           "resolve_model_path", "weights_digest"]
 
 
 class Embedder(Protocol):
@@ -52,15 +53,55 @@ class Embedder(Protocol):
         the chunker; a remote embedder's local stand-in for the API's)."""
         ...
 
+    @property
+    def document_prompt(self) -> str:
+        """What :meth:`embed` puts in front of every text ("" for nothing): the model's
+        own document prompt, or ``embed.prompts.document``. Part of the fingerprint, and
+        its tokens count against the chunk budget."""
+        ...
+
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """Vectors for ``texts`` in input order, shape (len(texts), dimension),
-        float32, each row of unit L2 norm."""
+        """Vectors for document texts (chunks) in input order, shape (len(texts),
+        dimension), float32, each row of unit L2 norm; with the document prompt."""
+        ...
+
+    def embed_queries(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Like :meth:`embed`, for search queries: with the query prompt (or the
+        API's query ``input_type``) instead of the document one."""
         ...
 
     def close(self) -> None:
         """Release what the embedder holds (connections, a private event loop). Safe
         to call twice."""
         ...
+
+
+def prompt_tokens(tokenizer: Any, prompt: str) -> int:
+    """Tokens ``prompt`` adds in front of a text (no special tokens); 0 for none."""
+    if not prompt:
+        return 0
+    return len(tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def chunk_max_tokens(max_tokens: int, embedder: Embedder) -> int:
+    """The chunker's ``max_tokens`` for ``chunk.max_tokens`` = ``max_tokens``: what is
+    left of it, and of the model's input, after the model's own [CLS]/[SEP] and the
+    document prompt's tokens, so no chunk is silently truncated once the prompt is in
+    front of it. Every place that builds the stream's or the rebuild's chunker uses it:
+    chunks (and so vectors) stay the same wherever they are cut.
+
+    A prompt is counted on its own; a tokenizer that merges across the join (none of
+    the WordPiece/BPE/SentencePiece ones with a prompt ending in a space or colon) could
+    make the joined input a token longer or shorter. Raises ConfigError when the
+    prompt leaves less than 8 tokens."""
+    used = prompt_tokens(embedder.tokenizer, embedder.document_prompt)
+    left = min(max_tokens, embedder.max_seq_length - 2) - used
+    if left < 8:
+        raise ConfigError(
+            f"embed.prompts.document: the document prompt takes {used} tokens, which leaves "
+            f"{left} of chunk.max_tokens {max_tokens} (model input {embedder.max_seq_length} "
+            "tokens); use a shorter prompt or a larger chunk.max_tokens")
+    return left
 
 
 # --------------------------------------------------------------------------------------

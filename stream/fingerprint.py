@@ -27,13 +27,23 @@ class Fingerprint:
     # "local" (sentence-transformers in process) or "openai" (a remote API). A
     # collection made before this field existed reads as "local", which it was.
     provider: str = "local"
+    # The prompt put in front of every document text embedded ("" for none): vectors
+    # made with and without it are not comparable.
+    prompt: str = ""
+    # The document-level sparse vectors the collection holds: "none", or their spec
+    # (e.g. "bm25(k=1.2,b=0.75,avg_len=256,language=english)"), see
+    # :mod:`embedstream.stream.sparse`. A collection made before either field existed
+    # reads as having neither, which it has not.
+    sparse: str = "none"
 
     def to_json(self) -> str:
         data = asdict(self)
-        if data["provider"] == "local":
-            # As written before the field existed: stored fingerprints and rebuild
-            # checkpoints of local models stay byte-for-byte the same.
-            del data["provider"]
+        # Fields at their default are written as before they existed: stored
+        # fingerprints and rebuild checkpoints made without them stay byte-for-byte
+        # the same.
+        for name, default in (("provider", "local"), ("prompt", ""), ("sparse", "none")):
+            if data[name] == default:
+                del data[name]
         return json.dumps(data, sort_keys=True)
 
     @classmethod

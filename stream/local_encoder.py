@@ -14,8 +14,16 @@ model and library versions, on real texts: the sample :meth:`calibrate` is given
 ``calibration_texts`` texts it embeds (embedded on torch fp32 until then). A
 decision kept from an earlier start is taken at construction, with no measuring.
 
-Guaranteed: float32 rows of unit L2 norm in input order; texts truncated to
-``max_seq_length`` tokens exactly as ``SentenceTransformer.encode`` truncates;
+Prompts: :meth:`embed` puts the document prompt in front of every text and
+:meth:`embed_queries` the query prompt, from ``embed.prompts`` or else the model's
+own sentence-transformers configuration (:func:`model_prompts`), the way
+``SentenceTransformer.encode(texts, prompt=...)`` does: joined to the text before
+tokenizing, and left out of pooling where the model's Pooling says
+``include_prompt: false`` (such a model then runs on torch only: the exported
+graphs pool every token).
+
+Guaranteed: float32 rows of unit L2 norm in input order; texts (prompt included)
+truncated to ``max_seq_length`` tokens exactly as ``SentenceTransformer.encode`` truncates;
 the chosen backend passed the quality guard on its calibration sample. Not
 guaranteed: bit-identical vectors across backends, precisions or batch
 compositions. Not thread-safe: one caller at a time (:meth:`twin` gives another
@@ -61,11 +69,11 @@ from embedstream.stream.backends import (
     Runner,
     TorchRunner,
 )
-from embedstream.stream.config import EmbedSettings
+from embedstream.stream.config import EmbedSettings, PromptSettings
 from embedstream.stream.embedding import pack_batches, resolve_model_path, weights_digest
 from embedstream.stream.errors import ConfigError
 
-__all__ = ["LocalEncoder"]
+__all__ = ["LocalEncoder", "model_prompts"]
 
 log = logging.getLogger("embedstream.embed")
 
@@ -84,7 +92,8 @@ class LocalEncoder:
                  precision: str = "fp32", batch_tokens: int = 0,
                  guard: QualityGuard | None = None, cache: Path | None = None,
                  calibration_texts: int = 64,
-                 on_choice: Callable[[LocalEncoder], None] | None = None) -> None:
+                 on_choice: Callable[[LocalEncoder], None] | None = None,
+                 prompts: PromptSettings | None = None) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -110,6 +119,15 @@ class LocalEncoder:
         if dimension is None:
             raise ConfigError(f"embed.model: cannot tell the output dimension of {model!r}")
         self.dimension = int(dimension)
+        self.document_prompt, self.query_prompt = model_prompts(
+            self._model, prompts or PromptSettings())
+        # Where the model's Pooling leaves the prompt out (include_prompt: false, e.g.
+        # INSTRUCTOR), the prompt's leading positions, [CLS] included, as
+        # sentence-transformers counts them; 0 where it pools every token.
+        pools_prompt = all(getattr(m, "include_prompt", True) for m in self._model)
+        self._skip = {query: 0 if pools_prompt or not prompt else _prompt_length(tokenizer, prompt)
+                      for query, prompt in ((False, self.document_prompt),
+                                            (True, self.query_prompt))}
         self._with_types = "token_type_ids" in tokenizer.model_input_names
         self._pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self._left_pad = tokenizer.padding_side == "left"
@@ -125,6 +143,14 @@ class LocalEncoder:
             # yes to emulated bf16 too (T4, V100), and asks the current device only.
             gpu_bf16=self._on_gpu and (bool(torch.version.hip) or torch.cuda.get_device_capability(
                 self._model.device)[0] >= 8))
+        if any(self._skip.values()):
+            # The exported graphs pool every position: only torch can leave the prompt out.
+            self._choices = [c for c in self._choices if c.backend == "torch"]
+            if not self._choices:
+                raise ConfigError(f"embed.backend: {backend}/{precision} cannot leave the "
+                                  f"prompt out of pooling as {model!r} asks (include_prompt: "
+                                  "false); only torch can: embed.backend torch or auto, with "
+                                  "precision fp32, bf16, fp16 or auto")
         self._reference = TorchRunner(self._model, "fp32", self._with_types)
         self.runner: Runner = self._reference
         self.calibration: dict[str, float] = {}
@@ -163,7 +189,7 @@ class LocalEncoder:
                    precision=embed.precision, batch_tokens=batch_tokens,
                    guard=QualityGuard(guard.mean_cosine, guard.p01_cosine),
                    cache=embed.cache_dir, calibration_texts=embed.calibration_texts,
-                   on_choice=on_choice)
+                   on_choice=on_choice, prompts=embed.prompts)
 
     # -- what the encoder is -------------------------------------------------------
 
@@ -186,12 +212,15 @@ class LocalEncoder:
 
     # -- tokenizing (thread-safe: HF fast tokenizers release the GIL) --------------
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids with special tokens, truncated to ``max_seq_length``."""
+    def tokenize(self, texts: Sequence[str], *, query: bool = False) -> list[list[int]]:
+        """Token ids of the document prompt (``query``: the query prompt) and each text,
+        with special tokens, truncated to ``max_seq_length``."""
         if not texts:
             return []
+        prompt = self.query_prompt if query else self.document_prompt
         ids: list[list[int]] = self.tokenizer(
-            list(texts), truncation=True, max_length=self.max_seq_length, padding=False,
+            [prompt + text for text in texts] if prompt else list(texts),
+            truncation=True, max_length=self.max_seq_length, padding=False,
             return_attention_mask=False, return_token_type_ids=False, verbose=False,
         )["input_ids"]
         return ids
@@ -261,9 +290,17 @@ class LocalEncoder:
     # -- forward -------------------------------------------------------------------
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """Vectors of ``texts`` in input order. While the backend is undecided, the
-        texts are kept until ``calibration_texts`` have come, then measured on."""
-        ids = self.tokenize(texts)
+        """Vectors of document texts in input order, with the document prompt. While
+        the backend is undecided, the texts are kept until ``calibration_texts`` have
+        come, then measured on."""
+        return self._embed(texts, query=False)
+
+    def embed_queries(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Vectors of search queries in input order, with the query prompt."""
+        return self._embed(texts, query=True)
+
+    def _embed(self, texts: Sequence[str], *, query: bool) -> npt.NDArray[np.float32]:
+        ids = self.tokenize(texts, query=query)
         self.last_tokens = self.last_padded_tokens = 0
         if not self.decided and ids:
             self._pending += ids
@@ -276,21 +313,27 @@ class LocalEncoder:
         lengths = [len(seq) for seq in ids]
         multiple = self.runner.length_multiple
         for batch in pack_batches(lengths, self.batch_tokens):
-            out[batch] = self.encode([ids[i] for i in batch])
+            out[batch] = self.encode([ids[i] for i in batch], query=query)
             longest = max(1, max(lengths[i] for i in batch))
             self.last_tokens += sum(lengths[i] for i in batch)
             self.last_padded_tokens += len(batch) * (longest + -longest % multiple)
         return out
 
-    def encode(self, batch: Sequence[list[int]]) -> npt.NDArray[np.float32]:
-        """Vectors of one batch of token id lists, padded to its longest row."""
+    def encode(self, batch: Sequence[list[int]], *,
+               query: bool = False) -> npt.NDArray[np.float32]:
+        """Vectors of one batch of token id lists (:meth:`tokenize` of documents, or
+        of queries with ``query``), padded to its longest row."""
         if not batch:
             return np.empty((0, self.dimension), np.float32)
         parent = self._parent
         if parent is not None and parent.runner.candidate != self.runner.candidate:
             self.runner = parent.runner.twin()  # the parent has calibrated since
-        return self.runner.run(*padded(batch, self._pad_id, self._left_pad,
-                                       self.runner.length_multiple))
+        inputs = padded(batch, self._pad_id, self._left_pad, self.runner.length_multiple)
+        if skip := self._skip[query]:
+            runner = self.runner
+            assert isinstance(runner, TorchRunner)  # the only candidates then
+            return runner.run(*inputs, prompt_length=skip)
+        return self.runner.run(*inputs)
 
     def twin(self) -> LocalEncoder:
         """An encoder for another thread: the same weights and backend, with a
@@ -306,6 +349,36 @@ class LocalEncoder:
 
     def close(self) -> None:
         """Nothing to release (the model goes with the object); as remote embedders do."""
+
+
+def model_prompts(model: Any, asked: PromptSettings) -> tuple[str, str]:
+    """(document prompt, query prompt): ``asked``'s where set, else the model's own.
+
+    The model's own, as ``SentenceTransformer.encode_document``/``encode_query`` pick
+    them: its ``document``, ``passage`` or ``corpus`` prompt (the first there is) for
+    documents, its ``query`` prompt for queries; else the prompt its
+    ``default_prompt_name`` names (which ``encode`` applies to every text); else "".
+    An empty prompt counts as none: sentence-transformers 6 fills ``query`` and
+    ``document`` with "" for every model, so "" there says nothing about ``passage``."""
+    prompts = {name: text for name, text in (getattr(model, "prompts", None) or {}).items()
+               if text}
+    default = prompts.get(getattr(model, "default_prompt_name", None) or "", "")
+    document = next((prompts[n] for n in ("document", "passage", "corpus") if n in prompts),
+                    default)
+    query = prompts.get("query", default)
+    return (document if asked.document is None else asked.document,
+            query if asked.query is None else asked.query)
+
+
+def _prompt_length(tokenizer: Any, prompt: str) -> int:
+    """Leading positions of ``prompt + text`` that are the prompt's, as
+    sentence-transformers counts them for pooling: the prompt tokenized alone, special
+    tokens included, less a trailing special token ([SEP], </s>)."""
+    ids: list[int] = tokenizer(prompt, verbose=False)["input_ids"]
+    length = len(ids)
+    if ids and ids[-1] in set(getattr(tokenizer, "all_special_ids", ())):
+        length -= 1
+    return length
 
 
 def _figures(results: Sequence[Measured], best: Measured) -> dict[str, float]:

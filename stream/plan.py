@@ -50,6 +50,7 @@ import numpy.typing as npt
 
 from embedstream.stream.chunking import Chunk
 from embedstream.stream.events import ChangeEvent, Op
+from embedstream.stream.sparse import SparseEncoder, document_text
 from embedstream.stream.store import ChunkPoint, DocState, DocumentWrite
 
 __all__ = [
@@ -198,8 +199,12 @@ def fold(stored: DocState | None, events: Sequence[PreparedEvent]) -> Folded:
 def build_write(
     folded: Folded,
     vectors: Mapping[str, npt.NDArray[np.float32]],
+    sparse: SparseEncoder | None = None,
 ) -> DocumentWrite:
-    """The sink write for a folded document; ``vectors`` maps content hash to vector."""
+    """The sink write for a folded document; ``vectors`` maps content hash to vector.
+
+    ``sparse`` (a collection with document sparse vectors): the live document's
+    vector, from its whole text (title and body), with its metadata beside it."""
     assert folded.winner is not None and folded.state is not None
     event, state = folded.winner.event, folded.state
     if state.deleted:
@@ -221,4 +226,9 @@ def build_write(
         )
         for chunk in folded.winner.chunks
     ]
-    return DocumentWrite(doc_id=event.doc_id, state=state, chunks=points)
+    if sparse is None:
+        return DocumentWrite(doc_id=event.doc_id, state=state, chunks=points)
+    document = sparse.encode_document(document_text(event.text, event.title),
+                                      [chunk.embed_text for chunk in folded.winner.chunks])
+    return DocumentWrite(doc_id=event.doc_id, state=state, chunks=points, sparse=document,
+                         fields=dict(event.metadata))

@@ -17,6 +17,12 @@ One ``embed`` call:
    connections at most ``max_retries`` times;
 4. puts the vectors back in input order, L2-normalised.
 
+Documents and queries: :meth:`OpenAIEmbedder.embed` sends every text with
+``embed.prompts.document`` in front and, when ``embed.input_type.document`` is set,
+``{embed.input_type.key: that}`` in the request body;
+:meth:`~OpenAIEmbedder.embed_queries` the same with the query ones. A remote model
+has no configuration to read prompts from: unset, nothing is added.
+
 What fails, and how:
 
 * a request the provider rejects (another 4xx, e.g. 400 for an input that is
@@ -104,6 +110,7 @@ class _Call:
     rows: list[Matrix | None]
     failed: dict[int, tuple[str, str]]
     deadline: float  # clock time; inf without a call budget
+    input_type: str | None = None  # sent as embed.input_type.key, when set
 
 
 class OpenAIEmbedder:
@@ -130,6 +137,8 @@ class OpenAIEmbedder:
         self.tokenizer: Any = AutoTokenizer.from_pretrained(
             resolve_model_path(self._tokenizer_name))
         self.max_seq_length = settings.max_input_tokens
+        self.document_prompt = settings.prompts.document or ""
+        self.query_prompt = settings.prompts.query or ""
         headers = {}
         # An HTTP client error may quote the header, a provider echo it: details pass here.
         self._redact = Redactor()
@@ -171,34 +180,57 @@ class OpenAIEmbedder:
     @property
     def revision(self) -> str:
         # A remote model is known by its name only (if the provider changes the weights
-        # behind a name, rebuild); the tokenizer here decides where chunks are cut.
-        return f"tokenizer={self._tokenizer_name}"
+        # behind a name, rebuild); the tokenizer here decides where chunks are cut. A
+        # document input_type changes the vectors as a prompt does, so it is named here
+        # (the fingerprint's ``prompt`` holds the prefix); unset, the revision reads as
+        # before the setting existed.
+        kinds = self._settings.input_type
+        if kinds.document is None:
+            return f"tokenizer={self._tokenizer_name}"
+        return f"tokenizer={self._tokenizer_name};{kinds.key}={kinds.document}"
 
     @property
     def dimension(self) -> int:
         assert self._dimension is not None  # set by the probe at start
         return self._dimension
 
-    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids per text with the local tokenizer, no special tokens, untruncated."""
+    def token_ids(self, texts: Sequence[str], *, query: bool = False) -> list[list[int]]:
+        """Token ids per text with the local tokenizer, no special tokens, untruncated,
+        of the text as sent: with the document prompt (``query``: the query prompt)."""
         if not texts:
             return []
         ids: list[list[int]] = self.tokenizer(
-            list(texts), add_special_tokens=False, verbose=False,
+            self._prompted(texts, query), add_special_tokens=False, verbose=False,
             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         return ids
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens per text with the local tokenizer (an estimate for other models)."""
-        return [len(seq) for seq in self.token_ids(texts)]
+    def count_tokens(self, texts: Sequence[str], *, query: bool = False) -> list[int]:
+        """Tokens per text as sent, with the local tokenizer (an estimate for other models)."""
+        return [len(seq) for seq in self.token_ids(texts, query=query)]
 
     def embed(self, texts: Sequence[str], token_counts: Sequence[int] | None = None) -> Matrix:
-        """Vectors of ``texts`` in input order; raises :class:`EmbedFailures` (with
-        the others) when some fail for good (see the module docstring).
+        """Vectors of document ``texts`` in input order; raises :class:`EmbedFailures`
+        (with the others) when some fail for good (see the module docstring).
         ``token_counts``: :meth:`count_tokens` of ``texts``, when the caller has them."""
-        counts = list(token_counts) if token_counts is not None else self.count_tokens(texts)
+        return self._call(texts, token_counts, query=False)
+
+    def embed_queries(self, texts: Sequence[str]) -> Matrix:
+        """Vectors of search queries, with the query prompt and input_type."""
+        return self._call(texts, None, query=True)
+
+    def _call(self, texts: Sequence[str], token_counts: Sequence[int] | None,
+              query: bool) -> Matrix:
+        counts = (list(token_counts) if token_counts is not None
+                  else self.count_tokens(texts, query=query))
+        kinds = self._settings.input_type
         with self._lock:
-            return self._loop.run_until_complete(self._embed(list(texts), counts))
+            return self._loop.run_until_complete(self._embed(
+                self._prompted(texts, query), counts,
+                kinds.query if query else kinds.document))
+
+    def _prompted(self, texts: Sequence[str], query: bool) -> list[str]:
+        prompt = self.query_prompt if query else self.document_prompt
+        return [prompt + text for text in texts] if prompt else list(texts)
 
     def close(self) -> None:
         if not self._loop.is_closed():
@@ -214,11 +246,12 @@ class OpenAIEmbedder:
 
     # -- one call --------------------------------------------------------------
 
-    async def _embed(self, texts: list[str], counts: list[int]) -> Matrix:
+    async def _embed(self, texts: list[str], counts: list[int],
+                     input_type: str | None) -> Matrix:
         tokens = [max(1, count) for count in counts]  # an empty text still costs a slot
         budget = self._call_budget_s
         call = _Call(texts, tokens, [None] * len(texts), {},
-                     self._clock() + budget if budget is not None else math.inf)
+                     self._clock() + budget if budget is not None else math.inf, input_type)
         settings = self._settings
         groups = plan_requests(tokens, settings.request_max_inputs, settings.request_max_tokens)
         try:
@@ -316,7 +349,8 @@ class OpenAIEmbedder:
         """Returns if the provider embeds a known-good line now, retries included
         (so a request that keeps failing is its texts' fault); raises what the
         provider's state is if not."""
-        probe = _Call([_PROBE_TEXT], [8], [None], {}, call.deadline)
+        # With the call's input_type: a provider refusing that is a configuration error.
+        probe = _Call([_PROBE_TEXT], [8], [None], {}, call.deadline, call.input_type)
         failure_of_probe = await self._attempts(probe, [0], "probe")
         if failure_of_probe is None:
             return
@@ -356,7 +390,7 @@ class OpenAIEmbedder:
         metrics.embed_throttled.labels(cause="retry_after").inc(blocked)
         # No answer past the budget either (at least a second, to get one at all).
         timeout = min(self._settings.timeout_s, max(1.0, deadline - self._clock()))
-        answer = await self._send(texts, timeout)
+        answer = await self._send(texts, timeout, call.input_type)
         if isinstance(answer, Ok):
             self._last_success = self._clock()
             self._window.succeeded()
@@ -365,12 +399,14 @@ class OpenAIEmbedder:
                 self._limiter.tokens.correct(answer.tokens - tokens)
         return answer
 
-    async def _send(self, texts: list[str], timeout: float) -> Answer:
+    async def _send(self, texts: list[str], timeout: float, input_type: str | None) -> Answer:
         settings, metrics = self._settings, self._metrics
         body: dict[str, Any] = {"model": settings.model, "input": texts,
                                 "encoding_format": "float"}
         if settings.dimensions is not None:
             body["dimensions"] = settings.dimensions
+        if input_type is not None:
+            body[settings.input_type.key] = input_type
         started = self._clock()
         answer: Answer
         try:

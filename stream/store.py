@@ -39,6 +39,7 @@ import numpy.typing as npt
 
 from embedstream.stream.filters import Filter
 from embedstream.stream.fingerprint import Fingerprint
+from embedstream.stream.sparse import SparseVector
 
 __all__ = [
     "ChunkPoint",
@@ -49,6 +50,7 @@ __all__ = [
     "Hit",
     "Sink",
     "SinkAdmin",
+    "StoredDocument",
     "StoredPoint",
     "Vector",
     "chunk_point_id",
@@ -117,11 +119,19 @@ class ChunkPoint:
 
 @dataclass(frozen=True, slots=True)
 class DocumentWrite:
-    """The new state of one document: its full chunk set, or a deletion."""
+    """The new state of one document: its full chunk set, or a deletion.
+
+    ``sparse``: the document's sparse vector (a collection with ``retrieval.sparse``
+    on), stored with its state, with ``fields`` (the document's metadata and filter
+    fields) beside it so a sparse search filters as a dense one does. ``None`` for a
+    deletion, and for a document whose text has no term: it then has none, and
+    no sparse search finds it."""
 
     doc_id: str
     state: DocState
     chunks: Sequence[ChunkPoint] = field(default_factory=tuple)
+    sparse: SparseVector | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +139,15 @@ class Hit:
     id: str
     score: float
     payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDocument:
+    """A live document's sparse vector as stored (for export)."""
+
+    doc_id: str
+    sparse: SparseVector
+    fields: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +241,26 @@ class Sink(Protocol):
         chunks that match it (see :mod:`embedstream.stream.filters`)."""
         ...
 
+    def search_sparse(self, vector: SparseVector, limit: int,
+                      filter: Filter | None = None) -> list[Hit]:
+        """Documents by their sparse vector (dot product, with the store's ``Idf``
+        modifier applied), best first; a hit's payload holds ``doc_id``. With
+        ``filter``, only documents whose fields match it. A collection without
+        sparse vectors finds nothing."""
+        ...
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the open collection holds document sparse vectors."""
+        ...
+
     def points(self) -> Iterator[StoredPoint]:
         """Every chunk point with its vector and payload (for export)."""
+        ...
+
+    def documents(self) -> Iterator[StoredDocument]:
+        """Every live document's sparse vector (for export); nothing when the
+        collection holds none."""
         ...
 
     def write_handover(self, offsets: Mapping[tuple[str, int], int]) -> None:

@@ -33,6 +33,7 @@ class HashEmbedder:
     while ``refusing`` (as a remote provider refuses one input with a 400)."""
 
     model_name, revision, dimension, max_seq_length, tokenizer = "test/hash", "1", DIM, 64, None
+    document_prompt = ""
 
     def __init__(self) -> None:
         self.refusing = True
@@ -50,6 +51,9 @@ class HashEmbedder:
             raise EmbedFailures(out, refused)
         return out
 
+    def embed_queries(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        return self.embed(texts)
+
     def close(self) -> None:
         pass
 
@@ -59,6 +63,10 @@ class FailingOnce:
 
     def __init__(self, sink: QdrantEdgeSink) -> None:
         self.real, self.failures_left = sink, 1
+
+    @property
+    def sparse(self) -> bool:
+        return self.real.sparse
 
     def document_states(self, doc_ids: Collection[str]):  # type: ignore[no-untyped-def]
         return self.real.document_states(doc_ids)

@@ -350,9 +350,13 @@ def test_a_query_the_provider_refuses_is_a_422_naming_why(
 
         dimension = pipeline.embedder.dimension
 
+        document_prompt = ""
+
         def embed(self, texts: list[str]) -> Any:
             refused = {i: ("embed_rejected", "input too long") for i in range(len(texts))}
             raise EmbedFailures(np.zeros((len(texts), self.dimension), np.float32), refused)
+
+        embed_queries = embed  # a query is refused just the same
 
         def close(self) -> None:
             pass

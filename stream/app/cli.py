@@ -108,13 +108,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from embedstream.stream.app.search_cmd import run_search
 
     return run_search(_settings(args), sys.stdout, query=args.query, queries=args.queries,
-                      filters=args.filter, k=args.k, as_json=args.json)
+                      filters=args.filter, k=args.k, as_json=args.json, mode=args.mode)
 
 
 def _cmd_export(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from embedstream.sinks.factory import build_sink
     from embedstream.stream.app.query_client import export_live, live_service
-    from embedstream.stream.app.query_jobs import point_json
+    from embedstream.stream.app.query_jobs import export_lines
 
     out = out or sys.stdout  # as it is now (a test may have replaced it)
     settings = _settings(args)
@@ -127,12 +127,12 @@ def _cmd_export(args: argparse.Namespace, out: TextIO | None = None) -> int:
     count = 0
     try:
         sink.open(None)  # reading needs no model, so no fingerprint to check
-        for point in sink.points():
-            out.write(json.dumps(point_json(point)) + "\n")
+        for line in export_lines(sink):
+            out.write(json.dumps(line) + "\n")
             count += 1
     finally:
         sink.close()
-    logging.getLogger("embedstream").info("exported %d points", count)
+    logging.getLogger("embedstream").info("exported %d points and document vectors", count)
     return 0
 
 
@@ -242,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     consume = with_config(commands.add_parser("consume", help="run the streaming consumer"))
     consume.set_defaults(run=_cmd_consume)
 
-    search = _with_route(with_config(commands.add_parser("search", help="top chunks for a query")))
+    search = _with_route(with_config(commands.add_parser(
+        "search", help="top documents for a query (each with its best chunk)")))
+    search.add_argument("--mode", choices=("dense", "sparse", "hybrid"), default=None,
+                        help="rank by dense chunks, document sparse vectors, or both fused "
+                             "(default: hybrid where the collection has sparse vectors)")
     search.add_argument("query", nargs="?", help="the query (or --queries)")
     search.add_argument("-k", type=int, default=5, help="hits per query")
     search.add_argument("--json", action="store_true", help="one JSON object per hit")

@@ -135,7 +135,7 @@ def _consume_until_caught_up(stream: StreamConsumer, progress: _Progress) -> Non
 
 
 def _search(pipeline: Pipeline, query: str, k: int = 3) -> list[str]:
-    [vector] = pipeline.embedder.embed([query])
+    [vector] = pipeline.embedder.embed_queries([query])
     hits = pipeline.sink.search(vector.tolist(), limit=k)
     print(f'\n  search: "{query}"')
     for hit in hits:
@@ -209,7 +209,7 @@ def _demo(pipeline: Pipeline, producer: Producer, target: dict[tuple[str, int], 
     try:
         _consume_until_caught_up(stream, progress)
         print("\nroutes: the shop's flattened rows and the Avro tickets, each in its collection")
-        routed = dev_routes.show_routes(pipeline.sinks, pipeline.embedder.embed, expected)
+        routed = dev_routes.show_routes(pipeline.sinks, pipeline.embedder.embed_queries, expected)
         print("\n" + ("each route's collection holds exactly its live rows" if routed
                       else "unexpected documents in a route's collection"))
         print("\nroute pages:")

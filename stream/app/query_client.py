@@ -65,14 +65,15 @@ def live_service(settings: Settings) -> LiveService | None:
 
 
 def search_live(service: LiveService, jobs: Sequence[QueryJob], common: Sequence[str],
-                k: int, batch: bool) -> Iterator[tuple[QueryJob, list[dict[str, Any]]]]:
+                k: int, batch: bool, mode: str | None = None
+                ) -> Iterator[tuple[QueryJob, list[dict[str, Any]]]]:
     """Each job with its hits (``{"doc_id", "chunk_index", "score", "text"}``), in
     order: one request for a single query, else :data:`EMBED_BATCH` jobs a request.
     ``common``: the ``--filter`` expressions, applied to every job by the service."""
     if not batch:
         [job] = jobs
         answer = _post(service, {"query": job.text, "k": k, "filter": list(common),
-                                 "route": service.collection})
+                                 "route": service.collection, **_mode(mode)})
         yield job, answer["hits"]
         return
     for start in range(0, len(jobs), EMBED_BATCH):
@@ -80,9 +81,13 @@ def search_live(service: LiveService, jobs: Sequence[QueryJob], common: Sequence
         items = [{"id": job.id, "text": job.text,
                   **({"filter": job.spec} if job.spec is not None else {})} for job in part]
         answer = _post(service, {"queries": items, "k": k, "filter": list(common),
-                                 "route": service.collection})
+                                 "route": service.collection, **_mode(mode)})
         for job, result in zip(part, answer["results"], strict=True):
             yield job, result["hits"]
+
+
+def _mode(mode: str | None) -> dict[str, str]:
+    return {} if mode is None else {"mode": mode}
 
 
 def export_live(service: LiveService, out: TextIO) -> int:

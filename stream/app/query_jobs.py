@@ -1,10 +1,11 @@
 """Queries as the ``search`` command and the running consumer's query endpoint take them.
 
 One shape for both: a query is an id, a text and a filter (the request's common filter
-and its own, all of which must hold); a hit is ``{"doc_id", "chunk_index", "score",
-"text"}``; an exported point is ``{"id", "vector", "payload"}``. Queries are embedded
-:data:`EMBED_BATCH` at a time (one forward pass each, bounded memory), then searched
-one by one.
+and its own, all of which must hold); a hit is a document with its best chunk,
+``{"doc_id", "chunk_index", "score", "text"}`` (:mod:`embedstream.stream.retrieval`);
+an exported point is ``{"id", "vector", "payload"}`` and an exported document sparse
+vector ``{"doc_id", "sparse", "fields"}``. Queries are embedded :data:`EMBED_BATCH` at
+a time (one forward pass each, bounded memory), then searched one by one.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from embedstream.stream._retrieval_settings import RetrievalSettings
 from embedstream.stream.embedding import Embedder
 from embedstream.stream.errors import QueryError
 from embedstream.stream.filters import FieldType, Filter, parse_filter_json
-from embedstream.stream.store import Hit, Sink, StoredPoint
+from embedstream.stream.retrieval import Mode, Query, resolve_mode, search_documents
+from embedstream.stream.sparse import SparseEncoder
+from embedstream.stream.store import Hit, Sink, StoredDocument, StoredPoint
 
-__all__ = ["EMBED_BATCH", "QueryJob", "embed_jobs", "hit_json", "job_of", "point_json",
-           "search_jobs"]
+__all__ = ["EMBED_BATCH", "QueryJob", "document_json", "embed_jobs", "export_lines",
+           "hit_json", "job_of", "point_json", "search_job", "search_jobs"]
 
 EMBED_BATCH = 64  # queries embedded at once: one forward pass, bounded memory
 
@@ -58,18 +62,36 @@ def embed_jobs(embedder: Embedder, jobs: Sequence[QueryJob]) -> npt.NDArray[np.f
     """The query vectors, in order, :data:`EMBED_BATCH` texts per embedding call."""
     if not jobs:
         return np.empty((0, embedder.dimension), dtype=np.float32)
-    parts = [embedder.embed([job.text for job in jobs[start:start + EMBED_BATCH]])
+    parts = [embedder.embed_queries([job.text for job in jobs[start:start + EMBED_BATCH]])
              for start in range(0, len(jobs), EMBED_BATCH)]
     return np.concatenate(parts)
 
 
-def search_jobs(embedder: Embedder, sink: Sink, jobs: Sequence[QueryJob], k: int
+def search_jobs(embedder: Embedder, sink: Sink, jobs: Sequence[QueryJob], k: int,
+                mode: str | None = None, sparse: SparseEncoder | None = None,
+                retrieval: RetrievalSettings | None = None,
                 ) -> Iterator[tuple[QueryJob, list[Hit]]]:
-    """Each job with its ``k`` best hits, in order; embedded a batch at a time."""
+    """Each job with its ``k`` best documents (a hit: the document's best chunk), in
+    order; embedded a batch at a time. ``mode``: ``dense``, ``sparse`` or ``hybrid``
+    (None: hybrid when the collection holds sparse vectors, else dense; see
+    :mod:`embedstream.stream.retrieval`); ``sparse`` makes the queries' sparse vectors."""
+    chosen = resolve_mode(mode, sink)  # before any embedding: a bad mode fails fast
     for start in range(0, len(jobs), EMBED_BATCH):
         batch = jobs[start:start + EMBED_BATCH]
         for job, vector in zip(batch, embed_jobs(embedder, batch), strict=True):
-            yield job, sink.search(vector.tolist(), limit=k, filter=job.filter or None)
+            yield job, search_job(sink, job, vector, k, chosen, sparse, retrieval)
+
+
+def search_job(sink: Sink, job: QueryJob, vector: npt.NDArray[np.float32], k: int, mode: Mode,
+               sparse: SparseEncoder | None, retrieval: RetrievalSettings | None = None
+               ) -> list[Hit]:
+    """One job's ``k`` best documents by ``mode`` (resolved), ``vector`` its embedding."""
+    if mode != "dense" and sparse is None:
+        raise QueryError(f"search mode {mode!r}: no sparse encoder is configured "
+                         "(retrieval.sparse)")
+    query = Query(vector.tolist(), None if mode == "dense" or sparse is None
+                  else sparse.encode_query(job.text), job.filter or None)
+    return search_documents(sink, query, k, mode, retrieval or RetrievalSettings())
 
 
 def hit_json(hit: Hit) -> dict[str, Any]:
@@ -80,3 +102,21 @@ def hit_json(hit: Hit) -> dict[str, Any]:
 
 def point_json(point: StoredPoint) -> dict[str, Any]:
     return {"id": point.id, "vector": point.vector, "payload": dict(point.payload)}
+
+
+def document_json(document: StoredDocument) -> dict[str, Any]:
+    """An exported document sparse vector: ``{"doc_id", "sparse": {"indices",
+    "values"}, "fields"}`` (after every chunk point, in a collection that has them)."""
+    return {"doc_id": document.doc_id,
+            "sparse": {"indices": list(document.sparse.indices),
+                       "values": list(document.sparse.values)},
+            "fields": dict(document.fields)}
+
+
+def export_lines(sink: Sink) -> Iterator[dict[str, Any]]:
+    """Everything ``export`` writes of ``sink``: each chunk point, then each document's
+    sparse vector (none without them)."""
+    for point in sink.points():
+        yield point_json(point)
+    for document in sink.documents():
+        yield document_json(document)

@@ -4,19 +4,23 @@
 default; a port of its own, never the metrics port, which containers open to the pod
 network):
 
-* ``POST /search`` with a JSON body: ``{"query": "text", "k": 5, "filter": ...,
-  "route": "name"}``, or a batch, ``{"queries": [{"id": ..., "text": "...", "filter"?:
-  ...}, ...], ...}`` (at most :data:`MAX_QUERIES`). ``filter`` is an object or a list of
-  ``--filter`` expressions (:mod:`embedstream.stream.filters`); a batch's top-level
-  ``filter`` applies to every query. ``k`` is 1 to :data:`MAX_K` (default 5). ``route``
-  names a route or its collection; without it, the only route. The answer:
-  ``{"route", "collection", "hits": [{"doc_id", "chunk_index", "score", "text"}]}``, or
-  for a batch ``"results": [{"id", "hits"}, ...]`` in request order; ``collection``
-  is the physical collection searched.
+* ``POST /search`` with a JSON body: ``{"query": "text", "k": 5, "filter": ..., "route":
+  "name", "mode": "hybrid"}``, or a batch, ``{"queries": [{"id": ..., "text": "...",
+  "filter"?: ...}, ...], ...}`` (at most :data:`MAX_QUERIES`). ``filter`` is an object
+  or a list of ``--filter`` expressions (:mod:`embedstream.stream.filters`); a batch's
+  top-level ``filter`` applies to every query. ``k`` is 1 to :data:`MAX_K` (default 5).
+  ``route`` names a route or its collection; without it, the only route. ``mode``:
+  ``dense``, ``sparse`` or ``hybrid`` (default: hybrid where the collection holds sparse
+  vectors, see :mod:`embedstream.stream.retrieval`). The answer (a hit: a document, with
+  its best chunk): ``{"route", "collection", "hits": [{"doc_id", "chunk_index", "score",
+  "text"}]}``, or for a batch ``"results": [{"id", "hits"}, ...]`` in request order;
+  ``collection`` is the physical collection searched.
 * ``GET /export?route=name``: every point of the route's collection as JSON lines
-  ``{"id", "vector", "payload"}``, streamed (chunked; a stream cut off, e.g. by the
-  consumer stopping or following a rebuild to a new collection, ends without the last
-  chunk, which HTTP clients report as incomplete).
+  ``{"id", "vector", "payload"}``, then (a collection with sparse vectors) every
+  document's ``{"doc_id", "sparse": {"indices", "values"}, "fields"}``, streamed
+  (chunked; a stream cut off, e.g. by the consumer stopping or following a rebuild to
+  a new collection, ends without the last chunk, which HTTP clients report as
+  incomplete).
 
 Refusals are 4xx with a plain-text reason: 400 (not JSON, unknown fields, a bad ``k``
 or filter), 404 (unknown path or route), 405, 411, 413 (a body over
@@ -50,9 +54,10 @@ from embedstream.sinks.edge_holder import announce, withdraw
 from embedstream.stream.app.query_jobs import (
     QueryJob,
     embed_jobs,
+    export_lines,
     hit_json,
     job_of,
-    point_json,
+    search_job,
 )
 from embedstream.stream.config import RouteSettings, Settings
 from embedstream.stream.consumer import StreamConsumer
@@ -75,6 +80,8 @@ from embedstream.stream.http_server import (
     text_answer,
 )
 from embedstream.stream.local_encoder import LocalEncoder
+from embedstream.stream.retrieval import MODES, resolve_mode
+from embedstream.stream.sparse import SparseEncoder
 from embedstream.stream.store import Hit, Sink
 
 if TYPE_CHECKING:
@@ -86,7 +93,7 @@ log = logging.getLogger("embedstream")
 
 MAX_K = 1000
 MAX_QUERIES = 256  # per request: `search --queries` sends larger batches in parts
-_FIELDS = frozenset({"query", "queries", "k", "filter", "route"})
+_FIELDS = frozenset({"query", "queries", "k", "filter", "route", "mode"})
 _MOVE_WAIT_S = 2.0  # how long a search waits for the loop to finish following an alias
 
 
@@ -105,8 +112,10 @@ class QueryServer:
 
     def __init__(self, settings: Settings, embedder: Embedder,
                  sinks: Callable[[], Mapping[str, Sink]], *, own_embedder: bool = False,
-                 listener: socket.socket | None = None) -> None:
+                 listener: socket.socket | None = None,
+                 sparse: SparseEncoder | None = None) -> None:
         self._routes = settings.all_routes()
+        self._retrieval, self._sparse = settings.retrieval, sparse
         self._embedder, self._own_embedder = embedder, own_embedder
         self._sinks = sinks
         self._stores: list[Path] = []  # where the address records are
@@ -185,8 +194,11 @@ class QueryServer:
         k = body.get("k", 5)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
             raise _Refused(400, f"k must be an integer from 1 to {MAX_K}")
+        mode = body.get("mode")
+        if mode is not None and mode not in MODES:
+            raise _Refused(400, f"mode must be one of {', '.join(MODES)}")
         jobs = self._jobs(body, route)
-        collection, answers = self._run(route.name, jobs, k)
+        collection, answers = self._run(route.name, jobs, k, mode)
         out: dict[str, Any] = {"route": route.name, "collection": collection}
         if "queries" in body:
             out["results"] = [{"id": job.id, "hits": [hit_json(h) for h in hits]}
@@ -234,15 +246,21 @@ class QueryServer:
                                 + ")")
         return found[0]
 
-    def _run(self, route: str, jobs: list[QueryJob], k: int) -> tuple[str, list[list[Hit]]]:
+    def _run(self, route: str, jobs: list[QueryJob], k: int, mode: str | None
+             ) -> tuple[str, list[list[Hit]]]:
         """Search the route's sink now; a search caught by the loop following an
         alias to a new collection (the old sink closed under it) is run again there."""
+        try:
+            resolve_mode(mode, self._sinks()[route])
+        except QueryError as error:
+            raise _Refused(400, str(error)) from None
         vectors = embed_jobs(self._embedder, jobs)
         while True:
             sink = self._sinks()[route]
             try:
+                chosen = resolve_mode(mode, sink)
                 return sink.collection, [
-                    sink.search(vector.tolist(), limit=k, filter=job.filter or None)
+                    search_job(sink, job, vector, k, chosen, self._sparse, self._retrieval)
                     for job, vector in zip(jobs, vectors, strict=True)]
             except SinkError:
                 if not self._wait_for_another(route, sink):
@@ -261,10 +279,10 @@ class QueryServer:
             raise _Refused(405, f"{request.method} is not allowed; use GET")
         names = parse_qs(request.query).get("route", [])
         route = self._route(names[-1] if names else None)
-        points = self._sinks()[route.name].points()
-        first = next(points, None)  # the store's errors before the answer starts: a 503
-        lines = (json.dumps(point_json(p)).encode() + b"\n"
-                 for p in chain([] if first is None else [first], points))
+        found = export_lines(self._sinks()[route.name])
+        first = next(found, None)  # the store's errors before the answer starts: a 503
+        lines = (json.dumps(line).encode() + b"\n"
+                 for line in chain([] if first is None else [first], found))
         return 200, [("Content-Type", "application/x-ndjson")], lines
 
 
@@ -296,7 +314,7 @@ def start_query_server(settings: Settings, pipeline: Pipeline, stream: StreamCon
     embedder, own = _query_embedder(settings, pipeline.embedder)
     try:
         return QueryServer(settings, embedder, lambda: stream.sinks, own_embedder=own,
-                           listener=listener)
+                           listener=listener, sparse=pipeline.sparse)
     except BaseException:
         if own:
             embedder.close()

@@ -1,6 +1,11 @@
 """The ``search`` command: one query, or a batch of them from a JSONL file, filtered.
 
-One query: ``embedstream search "q" [--filter EXPR]... [-k N] [--json]``.
+One query: ``embedstream search "q" [--filter EXPR]... [-k N] [--mode M] [--json]``.
+
+A hit is a document with its best chunk; ``--mode dense|sparse|hybrid`` ranks the
+documents by their best chunk, by their sparse vector, or by both fused (default:
+hybrid where the collection holds sparse vectors, else dense; see
+:mod:`embedstream.stream.retrieval`).
 
 A batch: ``embedstream search --queries FILE.jsonl --json [-k N] [--filter EXPR]...``;
 each line ``{"id": ..., "text": "...", "filter": ...}`` (``filter`` optional: an
@@ -37,7 +42,7 @@ __all__ = ["run_search"]
 
 def run_search(settings: Settings, out: TextIO, *, query: str | None,
                queries: Path | None, filters: Sequence[str], k: int,
-               as_json: bool) -> int:
+               as_json: bool, mode: str | None = None) -> int:
     """Run the command; :class:`QueryError` (exit 2) for a request it cannot run."""
     if (query is None) == (queries is None):
         raise QueryError("search: give a query or --queries FILE.jsonl (not both)")
@@ -56,12 +61,13 @@ def run_search(settings: Settings, out: TextIO, *, query: str | None,
             if live is None:
                 raise
     if live is not None:
-        _write(out, search_live(live, jobs, filters, k, batch=queries is not None),
+        _write(out, search_live(live, jobs, filters, k, batch=queries is not None, mode=mode),
                batch=queries is not None, as_json=as_json)
         return 0
     try:
         answers = ((job, [hit_json(hit) for hit in hits])
-                   for job, hits in search_jobs(pipeline.embedder, pipeline.sink, jobs, k))
+                   for job, hits in search_jobs(pipeline.embedder, pipeline.sink, jobs, k, mode,
+                                                pipeline.sparse, settings.retrieval))
         _write(out, answers, batch=queries is not None, as_json=as_json)
     finally:
         pipeline.close()

@@ -31,7 +31,7 @@ from embedstream.stream.chunking import TokenChunker
 from embedstream.stream.config import RouteSettings, Settings
 from embedstream.stream.consumer import AppliedCallback, Route, StreamConsumer
 from embedstream.stream.dead_letters import DeadLetters, ensure_topics
-from embedstream.stream.embedding import Embedder
+from embedstream.stream.embedding import Embedder, chunk_max_tokens
 from embedstream.stream.errors import (
     ConfigError,
     KafkaUnavailable,
@@ -47,6 +47,7 @@ from embedstream.stream.metrics import Metrics
 from embedstream.stream.registry import ValueReader, build_registry_client
 from embedstream.stream.remote_embedding import OpenAIEmbedder
 from embedstream.stream.routing import TopicRouter
+from embedstream.stream.sparse import SparseEncoder, build_sparse_encoder, sparse_spec
 from embedstream.stream.store import Sink
 from embedstream.stream.topic_ids import TopicIds
 
@@ -66,6 +67,7 @@ class Pipeline:
     chunker: TokenChunker
     fingerprint: Fingerprint
     sinks: dict[str, Sink]  # by route name, in configuration order
+    sparse: SparseEncoder | None = None  # document sparse vectors (retrieval.sparse)
 
     @property
     def sink(self) -> Sink:
@@ -115,18 +117,21 @@ def build_pipeline(settings: Settings, sink: Sink | None = None,
     the store is unavailable at the start (default: raise at once)."""
     embedder = build_embedder(settings, metrics)
     try:
-        # Leave room for the model's [CLS]/[SEP] so no chunk is silently truncated.
-        max_tokens = min(settings.chunk.max_tokens, embedder.max_seq_length - 2)
-        chunker = TokenChunker(embedder.tokenizer, max_tokens=max_tokens)
+        # Leave room for the model's [CLS]/[SEP] and the document prompt, so no chunk
+        # is silently truncated.
+        chunker = TokenChunker(embedder.tokenizer,
+                               max_tokens=chunk_max_tokens(settings.chunk.max_tokens, embedder))
         fingerprint = Fingerprint(
             model=embedder.model_name, revision=embedder.revision,
             dimension=embedder.dimension, normalized=True, chunker=chunker.spec,
-            provider=settings.embed.provider,
+            provider=settings.embed.provider, prompt=embedder.document_prompt,
+            sparse=sparse_spec(settings.retrieval),
         )
+        sparse = build_sparse_encoder(settings.retrieval, settings.embed.device)
     except BaseException:
         embedder.close()
         raise
-    pipeline = Pipeline(settings, embedder, chunker, fingerprint, {})
+    pipeline = Pipeline(settings, embedder, chunker, fingerprint, {}, sparse)
     try:
         for route in settings.all_routes():
             narrowed = settings.for_route(route.name)
@@ -190,6 +195,7 @@ def build_consumer(
         settings, consumer, dead_letters, pipeline.chunker, pipeline.embedder, sides,
         metrics, on_applied=on_applied, health=health, topic_ids=TopicIds(admin),
         ensure_dlq=lambda topics: ensure_topics(admin, map(settings.kafka.dlq_topic_for, topics)),
+        sparse=pipeline.sparse,
     )
 
 
