@@ -177,9 +177,12 @@ def run(settings: Settings, args: argparse.Namespace, corpus: Sequence[dict[str,
         indexed_s = time.perf_counter() - started
         jobs = [QueryJob(query, text, Filter()) for query, text in zip(ids, texts, strict=True)]
         by_mode: dict[str, float] = {}
-        for mode in args.modes:
-            found = search_jobs(pipeline.embedder, pipeline.sink, jobs, 10, mode,
-                                pipeline.sparse, settings.retrieval)
+        extra = [k for k in (args.rrf_k or [])[1:] if "hybrid" in args.modes]
+        for mode, retrieval in [*((m, settings.retrieval) for m in args.modes),
+                                *((f"hybrid_rrf{k}", settings.retrieval.model_copy(
+                                    update={"rrf_k": k})) for k in extra)]:
+            found = search_jobs(pipeline.embedder, pipeline.sink, jobs, 10,
+                                mode.split("_")[0], pipeline.sparse, retrieval)
             rankings = {str(job.id): {str(h.payload["doc_id"]): h.score for h in hits}
                         for job, hits in found}
             by_mode[mode] = round(ndcg_at_10(rankings, qrels), 4)
@@ -200,7 +203,8 @@ def retrieval_settings(args: argparse.Namespace) -> RetrievalSettings:
     """The ``retrieval`` section: defaults, with what the flags set."""
     bm25 = {name: value for name, value in (("k", args.bm25_k), ("b", args.bm25_b),
                                             ("avg_len", args.bm25_avg_len)) if value is not None}
-    tuned = {name: value for name, value in (("fusion", args.fusion), ("rrf_k", args.rrf_k))
+    tuned = {name: value for name, value in (("fusion", args.fusion),
+                                             ("rrf_k", args.rrf_k and args.rrf_k[0]))
              if value is not None}
     return RetrievalSettings(sparse="none" if args.modes == ["dense"] else "bm25",
                              bm25=Bm25Settings(**bm25), **tuned)
@@ -219,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bm25-avg-len", type=float, default=None,
                         help="retrieval.bm25.avg_len")
     parser.add_argument("--fusion", default=None, choices=("rrf", "dbsf"))
-    parser.add_argument("--rrf-k", type=int, default=None, help="retrieval.rrf_k")
+    parser.add_argument("--rrf-k", type=int, nargs="+", default=None,
+                        help="retrieval.rrf_k; more values: hybrid scored again with each "
+                             "(hybrid_rrf<K>_ndcg_at_10), on the same collection")
     parser.add_argument("--limit", type=int, default=None, help="first N docs (smoke test)")
     parser.add_argument("--sample", type=int, default=None,
                         help="every judged doc plus N others drawn at random (seed 0): "

@@ -198,7 +198,9 @@ class RebuildRun:
                 rows.append(VectorRow(chunk_point_id(write.doc_id, point.chunk_index), write.doc_id,
                                       point.chunk_index, int(p["start"]), int(p["end"]),
                                       str(p["content_hash"]), str(p["text"]),
-                                      write.sparse if point.chunk_index == 0 else None))
+                                      # An empty vector: none, as in the store.
+                                      (write.sparse or None) if point.chunk_index == 0
+                                      else None))
                 vectors.append(point.vector)
         if rows:
             self.writer.add(rows, np.asarray(vectors, dtype=np.float32))

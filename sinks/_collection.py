@@ -233,6 +233,15 @@ class CollectionSink(HandoverRecords):
         full disk); a store that cannot tell writes on."""
         return
 
+    def _check_leftover_sparse(self, sparse: bool, idf: bool) -> None:
+        """Refuse an empty leftover state part whose sparse vector (``sparse``, with the
+        ``Idf`` modifier: ``idf``) is not what this fingerprint needs."""
+        if (sparse, idf) != (self.sparse, self.sparse and self._sparse_idf):
+            raise FingerprintMismatch(
+                f"{self._where}: the empty state collection a creation left was made for "
+                f"other sparse vectors (retrieval.sparse) than {self._sparse_spec!r}; drop it "
+                "(embedstream collections drop NAME) and start again")
+
     def _open_leftover(self, names: Collection[str], fingerprint: Fingerprint) -> str | None:
         """Before a collection is created behind the missing alias: with none made
         for it among ``names`` (the store's collections), None (create one). The

@@ -256,6 +256,12 @@ class QdrantEdgeSink(CollectionSink):
             held = shard.count(qe.CountRequest(exact=True))
         if held:
             raise FingerprintMismatch(not_ours_message(self._collection, f"{held} points"))
+        if part == STATE:  # made for another retrieval.sparse, its writes would all fail
+            written = json.loads((self._path / self._name(part) / _EDGE_CONFIG).read_text())
+            found = (written.get("sparse_vectors") or {}).get(SPARSE_NAME)
+            if "vectors" in written:  # else only the WAL options: no shard was made yet
+                self._check_leftover_sparse(found is not None,
+                                            (found or {}).get("modifier") == "idf")
 
     def _make(self, part: Part, size: int) -> None:
         # EdgeShard.create takes no WAL options (Rust only), but a shard loaded

@@ -231,6 +231,11 @@ class QdrantServerSink(CollectionSink):
         held = client.count(name, exact=True).count
         if held:
             raise FingerprintMismatch(not_ours_message(name, f"{held} points"))
+        if part == STATE:  # made for another retrieval.sparse, its writes would all fail
+            found = (client.get_collection(name).config.params.sparse_vectors or {}).get(
+                SPARSE_NAME)
+            self._check_leftover_sparse(found is not None, found is not None
+                                        and found.modifier == models.Modifier.IDF)
 
     def _make(self, part: Part, size: int) -> None:
         try:

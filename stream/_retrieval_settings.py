@@ -14,9 +14,9 @@ __all__ = ["Bm25Settings", "RetrievalSettings"]
 class Bm25Settings(Section):
     """BM25's document weighting (Qdrant's ``Bm25``). ``avg_len`` is fixed, not measured
     on the corpus: a stream has no corpus-wide statistic it could keep right as documents
-    change (the IDF side is the store's ``Idf`` modifier, which stays right by itself).
-    The defaults are Qdrant's, except ``avg_len`` (words), measured on SciFact's train
-    split (README, "Hybrid search")."""
+    change (the IDF side is the store's ``Idf`` modifier). The defaults are Qdrant's:
+    on SciFact's train split a grid around them moved nDCG@10 by under 0.01 (README,
+    "Hybrid search")."""
 
     k: float = Field(default=1.2, ge=0)
     b: float = Field(default=0.75, ge=0, le=1)

@@ -163,7 +163,9 @@ class LocalEncoder:
         self.last_padded_tokens = 0
         if len(self._choices) == 1:
             self._settle(self._build(self._choices[0]), {})
-        elif (known := self._cache.get(self._key())) is not None:
+        elif ((known := self._cache.get(self._key())) is not None
+              # A decision kept from before the prompt left pooling (torch only now).
+              and (known.backend == "torch" or not any(self._skip.values()))):
             choice = Candidate(known.backend, known.precision, known.variant)
             try:
                 kept = self._build(choice)

@@ -10,7 +10,8 @@ dense vector among the document's chunks (its payload holds ``doc_id``,
   same document crowding the first page.
 * ``sparse``: documents ranked by their sparse vector's score (the dot product with
   the query's, IDF applied by the store); the best chunk is then looked up per hit.
-* ``hybrid``: both rankings, each cut at ``retrieval.depth`` documents, fused:
+* ``hybrid``: both rankings, each cut at ``retrieval.depth`` documents (``k`` where
+  that is more), fused:
   ``rrf``: ``sum over rankings of 1 / (rrf_k + rank)``, ``rank`` counted from 1; ``dbsf``:
   each ranking's scores mapped to ``(s - (mean - 3 sd)) / (6 sd)`` (population ``sd``
   over that ranking; all equal: 0.5), clipped to [0, 1], and summed. A document missing
@@ -25,7 +26,8 @@ any Qdrant client reproduces the ranking. A filter applies to both branches (the
 sinks move it onto the documents' fields for the sparse one).
 
 Guaranteed: the same collection contents give the same hits in the same order (the
-sparse scores are the store's, and every tie is broken by ``doc_id``). Not
+sparse scores are the store's, and every tie is broken by ``doc_id``), in a store
+whose state segments are not optimized (see :mod:`embedstream.stream.sparse`). Not
 guaranteed: a consistent view across the branches while documents are being written.
 """
 
@@ -87,10 +89,13 @@ def search_documents(sink: Sink, query: Query, k: int, mode: Mode,
         return dense_documents(sink, query, k)
     if query.sparse is None:
         raise ValueError(f"a {mode} search needs the query's sparse vector")
-    sparse = sparse_documents(sink, query, k if mode == "sparse" else settings.depth)
+    # Each ranking at least k deep: fewer than k fused documents would otherwise be
+    # possible where the two rankings overlap.
+    depth = max(settings.depth, k)
+    sparse = sparse_documents(sink, query, k if mode == "sparse" else depth)
     if mode == "sparse":
         return _with_best_chunks(sink, query, [(_doc_id(h), h.score) for h in sparse], {})
-    dense = dense_documents(sink, query, settings.depth)
+    dense = dense_documents(sink, query, depth)
     rankings = [[(_doc_id(h), h.score) for h in dense], [(_doc_id(h), h.score) for h in sparse]]
     fused = (fuse_rrf(rankings, settings.rrf_k) if settings.fusion == "rrf"
              else fuse_dbsf(rankings))

@@ -11,7 +11,10 @@ words of ``retrieval.bm25.language``, term-frequency saturation ``k`` and length
 normalisation ``b`` against a fixed ``avg_len``), computed in process for both stores,
 so the Edge and server paths hold the same weights. The inverse document frequency is
 not in the vector: the store's ``Idf`` modifier applies it at search time from the
-documents it holds now, so no weight goes stale as documents change.
+documents it holds now, so no weight goes stale as documents change (on segments the
+store has not optimized: an optimized segment counts the documents replaced or
+deleted in it until it is vacuumed; embedstream never optimizes an Edge state shard,
+a Qdrant server does by itself; README, "Hybrid search").
 
 ``splade``: a sentence-transformers ``SparseEncoder`` (``retrieval.splade_model``);
 a document's vector is the element-wise maximum of its chunks' (SPLADE pools by max
@@ -74,8 +77,9 @@ def sparse_spec(settings: RetrievalSettings) -> str:
         return "none"
     if settings.sparse == "bm25":
         bm25 = settings.bm25
+        # The language as Qdrant reads it (any case): "English" makes the same weights.
         return (f"bm25(k={bm25.k:g},b={bm25.b:g},avg_len={bm25.avg_len:g},"
-                f"language={bm25.language})")
+                f"language={bm25.language.lower()})")
     return f"splade(model={settings.splade_model})"
 
 

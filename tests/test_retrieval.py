@@ -139,3 +139,9 @@ def test_the_mode_defaults_to_hybrid_with_sparse_vectors_and_is_checked(
             resolve_mode("hybrid", dense_only)
     finally:
         dense_only.close()
+
+
+def test_hybrid_returns_k_documents_even_past_the_fusion_depth(sink: Sink) -> None:
+    shallow = RetrievalSettings(sparse="bm25", depth=1)
+    hits = search_documents(sink, query("common"), 4, "hybrid", shallow)
+    assert sorted(ids(hits)) == ["crowd", "far", "solo", "words"]

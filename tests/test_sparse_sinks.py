@@ -157,3 +157,38 @@ def test_a_deletion_with_a_sparse_vector_is_refused(make_sink: MakeSink) -> None
     with pytest.raises(ValueError, match="sparse"):
         sink.apply([DocumentWrite("a", DocState(1, 1, True),
                                   sparse=ENCODER.encode_document("words"))])
+
+
+@pytest.mark.parametrize("sparse_leftover", [False, True])
+def test_an_empty_leftover_state_is_adopted_only_with_the_sparse_vector_it_needs(
+        make_sink: MakeSink, tmp_path: Path, sparse_leftover: bool) -> None:
+    # A creation interrupted before the fingerprint was written leaves both parts empty;
+    # one made for other sparse settings would refuse every write, so it is refused.
+    sink = make_sink()
+    for name in ("docs", "docs_state"):
+        size = DIM if name == "docs" else 1
+        with_sparse = sparse_leftover and name == "docs_state"
+        if isinstance(sink, QdrantEdgeSink):
+            import qdrant_edge as qe
+
+            (tmp_path / "data" / name).mkdir(parents=True)
+            qe.EdgeShard.load(str(tmp_path / "data" / name), qe.EdgeConfig(
+                vectors=qe.EdgeVectorParams(size=size, distance=qe.Distance.Cosine),
+                sparse_vectors={"sparse": qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)}
+                if with_sparse else None)).close()
+        else:
+            from qdrant_client import models
+
+            assert isinstance(sink, QdrantServerSink) and sink._client is not None
+            sink._client.create_collection(
+                name, vectors_config=models.VectorParams(size=size,
+                                                         distance=models.Distance.COSINE),
+                sparse_vectors_config={"sparse": models.SparseVectorParams(
+                    modifier=models.Modifier.IDF)} if with_sparse else None)
+    if not sparse_leftover:
+        with pytest.raises(FingerprintMismatch, match=r"retrieval\.sparse"):
+            sink.open(FP)
+        return
+    sink.open(FP)
+    sink.apply([doc("a", "adopted words")])
+    assert set(found(sink, "adopted")) == {"a"}

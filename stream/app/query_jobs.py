@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from embedstream.stream._retrieval_settings import RetrievalSettings
+from embedstream.stream.config import RetrievalSettings
 from embedstream.stream.embedding import Embedder
 from embedstream.stream.errors import QueryError
 from embedstream.stream.filters import FieldType, Filter, parse_filter_json
