@@ -35,10 +35,12 @@ from embedstream.stream.app.devdata import (
     load_revisions,
     revision_events,
 )
+from embedstream.stream.app.query_jobs import QueryJob, search_jobs
 from embedstream.stream.app.service import Pipeline, build_consumer, build_pipeline
 from embedstream.stream.config import (
     KafkaSettings,
     MetricsSettings,
+    RetrievalSettings,
     RouteSettings,
     SchemaRegistrySettings,
     Settings,
@@ -47,8 +49,10 @@ from embedstream.stream.config import (
 from embedstream.stream.consumer import StreamConsumer
 from embedstream.stream.dead_letters import ensure_topics
 from embedstream.stream.events import ChangeEvent
+from embedstream.stream.filters import Filter
 from embedstream.stream.kafka_config import kafka_client_config
 from embedstream.stream.metrics import Metrics
+from embedstream.stream.retrieval import resolve_mode
 
 __all__ = ["run_dev"]
 
@@ -135,9 +139,11 @@ def _consume_until_caught_up(stream: StreamConsumer, progress: _Progress) -> Non
 
 
 def _search(pipeline: Pipeline, query: str, k: int = 3) -> list[str]:
-    [vector] = pipeline.embedder.embed_queries([query])
-    hits = pipeline.sink.search(vector.tolist(), limit=k)
-    print(f'\n  search: "{query}"')
+    """The top ``k`` documents as ``embedstream search`` ranks them (hybrid: the pages'
+    BM25 vectors and their best chunks fused), printed with each one's best chunk."""
+    [(_, hits)] = search_jobs(pipeline.embedder, pipeline.sink, [QueryJob(None, query, Filter())],
+                              k, None, pipeline.sparse, pipeline.settings.retrieval)
+    print(f'\n  search: "{query}" ({resolve_mode(None, pipeline.sink)})')
     for hit in hits:
         text = " ".join(str(hit.payload["text"]).split())
         print(f"    {hit.score:.3f}  {hit.payload['doc_id']}  {text[:100]}")
@@ -165,6 +171,7 @@ def run_dev(revisions: Path | None, data_dir: Path | None, pages: int,
                                 options={"session.timeout.ms": 6000}),
             routes=tuple(RouteSettings.model_validate(route) for route in routes),
             sink=SinkSettings(kind="qdrant-edge", path=data_dir or Path(scratch) / "store"),
+            retrieval=RetrievalSettings.model_validate(dev_routes.RETRIEVAL),
             metrics=MetricsSettings(enabled=False),
         )
         others = dev_routes.flattened_rows()

@@ -71,8 +71,12 @@ def routes_config(pages_topic: str, avro: bool) -> list[dict[str, Any]]:
     return routes
 
 
+# Document BM25 vectors beside the chunks in every collection: searches fuse both.
+RETRIEVAL: dict[str, Any] = {"sparse": "bm25"}
+
+
 def print_config(routes: list[dict[str, Any]], registry_url: str | None) -> None:
-    shown: dict[str, Any] = {"routes": routes}
+    shown: dict[str, Any] = {"routes": routes, "retrieval": RETRIEVAL}
     if registry_url:
         shown = {"kafka": {"schema_registry": {"url": registry_url}}, **shown}
     class Dumper(yaml.SafeDumper):  # type: ignore[misc]  # untyped base
