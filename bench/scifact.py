@@ -121,13 +121,19 @@ def best_chunk(doc_ids: Sequence[str], scores: Sequence[float]) -> Ranking:
     return ranking
 
 
+def row_text(row: Mapping[str, Any]) -> str:
+    """A corpus row's text as the stream takes several text fields: the non-empty title
+    and text joined by a blank line."""
+    return "\n\n".join(p for p in (row.get("title"), row.get("text")) if p and p.strip())
+
+
 def index(pipeline: Pipeline, corpus: Sequence[dict[str, Any]]) -> dict[str, int]:
     """Chunk, embed and write every document; returns counts."""
     chunks = tokens = 0
     for first in range(0, len(corpus), DOCS_PER_WRITE):
         prepared = []
         for offset, row in enumerate(corpus[first:first + DOCS_PER_WRITE], first):
-            text = "\n\n".join(p for p in (row.get("title"), row.get("text")) if p and p.strip())
+            text = row_text(row)
             event = ChangeEvent(str(row["_id"]), Op.UPSERT, 1, Position("scifact", 0, offset),
                                 text=text, kind="create")
             prepared.append(PreparedEvent(event, pipeline.chunker.chunk(text)))

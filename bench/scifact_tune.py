@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scifact import DEFAULT_DATA, index, load, ndcg_at_10
+from scifact import DEFAULT_DATA, index, load, ndcg_at_10, row_text
 
 from embedstream.sinks import QdrantEdgeSink
 from embedstream.stream.app.query_jobs import QueryJob, embed_jobs
@@ -44,7 +44,7 @@ from embedstream.stream.retrieval import (
     fuse_rrf,
     sparse_documents,
 )
-from embedstream.stream.sparse import Bm25Encoder, document_text
+from embedstream.stream.sparse import Bm25Encoder
 from embedstream.stream.store import DocState, DocumentWrite
 
 from _common import log, machine
@@ -62,9 +62,8 @@ def sparse_rankings(corpus: Sequence[dict[str, Any]], texts: Sequence[str],
     try:
         writes = []
         for offset, row in enumerate(corpus):
-            text = "\n\n".join(p for p in (row.get("title"), row.get("text")) if p and p.strip())
             writes.append(DocumentWrite(str(row["_id"]), DocState(1, offset, False),
-                                        sparse=encoder.encode_document(document_text(text, None))))
+                                        sparse=encoder.encode_document(row_text(row))))
         for start in range(0, len(writes), 1000):
             sink.apply(writes[start:start + 1000])
         return [[(str(h.payload["doc_id"]), h.score) for h in sparse_documents(

@@ -24,6 +24,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
+from embedstream.sinks._documents import DocumentVectors
 from embedstream.sinks._handover import HandoverRecords
 from embedstream.sinks._layout import (
     CHUNKS,
@@ -45,20 +46,16 @@ from embedstream.sinks._layout import (
     parse_fingerprint,
     payload_indexes,
     plan_writes,
-    state_filter,
     state_from_payload,
-    stored_document,
 )
 from embedstream.stream.errors import ConfigError, FingerprintMismatch, NeedsOperator, SinkError
 from embedstream.stream.filters import FieldType, Filter
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.names import name_error
-from embedstream.stream.sparse import SparseVector, uses_idf
 from embedstream.stream.store import (
     DocState,
     DocumentWrite,
     Hit,
-    StoredDocument,
     StoredPoint,
     doc_state_point_id,
 )
@@ -84,7 +81,7 @@ def translated(translate: Callable[[Exception], SinkError], *,
         raise translate(exc) from (exc if keep_cause else None)
 
 
-class CollectionSink(HandoverRecords):
+class CollectionSink(HandoverRecords, DocumentVectors):
     """A sink of one chunk collection and its state companion (see the module
     docstring). ``alias`` is the configured name; ``physical``, when given,
     the physical collection ``open`` uses or creates instead, without reading
@@ -109,15 +106,6 @@ class CollectionSink(HandoverRecords):
         self._indexes = payload_indexes(self._filter_fields)
         # Known once open: the fingerprint's sparse spec ("none": no sparse vectors).
         self._sparse_spec = "none"
-
-    @property
-    def sparse(self) -> bool:
-        return self._sparse_spec != "none"
-
-    @property
-    def _sparse_idf(self) -> bool:
-        """Whether the store applies IDF to the sparse vectors (see ``_make``)."""
-        return uses_idf(self._sparse_spec)
 
     @property
     def collection(self) -> str:
@@ -214,17 +202,6 @@ class CollectionSink(HandoverRecords):
         matches, when given), with their payloads."""
 
     @abstractmethod
-    def _nearest_documents(self, vector: SparseVector, limit: int,
-                           only: Filter | None) -> Sequence[Scored]:
-        """The ``limit`` state points of the highest sparse score (among those
-        ``only``, already on ``fields.<name>``, matches), with their payloads."""
-
-    @abstractmethod
-    def _documents_page(self, offset: Any) -> tuple[Sequence[Record], Any]:
-        """One page of state points with their payloads and sparse vectors (as
-        the client returns them), and the offset of the next (None after the last)."""
-
-    @abstractmethod
     def _translate(self, what: str, exc: Exception) -> SinkError:
         """``exc``, raised while doing ``what``, as embedstream's error."""
 
@@ -232,15 +209,6 @@ class CollectionSink(HandoverRecords):
         """Raise SinkUnavailable when a write must wait (the Edge sink: a nearly
         full disk); a store that cannot tell writes on."""
         return
-
-    def _check_leftover_sparse(self, sparse: bool, idf: bool) -> None:
-        """Refuse an empty leftover state part whose sparse vector (``sparse``, with the
-        ``Idf`` modifier: ``idf``) is not what this fingerprint needs."""
-        if (sparse, idf) != (self.sparse, self.sparse and self._sparse_idf):
-            raise FingerprintMismatch(
-                f"{self._where}: the empty state collection a creation left was made for "
-                f"other sparse vectors (retrieval.sparse) than {self._sparse_spec!r}; drop it "
-                "(embedstream collections drop NAME) and start again")
 
     def _open_leftover(self, names: Collection[str], fingerprint: Fingerprint) -> str | None:
         """Before a collection is created behind the missing alias: with none made
@@ -397,28 +365,9 @@ class CollectionSink(HandoverRecords):
             found = self._nearest(as_floats(vector), limit, filter or None)
         return [Hit(str(p.id), p.score, p.payload or {}) for p in found]
 
-    def search_sparse(self, vector: SparseVector, limit: int,
-                      filter: Filter | None = None) -> list[Hit]:
-        self._check_open()
-        if limit <= 0 or not self.sparse or not vector:
-            return []
-        with self._errors("search"):
-            found = self._nearest_documents(vector, limit, state_filter(filter))
-        return [Hit(str(p.id), p.score, p.payload or {}) for p in found]
-
     def points(self) -> Iterator[StoredPoint]:
         for record in self._scroll(None, True):
             yield StoredPoint(str(record.id), dense_vector(record.vector), record.payload or {})
-
-    def documents(self) -> Iterator[StoredDocument]:
-        self._check_open()
-        offset: Any = None
-        while self.sparse:
-            with self._errors("scroll"):
-                records, offset = self._documents_page(offset)
-            yield from filter(None, map(stored_document, records))
-            if offset is None:
-                return
 
     def _all_indexes(self) -> tuple[tuple[Part, str, Schema], ...]:
         """The payload indexes of the open collection: with sparse vectors, its

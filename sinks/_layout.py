@@ -111,19 +111,10 @@ def stored_document(record: Record) -> StoredDocument | None:
     payload = record.payload or {}
     vector = record.vector
     sparse = vector.get(SPARSE_NAME) if isinstance(vector, Mapping) else None
-    if "doc_id" not in payload or sparse is None or payload.get("deleted"):
+    if "doc_id" not in payload or sparse is None:
         return None
-    if isinstance(sparse, Mapping):  # a client that returns {"indices": .., "values": ..}
-        found = as_pairs(_Pairs(sparse["indices"], sparse["values"]))
-    else:
-        found = as_pairs(sparse)
-    return StoredDocument(str(payload["doc_id"]), found, dict(payload.get(DOC_FIELDS) or {}))
-
-
-@dataclass(frozen=True, slots=True)
-class _Pairs:
-    indices: Sequence[int]
-    values: Sequence[float]
+    return StoredDocument(str(payload["doc_id"]), as_pairs(sparse),
+                          dict(payload.get(DOC_FIELDS) or {}))
 
 
 def valid_name(name: str, *, alias: bool = False) -> bool:

@@ -26,6 +26,7 @@ from embedstream.stream._kafka_settings import (
     KafkaSettings,
     SchemaRegistrySettings,
 )
+from embedstream.stream._prompt_settings import InputTypeSettings, PromptSettings
 from embedstream.stream._retrieval_settings import Bm25Settings, RetrievalSettings
 from embedstream.stream._section import Section
 from embedstream.stream._source_settings import (
@@ -72,40 +73,6 @@ class QualityGuardSettings(Section):
     mean_cosine: float = Field(default=0.99, gt=0, le=1)
     p01_cosine: float = Field(default=0.98, gt=0, le=1)  # the 1st percentile
 
-
-class PromptSettings(Section):
-    """Text put in front of every document (chunk) and every query before embedding,
-    e.g. ``{document: "passage: ", query: "query: "}`` for e5 models. Unset (``None``):
-    the model's own sentence-transformers prompts (``prompts``: ``document``, else
-    ``passage``, else ``corpus`` for documents, ``query`` for queries; else the prompt
-    ``default_prompt_name`` names; else nothing). ``""`` means no prompt, whatever the
-    model says. A remote model has no such configuration: unset is nothing there."""
-
-    document: str | None = None
-    query: str | None = None
-
-
-class InputTypeSettings(Section):
-    """For ``provider: openai`` APIs that tell documents from queries by a field of the
-    request instead of a prefix (Cohere ``input_type: search_document|search_query``,
-    Voyage ``input_type: document|query``, Jina ``task: retrieval.passage|retrieval.query``):
-    ``{key}: {document}`` goes in every document request's body, ``{key}: {query}`` in
-    every query request's. Unset: no such field."""
-
-    key: str = Field(default="input_type", min_length=1)
-    document: str | None = None
-    query: str | None = None
-
-    @model_validator(mode="after")
-    def _key_is_free(self) -> InputTypeSettings:
-        if self.key in _REQUEST_FIELDS:
-            raise ValueError(f"embed.input_type.key {self.key!r} is a field embedstream "
-                             f"already sends ({', '.join(sorted(_REQUEST_FIELDS))})")
-        return self
-
-
-# The body fields every embeddings request carries (an input_type key must not clash).
-_REQUEST_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions"})
 
 # What each backend runs (the rest is refused at start, naming the pair).
 _BACKEND_PRECISIONS = {"torch": {"fp32", "bf16", "fp16"}, "onnx": {"fp32", "int8"},
