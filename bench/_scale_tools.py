@@ -5,17 +5,16 @@ thread), :class:`Calls` (every sink call timed by op, and the longest of those t
 consumer's loop makes), :func:`memory` (RSS, anonymous and file-backed) and
 :func:`disk_bytes` (allocated, as ``du``).
 
-Edge settings the sink has no option for (issue 24, item 2): :func:`edge_config` is
-the ``EdgeConfig`` the bench reopens a new chunk shard with (the shard keeps it on
-disk, so the sink's later opens use it), :func:`search_params` what a query of that
-index could ask for, which ``Sink.search`` cannot pass, and :func:`edge_shard` reaches
-the open sink's chunk shard through a private attribute to run ``optimize()`` and read
-its segments, which the sink has no call for.
+The store's index: :func:`index_of` is the ``sink.index`` an ``--index`` value names
+(``sink``: the sink's defaults, with ``--index-json`` over them; ``none``: no index, plain
+segments never optimized), and :func:`edge_shard` reaches the open sink's chunk shard
+through a private attribute to read its segments for the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import threading
 import time
@@ -27,19 +26,20 @@ from typing import Any, TypeVar
 import qdrant_edge as qe
 
 from embedstream.sinks.qdrant_edge import QdrantEdgeSink
+from embedstream.stream.config import IndexSettings
 from embedstream.stream.filters import FieldType
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.store import Sink
 
 from _common import MODEL
 
-__all__ = ["ALIAS", "FIELDS", "INDEXES", "Calls", "Ticker", "disk_bytes", "edge_config",
-           "edge_shard", "edge_sink", "fingerprint", "index_info", "memory", "percentiles",
-           "search_params", "search_params_text"]
+__all__ = ["ALIAS", "FIELDS", "INDEXES", "Calls", "Ticker", "disk_bytes", "edge_shard",
+           "edge_sink", "fingerprint", "index_info", "index_of", "memory", "percentiles"]
 
 ALIAS = "scale"
 FIELDS: dict[str, FieldType] = {"category": "keyword"}
-INDEXES = ("none", "int8", "binary", "hnsw", "hnsw-int8")
+# "sink": the sink's own sink.index settings and the consumer's maintenance policy.
+INDEXES = ("sink", "none")
 _T = TypeVar("_T")
 
 
@@ -116,8 +116,11 @@ def fingerprint(dimension: int) -> Fingerprint:
                        normalized=True, chunker="scale-bench")
 
 
-def edge_sink(store: Path, dimension: int) -> QdrantEdgeSink:
-    sink = QdrantEdgeSink(store, ALIAS, filter_fields=FIELDS)
+def edge_sink(store: Path, dimension: int, index: IndexSettings | None = None) -> QdrantEdgeSink:
+    """``index`` None: no index at all (plain segments, never optimized, exact scans)."""
+    index = index or IndexSettings.model_validate(
+        {"quantization": {"kind": "none"}, "maintenance": {"every_points": 0}})
+    sink = QdrantEdgeSink(store, ALIAS, filter_fields=FIELDS, index=index)
     sink.open(fingerprint(dimension))
     return sink
 
@@ -131,48 +134,6 @@ def edge_shard(sink: Sink) -> qe.EdgeShard:
     return shard
 
 
-def _quantization(index: str) -> str | None:
-    """``int8``, ``binary`` or None: the quantization an ``--index`` value names."""
-    return next((q for q in ("int8", "binary") if q in index), None)
-
-
-def edge_config(index: str, dimension: int, args: argparse.Namespace) -> qe.EdgeConfig:
-    """The chunk shard's settings for ``index`` (an ``INDEXES`` value): the graph
-    (``m`` 0: none), the quantization kept in RAM, the optimizer's thresholds."""
-    quantization: qe.ScalarQuantizationConfig | qe.BinaryQuantizationConfig | None = None
-    if _quantization(index) == "int8":
-        quantization = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99,
-                                                   always_ram=True)
-    elif _quantization(index) == "binary":
-        quantization = qe.BinaryQuantizationConfig(always_ram=True)
-    return qe.EdgeConfig(
-        vectors=qe.EdgeVectorParams(size=dimension, distance=qe.Distance.Cosine,
-                                    quantization_config=quantization),
-        hnsw_config=qe.HnswIndexConfig(m=args.hnsw_m if index.startswith("hnsw") else 0,
-                                       ef_construct=args.ef_construct,
-                                       full_scan_threshold=args.full_scan_kb),
-        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=args.indexing_threshold_kb,
-                                           max_segment_size=args.max_segment_kb,
-                                           default_segment_number=args.segment_number))
-
-
-def search_params(args: argparse.Namespace) -> qe.SearchParams | None:
-    """What a query of this index could ask for, which the sink's search cannot pass."""
-    if args.index == "none":
-        return None
-    return qe.SearchParams(
-        hnsw_ef=args.hnsw_ef if args.index.startswith("hnsw") else None,
-        quantization=qe.QuantizationSearchParams(rescore=True, oversampling=args.oversampling)
-        if _quantization(args.index) else None)
-
-
-def search_params_text(args: argparse.Namespace) -> str:
-    parts = [f"hnsw_ef={args.hnsw_ef}"] if args.index.startswith("hnsw") else []
-    if _quantization(args.index):
-        parts.append(f"rescore=True oversampling={args.oversampling}")
-    return " ".join(parts)
-
-
 def index_info(args: argparse.Namespace, sink: Sink) -> dict[str, Any]:
     """What the index is: graph, quantization, threads, segments, how it is kept up."""
     if not isinstance(sink, QdrantEdgeSink):
@@ -181,16 +142,19 @@ def index_info(args: argparse.Namespace, sink: Sink) -> dict[str, Any]:
     info = edge_shard(sink).info()
     found = {"segments": info.segments_count, "indexed_vectors": info.indexed_vectors_count,
              "search_threads": "auto (Edge: from the CPU count)"}
+    if args.index == "sink":
+        index = index_of(args)
+        assert index is not None
+        return {"kind": "sink", "settings": index.model_dump(mode="json"),
+                "optimize": f"the consumer's policy: maintain() once "
+                            f"{index.maintenance.every_points} chunk points were written",
+                **found}
+    return {"kind": "none", "graph": None, "quantization": None,
+            "optimize": "never: plain segments, every search scans fp32", **found}
+
+def index_of(args: argparse.Namespace) -> IndexSettings | None:
+    """``sink.index`` for ``--index sink`` (the defaults, with ``--index-json`` over them);
+    None for ``--index none``."""
     if args.index == "none":
-        return {"kind": "none", "graph": None, "quantization": None,
-                "optimize": "never (as the sink leaves it: every search scans fp32)", **found}
-    return {"kind": args.index,
-            "graph": f"hnsw m={args.hnsw_m} ef_construct={args.ef_construct}"
-            if args.index.startswith("hnsw") else "none (m 0)",
-            "quantization": {"int8": "int8 scalar, in RAM, quantile 0.99",
-                             "binary": "binary 1 bit, in RAM", None: None}[
-                                 _quantization(args.index)], "indexing_threads": "auto",
-            "optimize": f"optimize() every {args.optimize_every} points and before measuring",
-            "indexing_threshold_kb": args.indexing_threshold_kb,
-            "max_segment_kb": args.max_segment_kb,
-            "segment_number": args.segment_number or "auto", **found}
+        return None
+    return IndexSettings.model_validate(json.loads(args.index_json or "{}"))

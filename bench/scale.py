@@ -12,8 +12,7 @@ once a second. At each step, over ``--samples`` random documents each, it measur
 * ``search_ms`` and ``filtered_search_ms``: top 10 through ``Sink.search`` for the 100
   MS MARCO sample queries, unfiltered and filtered on an indexed keyword (``category``,
   20 values: ~5% of the points), with ``recall_at_10`` of each against exact search
-  (numpy over every point); for an Edge index, ``tuned``: the same through the shard with
-  the search parameters ``Sink.search`` cannot pass (rescoring, oversampling, ``hnsw_ef``);
+  (numpy over every point), through the sink's own search parameters;
 * ``rss_bytes_per_point`` (``/proc/self/status``, less the RSS before the store was
   opened; split into anonymous and file-backed) and ``disk_bytes_per_point`` (allocated
   blocks, as ``du``, of the store's directory);
@@ -22,19 +21,19 @@ once a second. At each step, over ``--samples`` random documents each, it measur
   the open replays them from the write-ahead log); ``reopen_wall_s`` adds the process's
   start-up;
 * ``max_sink_block_ms``: the longest one call the consumer's loop makes (version-guard
-  read, apply, flush, ``optimize()``) held the caller, from the start; ``gil_max_gap_ms``:
-  the longest gap of a pure-Python thread that wakes every millisecond, i.e. how long a
-  call kept the interpreter (the GIL) from every other thread (over the growth, the
-  updates and deletes and the searches; not the bench's own close and reopen).
+  read, apply, flush, ``maintain()``, shown as ``optimize``) held the caller, from the
+  start; ``gil_max_gap_ms``: the longest gap of a pure-Python thread that wakes every
+  millisecond, i.e. how long a call kept the interpreter (the GIL) from every other
+  thread (over the growth, the updates and deletes and the searches; not the bench's own
+  close and reopen).
 
 Vectors: real embeddings of the MS MARCO sample, perturbed per copy (see
 ``_scale_corpus``): embedding is not what is measured. Edge index (``--index``):
-``none`` is the store as the sink leaves it (plain segments, no optimizer ever: every
-search scans fp32); ``int8`` (int8 scalar quantization in RAM, no graph), ``binary``
-(1-bit binary quantization in RAM, no graph), ``hnsw`` and ``hnsw-int8`` are set on
-the new shard by the bench and kept up by ``optimize()`` every ``--optimize-every``
-points and before each step's measurements (see ``_scale_tools``: the sink has neither
-a setting nor a call for them). The server path is
+``sink`` (the default) is the sink with its ``sink.index`` settings (the defaults, or
+``--index-json`` over them) kept up by the consumer's own policy: ``maintain()`` when
+``maintenance_due()`` says so, after a flush, never forced before measuring; ``none`` is
+a store with no index (plain segments, never optimized: every search scans fp32), the
+store as the sink left it before ``sink.index`` existed. The server path is
 ``QdrantClient(":memory:")``, qdrant-client's local mode (numpy brute force, payload
 indexes ignored, every delete-by-filter a scan in Python), grown while the next step is
 expected to fit ``--server-max``, ``--server-budget-s`` and ``--server-max-rss``; a line
@@ -61,7 +60,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import qdrant_edge as qe
 
 from embedstream.sinks.qdrant_server import QdrantServerSink
 from embedstream.stream.filters import Filter, Match
@@ -76,15 +74,12 @@ from _scale_tools import (
     Calls,
     Ticker,
     disk_bytes,
-    edge_config,
-    edge_shard,
     edge_sink,
     fingerprint,
     index_info,
+    index_of,
     memory,
     percentiles,
-    search_params,
-    search_params_text,
 )
 
 # -- one sink, all steps (a child process) -----------------------------------------------
@@ -101,17 +96,10 @@ class Run:
         self.rng = np.random.default_rng(args.seed + 1)
         self.baseline = memory()
         self.sink: Sink = self._open()
-        if kind == "edge" and args.index != "none":
-            self.sink.close()  # reopen the new chunk shard once with the index settings
-            shard = qe.EdgeShard.load(str(store / self.sink.collection),
-                                      edge_config(args.index, self.dimension, args))
-            shard.close()
-            self.sink = self._open()
-        self.optimized_at = 0
 
     def _open(self) -> Sink:
         if self.kind == "edge":
-            return edge_sink(self.store, self.dimension)
+            return edge_sink(self.store, self.dimension, index_of(self.args))
         sink = QdrantServerSink(":memory:", ALIAS, filter_fields=FIELDS)
         sink.open(fingerprint(self.dimension))
         return sink
@@ -120,14 +108,11 @@ class Run:
         self.offset += 1
         return self.offset
 
-    def _maintain(self, force: bool = False) -> None:
-        points = self.corpus.points_in(self.docs)
-        if self.kind != "edge" or self.args.index == "none":
-            return
-        if force or points - self.optimized_at >= self.args.optimize_every:
-            shard = edge_shard(self.sink)
-            self.calls("optimize", shard.optimize)
-            self.optimized_at = points
+    def _maintain(self) -> None:
+        """As the consumer does after a checkpoint: the sink's maintenance when it is due
+        (never forced before measuring: a step is measured as the policy leaves it)."""
+        if self.kind == "edge" and self.sink.maintenance_due():
+            self.calls("optimize", self.sink.maintain)
 
     def grow(self, points: int) -> float:
         """Write new documents until the store holds ``points``; the points per second
@@ -172,6 +157,7 @@ class Run:
             if time.perf_counter() - flushed >= 1.0:
                 self.calls("flush", self.sink.flush)
                 flushed = time.perf_counter()
+                self._maintain()
         self.calls("flush", self.sink.flush)
 
     def search(self, truth: list[set[str]], truth_filtered: list[set[str]]) -> dict[str, Any]:
@@ -192,18 +178,6 @@ class Run:
         out["search_ms"], out["recall_at_10"] = self._searches(plain, truth)
         out["filtered_search_ms"], out["filtered_recall_at_10"] = self._searches(
             filtered, truth_filtered)
-        params = search_params(self.args) if self.kind == "edge" else None
-        if params is not None:
-            shard = edge_shard(self.sink)
-
-            def tuned(i: int, query: list[float]) -> list[tuple[str, Any]]:
-                return [(str(p.id), p.payload) for p in shard.query(qe.QueryRequest(
-                    limit=K, query=qe.Query.Nearest(query), with_payload=True,
-                    params=params))]
-
-            latency, recall = self._searches(tuned, truth)
-            out["tuned"] = {"params": search_params_text(self.args), "search_ms": latency,
-                            "recall_at_10": recall}
         return out
 
     def _searches(self, search: Callable[[int, list[float]], list[tuple[str, Any]]],
@@ -261,12 +235,12 @@ class Run:
         started, others = time.perf_counter(), OtherLoad()
         self.calls.ms.clear()  # each step's figures are its own; the longest call is kept
         rate = self.grow(points)
-        self._maintain(force=True)
+        self._maintain()
         grown = {op: round(max(ms), 1) for op, ms in self.calls.ms.items()}
         optimized = self.calls.figures("optimize")
         self.calls.ms.clear()
         self.churn()
-        self._maintain(force=True)
+        self._maintain()
         held = self.calls.ms.get("optimize", [])
         now = self.corpus.points_in(self.docs)
         line: dict[str, Any] = {
@@ -337,7 +311,7 @@ def writer(args: argparse.Namespace) -> None:
     """Update ``--kill-points`` points' documents (never flushed), say so, wait to die."""
     base, _ = load_sample(Path(args.cache))
     corpus = Corpus(base, args.sigma, args.seed, max(args.steps))
-    sink = edge_sink(Path(args._store), base.shape[1])
+    sink = edge_sink(Path(args._store), base.shape[1], index_of(args))
     docs = range(min(args._docs, corpus.docs_for(args.kill_points)))
     for start in range(0, len(docs), 500):
         batch = [f"d{d}" for d in docs[start:start + 500]]
@@ -350,7 +324,7 @@ def writer(args: argparse.Namespace) -> None:
 def reopen(args: argparse.Namespace) -> None:
     _, queries = load_sample(Path(args.cache))
     started = time.perf_counter()
-    sink = edge_sink(Path(args._store), queries.shape[1])
+    sink = edge_sink(Path(args._store), queries.shape[1], index_of(args))
     opened = time.perf_counter()
     sink.search(queries[0].tolist(), K)
     searched = time.perf_counter()
@@ -413,7 +387,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max", type=int, default=None,
                         help="leave out steps above it; a step of its own when larger")
     parser.add_argument("--sinks", default="edge,server")
-    parser.add_argument("--index", choices=INDEXES, default="none", help="Edge's index")
+    parser.add_argument("--index", choices=INDEXES, default="sink",
+                        help="Edge's index: sink (the sink's own settings and the consumer's "
+                             "maintenance policy), none, or one the bench sets up")
+    parser.add_argument("--index-json", default=None,
+                        help="with --index sink: sink.index settings over the defaults")
     parser.add_argument("--batch", type=int, default=500, help="new documents per apply")
     parser.add_argument("--samples", type=int, default=500,
                         help="updates, and deletes, per step (Edge)")
@@ -422,17 +400,6 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sigma", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kill-points", type=int, default=20_000)
-    parser.add_argument("--optimize-every", type=int, default=20_000)
-    parser.add_argument("--indexing-threshold-kb", type=int, default=10_000)
-    parser.add_argument("--max-segment-kb", type=int, default=100_000)
-    parser.add_argument("--full-scan-kb", type=int, default=10_000)
-    parser.add_argument("--hnsw-m", type=int, default=16)
-    parser.add_argument("--ef-construct", type=int, default=100)
-    parser.add_argument("--hnsw-ef", type=int, default=64, help="search parameter")
-    parser.add_argument("--oversampling", type=float, default=2.0,
-                        help="search parameter of a quantized index (with rescoring)")
-    parser.add_argument("--segment-number", type=int, default=0,
-                        help="Edge's default_segment_number (0: auto)")
     parser.add_argument("--server-max", type=int, default=1_000_000)
     parser.add_argument("--server-budget-s", type=float, default=150)
     parser.add_argument("--server-max-rss", type=int, default=4 * 2**30)

@@ -6,13 +6,15 @@ the backend and precision ``embed.backend``/``embed.precision`` choose (``--back
 ``--precision``; default ``auto``), ``embed.batching`` from ``--batching``, and a
 Qdrant Edge store in a temporary directory. Documents are MS MARCO passages.
 
-0. Off the clock: the embedder settles its backend (a decision kept from an earlier
-   run, or a calibration on a spread of the passages as the rebuild does it, reported
-   as ``calibration_s``), and stock ``SentenceTransformer.encode`` (one call) runs
-   over the chunk texts of the first ``--rate-docs`` freshness documents:
-   ``stock_docs_per_s``. With ``--load F`` the event rate is ``F`` times that, so
-   freshness compares across machines; ``--rate`` sets it in events/s instead (and
-   ``load`` reports the fraction it came to).
+0. Off the clock: with ``--prefill N`` the store is first filled with N chunk points
+   (``bench/scale.py``'s corpus, through the sink, its maintenance policy included), so
+   freshness is measured against a grown store; the embedder settles its backend (a
+   decision kept from an earlier run, or a calibration on a spread of the passages as
+   the rebuild does it, reported as ``calibration_s``), and stock
+   ``SentenceTransformer.encode`` (one call) runs over the chunk texts of the first
+   ``--rate-docs`` freshness documents: ``stock_docs_per_s``. With ``--load F`` the
+   event rate is ``F`` times that, so freshness compares across machines; ``--rate``
+   sets it in events/s instead (and ``load`` reports the fraction it came to).
 1. Freshness. A producer thread sends Debezium creates at that rate for
    ``--duration`` s (scheduled on absolute times, so sleeps do not drift), while
    the consumer runs in the main thread. After each flush, ``on_applied`` reads the
@@ -130,6 +132,29 @@ def make_settings(bootstrap: str, topic: str, store: Path, embed: EmbedSettings,
     return stream_settings(bootstrap, topic, store, group=f"bench-{topic}", collection="bench",
                            embed=embed,
                            retrieval=RetrievalSettings(sparse=sparse))  # type: ignore[arg-type]
+
+
+def prefill(pipeline: Pipeline, points: int) -> dict[str, Any]:
+    """Fill the store with ``points`` chunk points (``bench/scale.py``'s corpus: real MiniLM
+    embeddings of the MS MARCO sample, perturbed per copy) through the sink, as a consumer
+    would have written them, maintenance policy included, before anything is timed."""
+    from _scale_corpus import Corpus, cache_file, load_sample
+
+    base, _ = load_sample(cache_file())
+    corpus, sink = Corpus(base, 0.02, 0, points), pipeline.sink
+    started, docs, target = time.perf_counter(), 0, corpus.docs_for(points)
+    while docs < target:
+        batch = range(docs, min(target, docs + 500))
+        sink.apply([corpus.write(d, 1, d + 1) for d in batch])
+        docs = batch[-1] + 1
+        if docs % 50_000 < 500:
+            sink.flush()
+            log(f"prefill: {corpus.points_in(docs):,} points")
+        if sink.maintenance_due():
+            sink.maintain()
+    sink.flush()
+    return {"prefill_points": corpus.points_in(docs),
+            "prefill_s": round(time.perf_counter() - started, 1)}
 
 
 def settle(pipeline: Pipeline, passages: Sequence[str]) -> float:
@@ -259,7 +284,7 @@ def breakdown(metrics: Metrics, phase: str) -> dict[str, float]:
     """Where the consumer's time went: embedding, sink calls, batches (from its metrics)."""
     sample = metrics.registry.get_sample_value
     sink_s = sum(sample("embedstream_sink_operation_duration_seconds_sum", {"op": op}) or 0.0
-                 for op in ("read_state", "read_vectors", "apply", "flush"))
+                 for op in ("read_state", "read_vectors", "apply", "flush", "optimize"))
     return {f"{phase}_embed_s": round(sample("embedstream_embed_duration_seconds_sum") or 0.0, 2),
             f"{phase}_sink_s": round(sink_s, 2),
             f"{phase}_batches": sample("embedstream_batch_events_count") or 0.0,
@@ -295,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto",
                         choices=("auto", "fp32", "bf16", "fp16", "int8"))
     parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--prefill", type=int, default=0,
+                        help="chunk points written to the store before anything is timed")
     parser.add_argument("--sparse", choices=("none", "bm25"), default="none",
                         help="retrieval.sparse: document BM25 vectors written with the chunks")
     args = parser.parse_args(argv)
@@ -318,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("loading the model")
         pipeline = build_pipeline(fresh_settings)
         try:
+            filled = prefill(pipeline, args.prefill) if args.prefill else {}
             calibration_s = settle(pipeline, passages)
             chosen = encoder_info(pipeline.embedder)
             log(f"embedding with {chosen} (settled in {calibration_s:.1f}s)")
@@ -329,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate = (args.load * stock_docs_per_s if args.load is not None
                     else args.rate if args.rate is not None else 20.0)
             log(f"stock encode: {stock_docs_per_s:.1f} docs/s; freshness at {rate:.1f}/s")
-            result = {"load": round(rate / stock_docs_per_s, 3),
+            result = {**filled, "load": round(rate / stock_docs_per_s, 3),
                       "load_asked": args.load,
                       "stock_docs_per_s": round(stock_docs_per_s, 2),
                       "stock_rate_others_cores": rate_others}
@@ -357,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backend": chosen["backend"], "precision": chosen["precision"],
         "variant": chosen["variant"], "cpu_flags": chosen["cpu_flags"],
         "batching": embed.batching, "max_wait_ms": embed.max_wait_ms, "sparse": args.sparse,
+        "index": fresh_settings.sink.index.model_dump(mode="json"),
         "calibration_s": round(calibration_s, 1),
         "encoder": chosen,
         "machine": machine(),

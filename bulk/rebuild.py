@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -350,6 +351,12 @@ def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
         report.covered = {_tp_key(tp): o for tp, o in sorted(checkpoint.covered.items())}
         report.precision = encoder.precision
         report.backend = encoder.backend
+        if sink is not None:
+            # Nobody reads the new collection yet: index all of it now, however long it
+            # takes, so it is fast from its first query after the swap.
+            started = time.perf_counter()
+            sink.maintain()
+            log.info("indexed the new collection in %.1f s", time.perf_counter() - started)
         if sink is not None and options.handover and checkpoint.covered:
             caught = catch_up(settings, sink, run.chunker(), encoder, checkpoint.covered,
                               sparse=sparse, on_failure=lambda p, r, d: run.failure(

@@ -130,6 +130,12 @@ class CollectionSink(HandoverRecords, DocumentVectors):
     def close(self) -> None:
         """Release the store (flushing first where it can); safe to call twice."""
 
+    def maintenance_due(self) -> bool:
+        return False  # a store that keeps its own index (a server)
+
+    def maintain(self) -> None:
+        self._check_open()
+
     @abstractmethod
     def _start(self) -> None:
         """Get ready to open: reach the store, refuse a second open."""
@@ -152,8 +158,8 @@ class CollectionSink(HandoverRecords, DocumentVectors):
         False when the caller must resolve the alias again."""
 
     @abstractmethod
-    def _load(self, part: Part) -> None:
-        """Make the existing ``part`` usable."""
+    def _load(self, part: Part, size: int | None = None) -> None:
+        """Make the existing ``part`` usable (``size``: its vectors' size, where known)."""
 
     @abstractmethod
     def _adopt(self, part: Part, size: int) -> None:
@@ -289,7 +295,7 @@ class CollectionSink(HandoverRecords, DocumentVectors):
                 raise SinkError(f"{self._chunks_where} is missing although its state "
                                 "collection exists; delete both to rebuild")
             with self._errors("open"):
-                self._load(CHUNKS)
+                self._load(CHUNKS, stored.dimension)
             if fingerprint is not None:  # a writer: add the indexes of new filter fields
                 with self._errors("create a payload index"):
                     self._add_indexes()

@@ -34,7 +34,7 @@ def build_sink(settings: SinkSettings, physical: str | None = None,
 
         return QdrantEdgeSink(settings.path, settings.collection, physical=physical,
                               min_free_bytes=settings.min_free_bytes,
-                              filter_fields=filter_fields)
+                              filter_fields=filter_fields, index=settings.index)
     if settings.kind == "qdrant":
         _require_url(settings)
         from embedstream.sinks.qdrant_server import QdrantServerSink

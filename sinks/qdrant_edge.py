@@ -53,6 +53,7 @@ import qdrant_edge as qe
 
 from embedstream.sinks._collection import CHUNKS, STATE, CollectionSink, Part, Schema
 from embedstream.sinks._edge_files import AliasRegistry, ProcessLock, is_shard, lock_path
+from embedstream.sinks._edge_index import chunk_config, search_params
 from embedstream.sinks._layout import (
     SCROLL_PAGE,
     STATE_VECTOR,
@@ -62,6 +63,7 @@ from embedstream.sinks._layout import (
     not_ours_message,
 )
 from embedstream.sinks.disk import DiskGuard, FreeBytes, free_bytes
+from embedstream.stream.config import IndexSettings
 from embedstream.stream.errors import FingerprintMismatch, NeedsOperator, SinkError
 from embedstream.stream.filters import Condition, FieldType, Filter, Match
 from embedstream.stream.fingerprint import Fingerprint
@@ -99,15 +101,21 @@ class QdrantEdgeSink(CollectionSink):
     def __init__(self, path: Path | str, collection: str, *,
                  physical: str | None = None, min_free_bytes: int = 0,
                  free: FreeBytes = free_bytes,
-                 filter_fields: Mapping[str, FieldType] | None = None) -> None:
+                 filter_fields: Mapping[str, FieldType] | None = None,
+                 index: IndexSettings | None = None) -> None:
         """``collection`` is the configured name (an alias). ``physical``, when
         given, is the physical collection ``open`` uses or creates instead,
         without reading or touching any alias (a rebuild fills a new collection
         this way while the live consumer keeps using the alias).
         ``min_free_bytes`` is ``sink.min_free_bytes`` (0: no check); ``free``
         tells the free space of the filesystem holding a path. ``filter_fields``
-        (``source.filter_fields``) get payload indexes of their types."""
+        (``source.filter_fields``) get payload indexes of their types. ``index``
+        (``sink.index``) says how the chunk vectors are indexed and searched; it is
+        applied at every open (see :mod:`embedstream.sinks._edge_index`)."""
         self._path = Path(path)
+        self._index_settings = index or IndexSettings()
+        self._search_params = search_params(self._index_settings)
+        self._written_since_optimize = 0
         super().__init__(collection, physical, str(self._path), filter_fields)
         self._disk = DiskGuard(self._path, min_free_bytes, lambda: self._where, free)
         self._aliases = AliasRegistry(self._path)
@@ -202,6 +210,22 @@ class QdrantEdgeSink(CollectionSink):
                 self._lock.release()
                 self._lock = None
 
+    def maintenance_due(self) -> bool:
+        every = self._index_settings.maintenance.every_points
+        return every > 0 and self._written_since_optimize >= every
+
+    def maintain(self) -> None:
+        """Run the optimizer on the chunk shard: index (quantize) the segments that
+        passed the indexing threshold, merge small ones up to the maximum segment size,
+        vacuum those with many deletions. It holds the interpreter while it runs, so the
+        consumer calls it every ``sink.index.maintenance.every_points`` written, which
+        bounds each run; the state shard is never optimized (module docstring)."""
+        self._check_open()
+        self._disk.check()  # an optimization writes new segments before dropping old ones
+        with self._errors("optimize"):
+            self._shard(CHUNKS).optimize()
+        self._written_since_optimize = 0
+
     def _flush_shards(self) -> None:
         for shard in (self._chunks, self._state):
             if shard is not None:
@@ -232,8 +256,9 @@ class QdrantEdgeSink(CollectionSink):
         directory = self._path / name
         return directory.is_dir() and any(directory.iterdir())
 
-    def _load(self, part: Part) -> None:
-        self._loaded(part, None)
+    def _load(self, part: Part, size: int | None = None) -> None:
+        # The chunk shard is loaded with its config, so a change of sink.index applies.
+        self._loaded(part, size if part == CHUNKS else None)
 
     def _loaded(self, part: Part, size: int | None) -> qe.EdgeShard:
         directory = self._path / self._name(part)
@@ -276,7 +301,9 @@ class QdrantEdgeSink(CollectionSink):
         self._keep(part, qe.EdgeShard.load(str(directory), self._config(part, size)))
 
     def _config(self, part: Part, size: int) -> qe.EdgeConfig:
-        return _config(part, size, self.sparse, self._sparse_idf)
+        if part == CHUNKS:
+            return chunk_config(size, self._index_settings)
+        return _state_config(size, self.sparse, self._sparse_idf)
 
     def _before_write(self) -> None:
         self._disk.check()
@@ -309,6 +336,7 @@ class QdrantEdgeSink(CollectionSink):
 
     def _write_chunks(self, plan: WritePlan) -> None:
         chunks = self._shard(CHUNKS)
+        self._written_since_optimize += len(plan.chunks)
         if plan.chunks:
             chunks.update(qe.UpdateOperation.upsert_points(
                 [qe.Point(pid, vector, payload) for pid, vector, payload in plan.chunks]))
@@ -326,7 +354,7 @@ class QdrantEdgeSink(CollectionSink):
                  only: Filter | None) -> list[qe.ScoredPoint]:
         return self._shard(CHUNKS).query(qe.QueryRequest(
             limit=limit, query=qe.Query.Nearest(vector), with_payload=True,
-            filter=None if only is None else _edge_filter(only)))
+            filter=None if only is None else _edge_filter(only), params=self._search_params))
 
     def _nearest_documents(self, vector: SparseVector, limit: int,
                            only: Filter | None) -> list[qe.ScoredPoint]:
@@ -345,12 +373,11 @@ class QdrantEdgeSink(CollectionSink):
         return SinkError(f"{self._where}: {what} failed: {exc}")
 
 
-def _config(part: Part, size: int, sparse: bool, idf: bool) -> qe.EdgeConfig:
+def _state_config(size: int, sparse: bool, idf: bool) -> qe.EdgeConfig:
     # The state's dense vectors are never searched: left on disk (Cold), not loaded
     # into memory at open, which on tmpfs filled a 32 MiB chunk file at every start.
-    memory = qe.Memory.Cold if part == STATE else None
-    vectors = qe.EdgeVectorParams(size=size, distance=qe.Distance.Cosine, memory=memory)
-    if part == STATE and sparse:
+    vectors = qe.EdgeVectorParams(size=size, distance=qe.Distance.Cosine, memory=qe.Memory.Cold)
+    if sparse:
         return qe.EdgeConfig(vectors=vectors, sparse_vectors={
             SPARSE_NAME: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf if idf else None)})
     return qe.EdgeConfig(vectors=vectors)

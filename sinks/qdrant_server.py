@@ -53,7 +53,7 @@ from typing import Any
 from pydantic import SecretStr
 from qdrant_client import QdrantClient, models
 
-from embedstream.sinks._collection import STATE, CollectionSink, Part, Schema
+from embedstream.sinks._collection import CHUNKS, STATE, CollectionSink, Part, Schema
 from embedstream.sinks._layout import (
     SCROLL_PAGE,
     STATE_SUFFIX,
@@ -66,7 +66,8 @@ from embedstream.sinks._layout import (
 )
 from embedstream.sinks._server_client import Endpoint, aliases_of, create_alias, physical_names
 from embedstream.sinks._server_errors import is_conflict
-from embedstream.stream.config import SinkSettings
+from embedstream.sinks._server_index import collection_params, search_params
+from embedstream.stream.config import IndexSettings, SinkSettings
 from embedstream.stream.errors import FingerprintMismatch, SinkError
 from embedstream.stream.filters import Condition, FieldType, Filter, Match
 from embedstream.stream.fingerprint import Fingerprint
@@ -115,6 +116,7 @@ class QdrantServerSink(CollectionSink):
         client: QdrantClient | None = None,
         physical: str | None = None,
         filter_fields: Mapping[str, FieldType] | None = None,
+        index: IndexSettings | None = None,
     ) -> None:
         self._endpoint = Endpoint(url, api_key, prefer_grpc, timeout_s, tls_ca_file, tls_verify)
         super().__init__(collection, physical, url, filter_fields)
@@ -124,6 +126,12 @@ class QdrantServerSink(CollectionSink):
         self._write_consistency_factor = write_consistency_factor
         self._client = client
         self._owns_client = client is None
+        # sink.index: given to a chunk collection when it is created (a change applies to
+        # collections created after it); the search parameters to every search.
+        self._index_params = collection_params(index or IndexSettings())
+        self._on_disk_vectors = (index or IndexSettings()).on_disk_vectors or None
+        # qdrant-client's in-process store scans exactly and warns at every search given any.
+        self._search_params = None if url == ":memory:" else search_params(index or IndexSettings())
 
     @classmethod
     def from_settings(cls, settings: SinkSettings, physical: str | None = None,
@@ -136,7 +144,7 @@ class QdrantServerSink(CollectionSink):
             tls_ca_file=server.tls_ca_file, tls_verify=server.tls_verify,
             shard_number=settings.shard_number, replication_factor=settings.replication_factor,
             write_consistency_factor=settings.write_consistency_factor, physical=physical,
-            filter_fields=filter_fields,
+            filter_fields=filter_fields, index=settings.index,
         )
 
     # -- lifecycle ---------------------------------------------------------
@@ -219,7 +227,7 @@ class QdrantServerSink(CollectionSink):
     def _has(self, name: str) -> bool:
         return self._open().collection_exists(name)
 
-    def _load(self, part: Part) -> None:
+    def _load(self, part: Part, size: int | None = None) -> None:
         """Nothing to load: the server holds the collection open."""
 
     def _adopt(self, part: Part, size: int) -> None:
@@ -241,12 +249,15 @@ class QdrantServerSink(CollectionSink):
         try:
             self._open().create_collection(
                 self._name(part),
-                vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE),
+                vectors_config=models.VectorParams(
+                    size=size, distance=models.Distance.COSINE,
+                    on_disk=self._on_disk_vectors if part == CHUNKS else None),
                 sparse_vectors_config=({SPARSE_NAME: models.SparseVectorParams(
                     modifier=models.Modifier.IDF if self._sparse_idf else None)}
                     if part == STATE and self.sparse else None),
                 shard_number=self._shard_number, replication_factor=self._replication_factor,
-                write_consistency_factor=self._write_consistency_factor)
+                write_consistency_factor=self._write_consistency_factor,
+                **(self._index_params if part == CHUNKS else {}))
         except Exception as exc:
             # Another consumer created it just now: carry on with its collection.
             if not is_conflict(exc):
@@ -301,7 +312,8 @@ class QdrantServerSink(CollectionSink):
                  only: Filter | None) -> list[models.ScoredPoint]:
         return self._open().query_points(
             self._collection, query=vector, limit=limit, with_payload=True,
-            query_filter=None if only is None else _server_filter(only)).points
+            query_filter=None if only is None else _server_filter(only),
+            search_params=self._search_params).points
 
     def _nearest_documents(self, vector: SparseVector, limit: int,
                            only: Filter | None) -> list[models.ScoredPoint]:

@@ -21,6 +21,13 @@ from pydantic_settings import (
 )
 
 from embedstream.stream._config_sources import read_config_file, unparsable_environment
+from embedstream.stream._index_settings import (
+    HnswSettings,
+    IndexSettings,
+    MaintenanceSettings,
+    OptimizerSettings,
+    QuantizationSettings,
+)
 from embedstream.stream._kafka_settings import (
     KafkaSecurity,
     KafkaSettings,
@@ -46,12 +53,17 @@ __all__ = [
     "BulkSettings",
     "ChunkSettings",
     "EmbedSettings",
+    "HnswSettings",
+    "IndexSettings",
     "InputTypeSettings",
     "KafkaSecurity",
     "KafkaSettings",
+    "MaintenanceSettings",
     "MetricsSettings",
+    "OptimizerSettings",
     "PromptSettings",
     "QualityGuardSettings",
+    "QuantizationSettings",
     "QuerySettings",
     "RetrievalSettings",
     "RouteSettings",
@@ -201,6 +213,9 @@ class SinkSettings(Section):
     # risking a full disk, on which Qdrant Edge dies with SIGBUS. It must cover the
     # largest write made at once; see the README's "Disk". 0: never wait.
     min_free_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # How the chunk vectors are indexed and searched, and kept optimized (see
+    # embedstream.stream._index_settings).
+    index: IndexSettings = IndexSettings()
 
     # The one rule of every name, checked here before any path is built from it.
     _valid_collection = field_validator("collection")(checked_alias)

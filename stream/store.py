@@ -225,6 +225,18 @@ class Sink(Protocol):
         ``apply`` makes this a no-op."""
         ...
 
+    def maintenance_due(self) -> bool:
+        """Whether :meth:`maintain` has work to do now (cheap: no I/O)."""
+        ...
+
+    def maintain(self) -> None:
+        """Bring the store's index up to date with what was written (Qdrant Edge: run
+        the optimizer; a server does this by itself, so there it does nothing). Its
+        duration grows with what was written since the last call, not with the store:
+        the consumer calls it between batches when :meth:`maintenance_due` says so,
+        and a rebuild once, before its new collection is swapped in."""
+        ...
+
     def stored_vectors(self, doc_ids: Collection[str]) -> dict[str, list[float]]:
         """Vectors of the chunks now stored for these documents, by ``content_hash``.
 

@@ -47,10 +47,13 @@ def test_small_growth_reports_every_figure(tmp_path: Path) -> None:
         steps[1]["apply_ms"]["p99"] / steps[0]["apply_ms"]["p99"], rel=0.01)
     assert 0 < summary["search_p99_ms"] < 1000
     assert 0 < summary["filtered_search_p99_ms"] < 1000
-    # The store as the sink leaves it scans every point in fp32: exact up to rare ties.
-    assert summary["index"]["kind"] == "none"
-    assert summary["recall_at_10"] >= 0.99
-    assert summary["filtered_recall_at_10"] >= 0.99
+    # The sink's own index (binary quantization with rescoring, kept up by the
+    # consumer's maintenance policy): the recall goal holds at this size too.
+    assert summary["index"]["kind"] == "sink"
+    assert summary["index"]["segments"] > 1 and summary["index"]["indexed_vectors"] > 0
+    assert summary["recall_at_10"] >= 0.95
+    assert summary["filtered_recall_at_10"] >= 0.95
+    assert steps[1]["optimize_ms"]["n"] >= 1  # maintain() ran while it grew
     assert 0 < summary["reopen_s"] < 60
     assert summary["disk_bytes_per_point"] > VECTOR_BYTES
     assert summary["rss_bytes_per_point"] > 0
