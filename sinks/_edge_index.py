@@ -1,5 +1,10 @@
 """``sink.index`` as Qdrant Edge settings: the chunk shard's config and its search parameters.
 
+Edge keeps a shard's stored setting wherever the config passed at load says None, so
+every setting here is given explicitly; the exception is quantization: ``kind: none``
+cannot remove the quantized copy of segments built before (searches then ignore it;
+a rebuild drops it).
+
 Only the chunk shard is indexed: the state shard is never optimized (an optimized
 segment keeps replaced and deleted documents in the sparse IDF until it is vacuumed,
 see :mod:`embedstream.stream.sparse`) and its dense vector is never searched.
@@ -38,7 +43,7 @@ def chunk_config(size: int, index: IndexSettings) -> qe.EdgeConfig:
     hnsw, optimizer = index.hnsw, index.optimizer
     return qe.EdgeConfig(
         vectors=qe.EdgeVectorParams(size=size, distance=qe.Distance.Cosine,
-                                    on_disk=index.on_disk_vectors or None,
+                                    on_disk=index.on_disk_vectors,
                                     quantization_config=_quantization(index.quantization)),
         on_disk_payload=index.on_disk_payload,
         hnsw_config=qe.HnswIndexConfig(m=hnsw.m, ef_construct=hnsw.ef_construct,
@@ -47,7 +52,7 @@ def chunk_config(size: int, index: IndexSettings) -> qe.EdgeConfig:
         optimizers=qe.EdgeOptimizersConfig(
             indexing_threshold=optimizer.indexing_threshold_kb,
             max_segment_size=optimizer.max_segment_size_kb,
-            default_segment_number=optimizer.default_segment_number or None,
+            default_segment_number=optimizer.default_segment_number,  # 0: auto
             deleted_threshold=optimizer.deleted_threshold,
             vacuum_min_vector_number=optimizer.vacuum_min_vector_number),
         max_search_threads=index.search_threads or None)
@@ -58,9 +63,10 @@ def search_params(index: IndexSettings) -> qe.SearchParams | None:
     if index.exact:
         return qe.SearchParams(exact=True)
     quantization = index.quantization
-    if quantization.kind == "none" and index.hnsw.ef is None:
-        return None
     return qe.SearchParams(
         hnsw_ef=index.hnsw.ef,
-        quantization=None if quantization.kind == "none" else qe.QuantizationSearchParams(
-            rescore=quantization.rescore, oversampling=quantization.oversampling))
+        # "none" on a shard quantized before: its segments keep their quantized copy
+        # until rebuilt (Edge keeps a setting given as None), so searches skip it.
+        quantization=qe.QuantizationSearchParams(ignore=True) if quantization.kind == "none"
+        else qe.QuantizationSearchParams(rescore=quantization.rescore,
+                                         oversampling=quantization.oversampling))

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -75,6 +76,7 @@ _SCHEMAS: dict[Schema, qe.PayloadSchemaType] = {
     "keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer,
     "float": qe.PayloadSchemaType.Float, "bool": qe.PayloadSchemaType.Bool,
     "datetime": qe.PayloadSchemaType.Datetime}
+log = logging.getLogger("embedstream.sinks")
 _EDGE_CONFIG = "edge_config.json"  # where Edge keeps a shard's settings
 # The WAL of a new shard: 4 MiB segments, not Edge's 32 MiB. Edge keeps two open
 # segments of full size (a sparse file where the filesystem allows it), so each
@@ -115,7 +117,8 @@ class QdrantEdgeSink(CollectionSink):
         self._path = Path(path)
         self._index_settings = index or IndexSettings()
         self._search_params = search_params(self._index_settings)
-        self._written_since_optimize = 0
+        self._written_since_optimize = 0  # chunk points written (or deleted) since
+        self._maintenance_held = False  # too much unindexed at open (see _count_unindexed)
         super().__init__(collection, physical, str(self._path), filter_fields)
         self._disk = DiskGuard(self._path, min_free_bytes, lambda: self._where, free)
         self._aliases = AliasRegistry(self._path)
@@ -212,7 +215,8 @@ class QdrantEdgeSink(CollectionSink):
 
     def maintenance_due(self) -> bool:
         every = self._index_settings.maintenance.every_points
-        return every > 0 and self._written_since_optimize >= every
+        return (every > 0 and not self._maintenance_held
+                and self._written_since_optimize >= every)
 
     def maintain(self) -> None:
         """Run the optimizer on the chunk shard: index (quantize) the segments that
@@ -225,6 +229,7 @@ class QdrantEdgeSink(CollectionSink):
         with self._errors("optimize"):
             self._shard(CHUNKS).optimize()
         self._written_since_optimize = 0
+        self._maintenance_held = False
 
     def _flush_shards(self) -> None:
         for shard in (self._chunks, self._state):
@@ -311,8 +316,29 @@ class QdrantEdgeSink(CollectionSink):
     def _keep(self, part: Part, shard: qe.EdgeShard) -> None:
         if part == CHUNKS:
             self._chunks = shard
+            self._count_unindexed(shard)
         else:
             self._state = shard
+
+    def _count_unindexed(self, shard: qe.EdgeShard) -> None:
+        """What the next maintenance run has to index: the points left unindexed
+        before this open. Many of them (a store grown before ``sink.index``) would make
+        one run hold the loop for minutes, so maintenance is then left to a rebuild."""
+        index = self._index_settings
+        every = index.maintenance.every_points
+        if every <= 0 or (index.quantization.kind == "none" and index.hnsw.m == 0):
+            return  # nothing is ever indexed: the count says nothing
+        info = shard.info()
+        unindexed = max(0, info.points_count - info.indexed_vectors_count)
+        self._written_since_optimize = unindexed
+        self._maintenance_held = unindexed > 2 * every
+        if self._maintenance_held:
+            log.warning(
+                "%s: %d of its %d chunk points are not indexed (a store grown before "
+                "sink.index, or written with maintenance off): indexing them in the "
+                "consumer's loop would hold it for long, so it is not maintained; "
+                "`embedstream rebuild` makes an indexed copy", self._chunks_where,
+                unindexed, info.points_count)
 
     def _index(self, part: Part, field: str, schema: Schema) -> None:
         self._shard(part).update(qe.UpdateOperation.create_field_index(field, _SCHEMAS[schema]))
@@ -336,7 +362,8 @@ class QdrantEdgeSink(CollectionSink):
 
     def _write_chunks(self, plan: WritePlan) -> None:
         chunks = self._shard(CHUNKS)
-        self._written_since_optimize += len(plan.chunks)
+        # Deletions count too: the optimizer vacuums segments that have many.
+        self._written_since_optimize += len(plan.chunks) + sum(map(len, plan.trims.values()))
         if plan.chunks:
             chunks.update(qe.UpdateOperation.upsert_points(
                 [qe.Point(pid, vector, payload) for pid, vector, payload in plan.chunks]))

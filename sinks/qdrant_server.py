@@ -99,6 +99,7 @@ class QdrantServerSink(CollectionSink):
     _STORE = "Qdrant"
     _KEEP_CAUSE = False  # the cause may quote the request
     _CREATION_GRACE_S = 3.0  # see _alias_appears
+    _INDEXING_WAIT_S = 3600.0  # see maintain
 
     def __init__(
         self,
@@ -205,6 +206,23 @@ class QdrantServerSink(CollectionSink):
     def flush(self) -> None:
         """Nothing to do: every write waits for the server (``wait=True``),
         which holds it in its write-ahead log before answering."""
+
+    def maintain(self) -> None:
+        """The server indexes in its own process; this waits until it has caught up
+        with what was written (collection status green, or grey: nothing running), at
+        most an hour. A rebuild calls it before the swap, so the new collection is fast
+        from its first query; the consumer never does (``maintenance_due`` is False)."""
+        self._check_open()
+        deadline = time.monotonic() + self._INDEXING_WAIT_S
+        while True:
+            with self._errors("read the collection's status"):
+                status = self._open().get_collection(self._collection).status
+            if status == models.CollectionStatus.RED:
+                raise SinkError(f"{self._chunks_where}: the server reports the collection "
+                                "failed (status red); see the server's log")
+            if status != models.CollectionStatus.YELLOW or time.monotonic() >= deadline:
+                return
+            time.sleep(2.0)
 
     def close(self) -> None:
         """Close the client if this sink made it. Writes are already durable

@@ -1,11 +1,15 @@
 """The ``sink.index`` section: how the chunk vectors are indexed and searched, and how the
 consumer keeps a Qdrant Edge store optimized as it grows.
 
-Both stores take the same settings: Qdrant Edge applies them to the chunk shard each time
-it is opened (a change needs no rebuild; segments already built keep their old index
-until the optimizer rebuilds them), a Qdrant server when it creates a collection and, on
-each writer's open, through ``update_collection``. None of it is in the collection's
-fingerprint: the vectors are the same whatever indexes them.
+Both stores take the same settings. Qdrant Edge applies them to the chunk shard each
+time it is opened: new segments follow them, and the search parameters apply at once,
+but segments built before keep their old index until the optimizer rebuilds them, and
+a change of graph or quantization makes it rebuild every one of them in one long run,
+so change those with ``embedstream rebuild`` (which indexes its new collection before
+the swap). A Qdrant server takes them when it creates a collection (the search
+parameters at every search); for an existing one, a rebuild, or the server's own
+``update_collection``. None of it is in the collection's fingerprint: the vectors are
+the same whatever indexes them.
 
 The defaults were chosen by ``bench/scale.py`` on real MiniLM embeddings (README,
 "Scale"): at a million chunk points a binary-quantized scan with rescoring answered

@@ -118,7 +118,8 @@ class StreamConsumer:
         self._uncommitted: dict[tuple[str, int], int] = {}
         self._checkpoint_at: float | None = None
         self._next_lag_report = 0.0
-        self._maintain_after = 0.0  # a failed maintenance run waits before the next try
+        # A route whose maintenance run failed waits until then before the next try.
+        self._maintain_after: dict[str, float] = {}
         self.assigned: set[tuple[str, int]] = set()
         # Next offset committed per partition by this process (for callers waiting to catch up).
         self.committed: dict[tuple[str, int], int] = {}
@@ -214,8 +215,8 @@ class StreamConsumer:
                 route.sink, moved = route.follower.follow(
                     route.sink, self._routes.owned_by(route, self.assigned))
                 self.committed.update(moved)
-        if not self._pressure.waiting and not self._uncommitted and now >= self._maintain_after:
-            self._maintain()  # all applied is committed: a pause now delays no offset
+        if not self._pressure.waiting and not self._uncommitted:
+            self._maintain(now)  # all applied is committed: a pause now delays no offset
         if now >= self._next_lag_report:
             report_lag(self._consumer, self.assigned, self._metrics)
             self._next_lag_report = now + _LAG_REPORT_EVERY_S
@@ -344,20 +345,21 @@ class StreamConsumer:
         self._uncommitted, self._checkpoint_at = {}, None
         return True
 
-    def _maintain(self) -> None:
+    def _maintain(self, now: float) -> None:
         """The stores' index upkeep, in the loop (never in a rebalance callback or at
         shutdown), when everything applied is committed. Each run is bounded by what was
         written since the last (``sink.index.maintenance``); one that fails is logged
         and tried again later: the writes it would index are safe either way."""
         for route in self._routes:
-            if route.sink.maintenance_due():
+            if now >= self._maintain_after.get(route.name, 0.0) \
+                    and route.sink.maintenance_due():
                 self._health.beat()
                 try:
                     call_sink(self._metrics, "optimize", route.sink.maintain)
                 except SinkError as error:
                     log.warning("store maintenance of route %s failed (tried again in "
                                 "%.0f s): %s", route.name, _MAINTAIN_RETRY_S, error)
-                    self._maintain_after = self._clock() + _MAINTAIN_RETRY_S
+                    self._maintain_after[route.name] = self._clock() + _MAINTAIN_RETRY_S
 
     def _apply(self, batch: MicroBatch) -> tuple[float, list[ChangeEvent]]:
         """Apply the batch; returns when the store acknowledged it and what it applied."""

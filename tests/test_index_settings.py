@@ -128,6 +128,43 @@ def test_a_changed_index_setting_applies_at_the_next_start(tmp_path: Path) -> No
     assert "scalar" in config["vectors"][""]["quantization_config"]  # type: ignore[index]
 
 
+def test_quantization_turned_off_is_not_used_by_searches(tmp_path: Path) -> None:
+    # Segments built quantized keep their quantized copy (only a rebuild drops it):
+    # with kind none, searches skip it and score every vector in full.
+    vectors = clustered(3000, seed=5)
+    sink = edge_sink(tmp_path)
+    sink.apply(writes(vectors))
+    sink.maintain()
+    sink.close()
+    sink = edge_sink(tmp_path, quantization={"kind": "none"})
+    try:
+        assert recall_at_10(sink, vectors) == 1.0
+    finally:
+        sink.close()
+
+
+def test_a_store_grown_unindexed_is_left_to_a_rebuild(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    vectors = clustered(8000, seed=6)
+    sink = edge_sink(tmp_path, maintenance={"every_points": 0})  # as before sink.index
+    sink.apply(writes(vectors[:6000]))
+    sink.close()
+    sink = edge_sink(tmp_path)  # every_points 1000: 6000 unindexed is more than twice that
+    try:
+        assert "not indexed" in caplog.text
+        sink.apply(writes(vectors, start=3000))  # 2000 more chunk points
+        assert not sink.maintenance_due()  # one run would index all 8000 at once
+    finally:
+        sink.close()
+    sink = edge_sink(tmp_path, maintenance={"every_points": 5000})  # 8000 <= 2 x 5000
+    try:
+        assert sink.maintenance_due()  # the points left unindexed count towards the next run
+        sink.maintain()
+        assert not sink.maintenance_due()
+    finally:
+        sink.close()
+
+
 def test_exact_search_matches_numpy(tmp_path: Path) -> None:
     vectors = clustered(3000, seed=3)
     sink = edge_sink(tmp_path, exact=True)
@@ -183,11 +220,13 @@ def test_a_server_collection_is_created_with_the_index_settings(client: Recordin
 
 
 def test_a_server_keeps_its_own_graph_and_optimizer_defaults(client: RecordingClient) -> None:
-    # The Edge-sized defaults (no graph, 30 MB segments) are not imposed on a server.
+    # The Edge-sized defaults (no graph, 20 MB segments) are not imposed on a server.
     sink = QdrantServerSink(":memory:", "docs", client=client)
     sink.open(FP)
     try:
         chunks = client.created[sink.collection]
+        assert not sink.maintenance_due()  # the server indexes by itself
+        sink.maintain()  # a rebuild's wait for the server's index: green here at once
     finally:
         sink.close()
     assert chunks["hnsw_config"] is None and chunks["optimizers_config"] is None
