@@ -36,8 +36,9 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
+from embedstream.stream._rebalance import Rebalancing
 from embedstream.stream.apply import apply_batch, call_sink
 from embedstream.stream.backpressure import Backpressure
 from embedstream.stream.batch import MicroBatch
@@ -76,7 +77,7 @@ _IDLE_POLL_S = 0.5
 _LAG_REPORT_EVERY_S = 5.0
 
 
-class StreamConsumer:
+class StreamConsumer(Rebalancing):
     """Runs the consume, plan, embed, apply, commit loop."""
 
     def __init__(
@@ -404,51 +405,6 @@ class StreamConsumer:
                           "uncommitted events will replay")
                 return
             time.sleep(min(self._pressure.backoff_s, 2.0))
-
-    # -- rebalancing -------------------------------------------------------------
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
-        self._health.set_partitions(len(self.assigned))
-        self._metrics.rebalances.labels(event="assigned").inc(len(partitions))
-        # A pause we set before these were revoked outlives the revocation in
-        # librdkafka; clear it (a backoff in progress pauses them again).
-        self._pressure.clear_pause(partitions)
-        if self._topic_ids is not None:  # a topic may have been recreated since
-            self._topic_ids.refresh({tp.topic for tp in partitions})
-        self._routes.assigned([(tp.topic, tp.partition) for tp in partitions])
-        log.info("assigned %s; now own %s",
-                 sorted((tp.topic, tp.partition) for tp in partitions), sorted(self.assigned))
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Commit what we have applied while we still own the partitions.
-        revoked = {(tp.topic, tp.partition) for tp in partitions}
-        self._metrics.rebalances.labels(event="revoked").inc(len(partitions))
-        log.info("revoked %s", sorted(revoked))
-        if self._failed or not (self._flush() and self._checkpoint()):
-            self._drop(revoked)
-        else:
-            self._routes.forget(revoked)
-        self.assigned -= revoked
-        self._health.set_partitions(len(self.assigned))
-
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Another member may own them already: committing would be wrong; drop and replay.
-        lost = {(tp.topic, tp.partition) for tp in partitions}
-        self._metrics.rebalances.labels(event="lost").inc(len(partitions))
-        log.warning("lost %s; their uncommitted events will be replayed", sorted(lost))
-        self._drop(lost)
-        self.assigned -= lost
-        self._health.set_partitions(len(self.assigned))
-
-    def _drop(self, partitions: set[tuple[str, int]]) -> None:
-        """Forget unapplied events and uncommitted offsets of partitions we no
-        longer own; their next owner replays them."""
-        self._batch.drop_partitions(partitions)
-        for key in partitions:
-            self._uncommitted.pop(key, None)
-        self._pressure.forget(partitions)
-        self._routes.forget(partitions)
 
 
 def _where(message: Message) -> tuple[str, int, int]:
