@@ -130,12 +130,6 @@ class CollectionSink(HandoverRecords, DocumentVectors):
     def close(self) -> None:
         """Release the store (flushing first where it can); safe to call twice."""
 
-    def maintenance_due(self) -> bool:
-        return False  # a store that keeps its own index (a server)
-
-    def maintain(self) -> None:
-        self._check_open()
-
     @abstractmethod
     def _start(self) -> None:
         """Get ready to open: reach the store, refuse a second open."""

@@ -5,12 +5,12 @@ adopted state collection, over the primitives each store supplies.
 
 from __future__ import annotations
 
-import contextlib
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from embedstream.sinks._layout import Record, Scored, state_filter, stored_document
+from embedstream.sinks._primitives import SinkPrimitives
 from embedstream.stream.errors import FingerprintMismatch
 from embedstream.stream.filters import Filter
 from embedstream.stream.sparse import SparseVector, uses_idf
@@ -19,23 +19,12 @@ from embedstream.stream.store import Hit, StoredDocument
 __all__ = ["DocumentVectors"]
 
 
-class DocumentVectors(ABC):
+class DocumentVectors(SinkPrimitives):
     """Mixed into :class:`~embedstream.sinks._collection.CollectionSink`, which sets
     ``_sparse_spec`` when it opens a collection and supplies the primitives."""
 
     # The open collection's fingerprint sparse spec ("none": no sparse vectors).
     _sparse_spec: str
-
-    @property
-    @abstractmethod
-    def _where(self) -> str:
-        """The collection and store, as messages name them."""
-
-    @abstractmethod
-    def _check_open(self) -> None: ...
-
-    @abstractmethod
-    def _errors(self, what: str) -> contextlib.AbstractContextManager[None]: ...
 
     @property
     def sparse(self) -> bool:

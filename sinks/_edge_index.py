@@ -58,8 +58,8 @@ def chunk_config(size: int, index: IndexSettings) -> qe.EdgeConfig:
         max_search_threads=index.search_threads or None)
 
 
-def search_params(index: IndexSettings) -> qe.SearchParams | None:
-    """What each search of the chunks asks for; None where it is the store's default."""
+def search_params(index: IndexSettings) -> qe.SearchParams:
+    """What each search of the chunks asks for."""
     if index.exact:
         return qe.SearchParams(exact=True)
     quantization = index.quantization

@@ -9,12 +9,12 @@ It is one point in the state collection, with the fixed id
 
 from __future__ import annotations
 
-import contextlib
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from embedstream.sinks._layout import HANDOVER_POINT_ID, StatePoint
+from embedstream.sinks._primitives import SinkPrimitives
 from embedstream.stream.errors import SinkError
 from embedstream.stream.store import Handover
 
@@ -45,18 +45,10 @@ def parse_handover(payload: Mapping[str, Any] | None, where: str) -> Handover | 
     return Handover(offsets, acknowledged)
 
 
-class HandoverRecords(ABC):
+class HandoverRecords(SinkPrimitives):
     """The store protocol's handover operations over a sink's state points (mixed
     into :class:`~embedstream.sinks._collection.CollectionSink`, which supplies the
     primitives)."""
-
-    @property
-    @abstractmethod
-    def _where(self) -> str:
-        """The collection and store, as messages name them."""
-
-    @abstractmethod
-    def _check_open(self) -> None: ...
 
     @abstractmethod
     def _before_write(self) -> None: ...
@@ -66,9 +58,6 @@ class HandoverRecords(ABC):
 
     @abstractmethod
     def _put_states(self, points: list[StatePoint], durable: bool = False) -> None: ...
-
-    @abstractmethod
-    def _errors(self, what: str) -> contextlib.AbstractContextManager[None]: ...
 
     def write_handover(self, offsets: Mapping[tuple[str, int], int]) -> None:
         record = Handover({(str(t), int(p)): int(o) for (t, p), o in offsets.items()}, {})

@@ -58,14 +58,14 @@ def collection_params(index: IndexSettings) -> dict[str, Any]:
     }
 
 
-def search_params(index: IndexSettings) -> models.SearchParams | None:
-    """What each search of the chunks asks for; None where it is the server's default."""
+def search_params(index: IndexSettings) -> models.SearchParams:
+    """What each search of the chunks asks for."""
     if index.exact:
         return models.SearchParams(exact=True)
     quantization = index.quantization
-    if quantization.kind == "none" and index.hnsw.ef is None:
-        return None
     return models.SearchParams(
         hnsw_ef=index.hnsw.ef,
-        quantization=None if quantization.kind == "none" else models.QuantizationSearchParams(
-            rescore=quantization.rescore, oversampling=quantization.oversampling))
+        # "none" for a collection created quantized (settings apply at creation): skip it.
+        quantization=models.QuantizationSearchParams(ignore=True) if quantization.kind == "none"
+        else models.QuantizationSearchParams(rescore=quantization.rescore,
+                                             oversampling=quantization.oversampling))

@@ -47,13 +47,13 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import numpy as np
 import qdrant_edge as qe
 
 from embedstream.sinks._collection import CHUNKS, STATE, CollectionSink, Part, Schema
 from embedstream.sinks._edge_files import AliasRegistry, ProcessLock, is_shard, lock_path
+from embedstream.sinks._edge_filters import chunk_filter, edge_filter
 from embedstream.sinks._edge_index import chunk_config, search_params
 from embedstream.sinks._layout import (
     SCROLL_PAGE,
@@ -66,7 +66,7 @@ from embedstream.sinks._layout import (
 from embedstream.sinks.disk import DiskGuard, FreeBytes, free_bytes
 from embedstream.stream.config import IndexSettings
 from embedstream.stream.errors import FingerprintMismatch, NeedsOperator, SinkError
-from embedstream.stream.filters import Condition, FieldType, Filter, Match
+from embedstream.stream.filters import FieldType, Filter
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.sparse import SPARSE_NAME, SparseVector
 
@@ -368,11 +368,11 @@ class QdrantEdgeSink(CollectionSink):
             chunks.update(qe.UpdateOperation.upsert_points(
                 [qe.Point(pid, vector, payload) for pid, vector, payload in plan.chunks]))
         for keep, doc_ids in plan.trims.items():
-            chunks.update(qe.UpdateOperation.delete_points_by_filter(_chunk_filter(doc_ids, keep)))
+            chunks.update(qe.UpdateOperation.delete_points_by_filter(chunk_filter(doc_ids, keep)))
 
     def _scroll_page(self, doc_ids: list[str] | None, payload: bool | list[str],
                      offset: Any) -> tuple[list[qe.Record], Any]:
-        only = None if doc_ids is None else _chunk_filter(doc_ids)
+        only = None if doc_ids is None else chunk_filter(doc_ids)
         return self._shard(CHUNKS).scroll(qe.ScrollRequest(
             offset=offset, limit=SCROLL_PAGE, filter=only, with_payload=payload,
             with_vector=True))
@@ -381,13 +381,13 @@ class QdrantEdgeSink(CollectionSink):
                  only: Filter | None) -> list[qe.ScoredPoint]:
         return self._shard(CHUNKS).query(qe.QueryRequest(
             limit=limit, query=qe.Query.Nearest(vector), with_payload=True,
-            filter=None if only is None else _edge_filter(only), params=self._search_params))
+            filter=None if only is None else edge_filter(only), params=self._search_params))
 
     def _nearest_documents(self, vector: SparseVector, limit: int,
                            only: Filter | None) -> list[qe.ScoredPoint]:
         return self._shard(STATE).query(qe.QueryRequest(
             limit=limit, query=qe.Query.Nearest(_edge_sparse(vector), using=SPARSE_NAME),
-            with_payload=True, filter=None if only is None else _edge_filter(only)))
+            with_payload=True, filter=None if only is None else edge_filter(only)))
 
     def _documents_page(self, offset: Any) -> tuple[list[qe.Record], Any]:
         return self._shard(STATE).scroll(qe.ScrollRequest(
@@ -419,33 +419,3 @@ def _state_vectors(sparse: SparseVector | None) -> Any:
     if sparse is None:
         return STATE_VECTOR
     return {"": STATE_VECTOR, SPARSE_NAME: _edge_sparse(sparse)}
-
-
-def _chunk_filter(doc_ids: list[str], from_index: int = 0) -> qe.Filter:
-    """The chunks of ``doc_ids`` (at ``from_index`` or above)."""
-    must: list[Any] = [qe.FieldCondition("doc_id", match=qe.MatchAny(doc_ids))]
-    if from_index > 0:
-        must.append(qe.FieldCondition("chunk_index", range=qe.RangeFloat(gte=from_index)))
-    return qe.Filter(must=must)
-
-
-def _edge_filter(only: Filter) -> qe.Filter:
-    """``only`` as a Qdrant Edge filter."""
-    return qe.Filter(must=[_edge_condition(c) for c in only.must] or None,
-                     must_not=[_edge_condition(c) for c in only.must_not] or None)
-
-
-def _edge_condition(condition: Condition) -> qe.FieldCondition:
-    if isinstance(condition, Match):
-        value = condition.value
-        # qdrant-edge-py 0.9 reads a Python bool as an integer (which matches no
-        # stored bool); numpy's bool is read as a bool.
-        return qe.FieldCondition(condition.field, match=qe.MatchValue(
-            cast(bool, np.bool_(value)) if isinstance(value, bool) else value))
-    bounds = {"gt": condition.gt, "gte": condition.gte, "lt": condition.lt,
-              "lte": condition.lte}
-    if condition.datetime:
-        return qe.FieldCondition(condition.field, range=qe.RangeDateTime(
-            **{k: None if v is None else str(v) for k, v in bounds.items()}))
-    return qe.FieldCondition(condition.field, range=qe.RangeFloat(
-        **{k: None if v is None else float(v) for k, v in bounds.items()}))

@@ -129,10 +129,11 @@ class QdrantServerSink(CollectionSink):
         self._owns_client = client is None
         # sink.index: given to a chunk collection when it is created (a change applies to
         # collections created after it); the search parameters to every search.
-        self._index_params = collection_params(index or IndexSettings())
-        self._on_disk_vectors = (index or IndexSettings()).on_disk_vectors or None
+        index = index or IndexSettings()
+        self._index_params = collection_params(index)
+        self._on_disk_vectors = index.on_disk_vectors or None
         # qdrant-client's in-process store scans exactly and warns at every search given any.
-        self._search_params = None if url == ":memory:" else search_params(index or IndexSettings())
+        self._search_params = None if url == ":memory:" else search_params(index)
 
     @classmethod
     def from_settings(cls, settings: SinkSettings, physical: str | None = None,
@@ -206,6 +207,9 @@ class QdrantServerSink(CollectionSink):
     def flush(self) -> None:
         """Nothing to do: every write waits for the server (``wait=True``),
         which holds it in its write-ahead log before answering."""
+
+    def maintenance_due(self) -> bool:
+        return False  # the server keeps its own index
 
     def maintain(self) -> None:
         """The server indexes in its own process; this waits until it has caught up

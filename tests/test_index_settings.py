@@ -242,7 +242,8 @@ def test_search_parameters_sent_to_a_server() -> None:
     assert sent == models.SearchParams(hnsw_ef=128, quantization=models.QuantizationSearchParams(
         rescore=True, oversampling=4.0))
     assert search_params(IndexSettings(exact=True)) == models.SearchParams(exact=True)
-    assert search_params(IndexSettings.model_validate({"quantization": {"kind": "none"}})) is None
+    assert search_params(IndexSettings.model_validate({"quantization": {"kind": "none"}})) == \
+        models.SearchParams(quantization=models.QuantizationSearchParams(ignore=True))
 
 
 def test_index_settings_from_yaml_and_environment(tmp_path: Path,
