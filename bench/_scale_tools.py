@@ -74,14 +74,16 @@ class Calls:
     def __init__(self) -> None:
         self.ms: dict[str, list[float]] = defaultdict(list)
         self.longest: tuple[float, str] = (0.0, "")
+        self.points = 0  # the store's size as the caller last said (where the longest was)
+        self.longest_at = 0
 
     def __call__(self, op: str, call: Callable[..., _T], *args: Any) -> _T:
         started = time.perf_counter()
         result = call(*args)
         ms = (time.perf_counter() - started) * 1000
         self.ms[op].append(ms)
-        if op not in self.OUTSIDE_LOOP:
-            self.longest = max(self.longest, (ms, op))
+        if op not in self.OUTSIDE_LOOP and (ms, op) > self.longest:
+            self.longest, self.longest_at = (ms, op), self.points
         return result
 
     def figures(self, op: str) -> dict[str, float] | None:

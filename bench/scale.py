@@ -125,6 +125,7 @@ class Run:
             writes = [self.corpus.write(d, 1, self._next_offset()) for d in docs]
             self.calls("apply_batch", self.sink.apply, writes)
             self.docs = docs[-1] + 1
+            self.calls.points = self.corpus.points_in(self.docs)
             if time.perf_counter() - flushed >= 1.0:  # as the consumer: once a second
                 self.calls("flush", self.sink.flush)
                 flushed = time.perf_counter()
@@ -263,6 +264,7 @@ class Run:
             line["disk_bytes_per_point"] = line["reopen_s"] = None
         line["max_sink_block_ms"] = round(self.calls.longest[0], 1)
         line["max_sink_block_op"] = self.calls.longest[1]
+        line["max_sink_block_at_points"] = self.calls.longest_at
         line["index"] = index_info(self.args, self.sink)
         line["step_s"] = round(time.perf_counter() - started, 1)
         line["other_load_cores"] = others.cores()  # the machine is shared: CPU others used
@@ -308,7 +310,9 @@ def _server_stop(args: argparse.Namespace, last: dict[str, Any], target: int,
 # -- the writer killed with SIGKILL and the process that reopens (children) ----------------
 
 def writer(args: argparse.Namespace) -> None:
-    """Update ``--kill-points`` points' documents (never flushed), say so, wait to die."""
+    """Update ``--kill-points`` points' documents (never flushed), say so, wait to die.
+    It maintains the store as the consumer would (when due): a consumer killed mid-run
+    leaves at most ``every_points`` unindexed, not everything it wrote."""
     base, _ = load_sample(Path(args.cache))
     corpus = Corpus(base, args.sigma, args.seed, max(args.steps))
     sink = edge_sink(Path(args._store), base.shape[1], index_of(args))
@@ -317,6 +321,8 @@ def writer(args: argparse.Namespace) -> None:
         batch = [f"d{d}" for d in docs[start:start + 500]]
         stored = sink.document_states(batch)
         sink.apply([corpus.write(int(d[1:]), stored[d].version + 1, 0) for d in batch])
+        if sink.maintenance_due():
+            sink.maintain()
     print(corpus.points_in(len(docs)), flush=True)
     time.sleep(3600)
 
@@ -367,6 +373,7 @@ def summary(args: argparse.Namespace, lines: dict[str, list[dict[str, Any]]],
         "disk_bytes_per_point": last.get("disk_bytes_per_point"),
         "max_sink_block_ms": last.get("max_sink_block_ms"),
         "max_sink_block_op": last.get("max_sink_block_op"),
+        "max_sink_block_at_points": last.get("max_sink_block_at_points"),
         "gil_max_gap_ms": max((x["gil_max_gap_ms"] for x in edge), default=None),
         "index": last.get("index"), "growth_from_points": first.get("points"),
         "growth": {key: growth(key) for key in GROWTH},

@@ -40,6 +40,7 @@ from embedstream.sinks._layout import (
     WritePlan,
     alias_missing_message,
     as_floats,
+    chunk_bounds,
     dense_vector,
     document_field_indexes,
     made_for,
@@ -186,8 +187,14 @@ class CollectionSink(HandoverRecords, DocumentVectors):
         the next flush."""
 
     @abstractmethod
+    def _raise_bounds(self, raises: Mapping[int, list[str]]) -> None:
+        """Set ``chunk_bound`` to each given value on those state points (existing
+        ones), leaving the rest of their payloads as they are."""
+
+    @abstractmethod
     def _write_chunks(self, plan: WritePlan) -> None:
-        """Upsert the plan's chunks, then delete its leftovers."""
+        """Upsert the plan's chunks, then delete its leftovers (by id) and trims
+        (by filter)."""
 
     @abstractmethod
     def _scroll_page(self, doc_ids: list[str] | None, payload: bool | list[str],
@@ -339,8 +346,13 @@ class CollectionSink(HandoverRecords, DocumentVectors):
     def apply(self, writes: Sequence[DocumentWrite]) -> None:
         self._check_open()
         self._before_write()
-        plan = plan_writes(writes)
         with self._errors("write"):
+            # One read for the batch: it lets leftovers go by id (see _layout).
+            stored = self._state_payloads(list({doc_state_point_id(w.doc_id) for w in writes}))
+        plan = plan_writes(writes, chunk_bounds(stored))
+        with self._errors("write"):
+            if plan.raises:  # before any chunk, so a crash leaves the bound above them
+                self._raise_bounds(plan.raises)
             self._write_chunks(plan)
             # States last: a crash before this line leaves the old states, so the
             # writes are replayed (see embedstream.stream.store).

@@ -4,9 +4,19 @@ Both sinks keep two collections: the chunk collection ``<collection>`` (one
 point per chunk, id :func:`~embedstream.stream.store.chunk_point_id`) and the state
 collection ``<collection>_state`` (one point per document, id
 :func:`~embedstream.stream.store.doc_state_point_id`, payload ``doc_id``, ``version``,
-``offset``, ``deleted``; plus the fingerprint point and, once a rebuild has
-written one, the handover point). The helpers here are that shared layout,
-independent of the client library.
+``offset``, ``deleted``, ``chunk_bound``; plus the fingerprint point and, once a
+rebuild has written one, the handover point).
+
+``chunk_bound`` lets a write delete a document's leftover chunks by id, where a
+filter on ``doc_id`` would search every segment (it costs most in a large,
+optimized store). Invariant: no chunk of the document has an index at or above
+it. A write that grows a document raises it (``set_payload`` on the state point)
+before any chunk is written, and the state written last sets it to the chunk
+count; so a crash anywhere in between leaves it an upper bound, and the replayed
+write deletes whatever the cut-short one left. A document without one (no state
+yet, or a state written before the field existed) is trimmed by filter.
+
+The helpers here are that shared layout, independent of the client library.
 
 Sparse vectors (``retrieval.sparse`` on, named in the fingerprint): a live document's
 state point also holds its sparse vector, named ``sparse`` (modifier ``Idf``), and its
@@ -49,6 +59,7 @@ from embedstream.stream.store import (
 )
 
 STATE_SUFFIX = "_state"
+CHUNK_BOUND = "chunk_bound"  # the state payload field (see the module docstring)
 Part = Literal["chunks", "state"]  # the chunk collection or its state companion
 CHUNKS: Part = "chunks"
 STATE: Part = "state"
@@ -194,8 +205,13 @@ class WritePlan:
     """What one ``apply`` call writes, in the order it must be written."""
 
     chunks: list[tuple[str, list[float], dict[str, Any]]]  # (point id, vector, payload)
-    # Chunk count -> documents whose chunks at index >= count must go. Grouping
-    # by count turns one delete per document into one per distinct count.
+    # Written first: new chunk bound -> state point ids of documents that grow past
+    # their stored bound (grouped, one payload write per distinct bound).
+    raises: dict[int, list[str]]
+    # Chunk point ids to delete: leftovers of documents whose stored bound is known.
+    leftovers: list[str]
+    # Chunk count -> documents with no stored bound whose chunks at index >= count
+    # must go (by filter). Grouping by count makes one delete per distinct count.
     trims: dict[int, list[str]]
     states: list[StatePoint]
 
@@ -229,9 +245,12 @@ def as_floats(vector: Vector) -> list[float]:
     return [float(x) for x in vector]
 
 
-def plan_writes(writes: Sequence[DocumentWrite]) -> WritePlan:
+def plan_writes(writes: Sequence[DocumentWrite],
+                bounds: Mapping[str, int] | None = None) -> WritePlan:
     """Validate and flatten writes. A later write for the same document in one
     call supersedes an earlier one, exactly as if they were applied in turn.
+    ``bounds``: the stored ``chunk_bound`` of the documents whose state has one
+    (:func:`chunk_bounds`); the others are trimmed by filter.
 
     Raises ValueError for a malformed write (a deletion with chunks, chunk
     indexes other than 0..n-1) before anything is written."""
@@ -240,7 +259,10 @@ def plan_writes(writes: Sequence[DocumentWrite]) -> WritePlan:
         latest[write.doc_id] = write
     chunks: list[tuple[str, list[float], dict[str, Any]]] = []
     trims: dict[int, list[str]] = defaultdict(list)
+    raises: dict[int, list[str]] = defaultdict(list)
+    leftovers: list[str] = []
     states: list[StatePoint] = []
+    bounds = bounds or {}
     for doc_id, write in latest.items():
         if write.state.deleted and write.chunks:
             raise ValueError(f"document {doc_id!r}: a deletion must not carry chunks")
@@ -254,15 +276,35 @@ def plan_writes(writes: Sequence[DocumentWrite]) -> WritePlan:
             payload = {**chunk.payload, "doc_id": doc_id, "chunk_index": chunk.chunk_index}
             pid = chunk_point_id(doc_id, chunk.chunk_index)
             chunks.append((pid, as_floats(chunk.vector), payload))
-        trims[len(write.chunks)].append(doc_id)
+        count, stored = len(write.chunks), bounds.get(doc_id)
+        if stored is None:
+            trims[count].append(doc_id)
+        else:
+            if count > stored:
+                raises[count].append(doc_state_point_id(doc_id))
+            leftovers.extend(chunk_point_id(doc_id, i) for i in range(count, stored))
         payload = state_payload(doc_id, write.state)
+        payload[CHUNK_BOUND] = count
         sparse = write.sparse or None  # an empty vector: none (no term to find it by)
         if sparse is not None:
             if write.state.deleted:
                 raise ValueError(f"document {doc_id!r}: a deletion must not carry a sparse vector")
             payload[DOC_FIELDS] = dict(write.fields)
         states.append((doc_state_point_id(doc_id), payload, sparse))
-    return WritePlan(chunks, dict(trims), states)
+    return WritePlan(chunks, dict(raises), leftovers, dict(trims), states)
+
+
+def chunk_bounds(payloads: Sequence[Mapping[str, Any] | None]) -> dict[str, int]:
+    """Document id to stored ``chunk_bound``, from state payloads; documents whose
+    state has none (written before the field existed) are left out."""
+    bounds: dict[str, int] = {}
+    for payload in payloads:
+        if not payload or "doc_id" not in payload:
+            continue
+        bound = payload.get(CHUNK_BOUND)
+        if isinstance(bound, int) and not isinstance(bound, bool) and bound >= 0:
+            bounds[str(payload["doc_id"])] = bound
+    return bounds
 
 
 def state_payload(doc_id: str, state: DocState) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from embedstream.sinks._edge_files import AliasRegistry, ProcessLock, is_shard, 
 from embedstream.sinks._edge_filters import chunk_filter, edge_filter
 from embedstream.sinks._edge_index import chunk_config, search_params
 from embedstream.sinks._layout import (
+    CHUNK_BOUND,
     SCROLL_PAGE,
     STATE_VECTOR,
     StatePoint,
@@ -360,13 +361,21 @@ class QdrantEdgeSink(CollectionSink):
         if durable:
             state.flush()
 
+    def _raise_bounds(self, raises: Mapping[int, list[str]]) -> None:
+        state = self._shard(STATE)
+        for bound, ids in raises.items():
+            state.update(qe.UpdateOperation.set_payload(list[Any](ids), {CHUNK_BOUND: bound}))
+
     def _write_chunks(self, plan: WritePlan) -> None:
         chunks = self._shard(CHUNKS)
         # Deletions count too: the optimizer vacuums segments that have many.
-        self._written_since_optimize += len(plan.chunks) + sum(map(len, plan.trims.values()))
+        self._written_since_optimize += (len(plan.chunks) + len(plan.leftovers)
+                                         + sum(map(len, plan.trims.values())))
         if plan.chunks:
             chunks.update(qe.UpdateOperation.upsert_points(
                 [qe.Point(pid, vector, payload) for pid, vector, payload in plan.chunks]))
+        if plan.leftovers:
+            chunks.update(qe.UpdateOperation.delete_points(list[Any](plan.leftovers)))
         for keep, doc_ids in plan.trims.items():
             chunks.update(qe.UpdateOperation.delete_points_by_filter(chunk_filter(doc_ids, keep)))
 
