@@ -156,6 +156,9 @@ class StreamConsumer(Rebalancing):
     def start(self) -> None:
         """Join the group (once); :meth:`step` then drives the loop."""
         if not self._subscribed:
+            # The first store maintenance after an open can be long (it tidies what a
+            # crash left): made now, it holds up no partition and no poll.
+            self._maintain(self._clock())
             self._consumer.subscribe(
                 self._routes.subscription(),
                 on_assign=self._on_assign,
