@@ -91,6 +91,9 @@ class CollectionSink(HandoverRecords, DocumentVectors):
 
     _STORE: ClassVar[str]  # the store's name in messages
     _KEEP_CAUSE: ClassVar[bool] = True  # whether a translated error keeps its cause
+    # Whether leftovers go by id, bounded by each state's chunk_bound (see _layout):
+    # sound only where this sink is the store's one writer and reads what it wrote.
+    _TRIM_BY_ID: ClassVar[bool] = False
 
     def __init__(self, alias: str, physical: str | None, at: str,
                  filter_fields: Mapping[str, FieldType] | None = None) -> None:
@@ -186,15 +189,16 @@ class CollectionSink(HandoverRecords, DocumentVectors):
         part then has them, see ``_make``); ``durable``: on disk on return, not at
         the next flush."""
 
-    @abstractmethod
     def _raise_bounds(self, raises: Mapping[int, list[str]]) -> None:
         """Set ``chunk_bound`` to each given value on those state points (existing
-        ones), leaving the rest of their payloads as they are."""
+        ones), leaving the rest of their payloads as they are. Only a sink with
+        ``_TRIM_BY_ID`` is asked."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no chunk bounds")
 
     @abstractmethod
     def _write_chunks(self, plan: WritePlan) -> None:
-        """Upsert the plan's chunks, then delete its leftovers (by id) and trims
-        (by filter)."""
+        """Upsert the plan's chunks, then delete its leftovers (by id; only with
+        ``_TRIM_BY_ID``) and trims (by filter)."""
 
     @abstractmethod
     def _scroll_page(self, doc_ids: list[str] | None, payload: bool | list[str],
@@ -346,10 +350,13 @@ class CollectionSink(HandoverRecords, DocumentVectors):
     def apply(self, writes: Sequence[DocumentWrite]) -> None:
         self._check_open()
         self._before_write()
-        with self._errors("write"):
-            # One read for the batch: it lets leftovers go by id (see _layout).
-            stored = self._state_payloads(list({doc_state_point_id(w.doc_id) for w in writes}))
-        plan = plan_writes(writes, chunk_bounds(stored))
+        bounds: dict[str, int] | None = None
+        if self._TRIM_BY_ID:
+            with self._errors("write"):
+                # One read for the batch: it lets leftovers go by id (see _layout).
+                bounds = chunk_bounds(self._state_payloads(
+                    list({doc_state_point_id(w.doc_id) for w in writes})))
+        plan = plan_writes(writes, bounds)
         with self._errors("write"):
             if plan.raises:  # before any chunk, so a crash leaves the bound above them
                 self._raise_bounds(plan.raises)

@@ -14,7 +14,11 @@ it. A write that grows a document raises it (``set_payload`` on the state point)
 before any chunk is written, and the state written last sets it to the chunk
 count; so a crash anywhere in between leaves it an upper bound, and the replayed
 write deletes whatever the cut-short one left. A document without one (no state
-yet, or a state written before the field existed) is trimmed by filter.
+yet, or a state written before the field existed) is trimmed by filter. Only the
+Qdrant Edge sink keeps bounds: it is its store's one writer (a process lock) and
+reads what it wrote. A server's replicas may answer a read with an older bound,
+and a consumer that lost its partitions may still be writing, so a leftover
+missed there would stay for good; a filter delete finds it at the next write.
 
 The helpers here are that shared layout, independent of the client library.
 
@@ -250,7 +254,8 @@ def plan_writes(writes: Sequence[DocumentWrite],
     """Validate and flatten writes. A later write for the same document in one
     call supersedes an earlier one, exactly as if they were applied in turn.
     ``bounds``: the stored ``chunk_bound`` of the documents whose state has one
-    (:func:`chunk_bounds`); the others are trimmed by filter.
+    (:func:`chunk_bounds`); the others are trimmed by filter. None: the sink keeps
+    no bounds (every document trimmed by filter, no ``chunk_bound`` written).
 
     Raises ValueError for a malformed write (a deletion with chunks, chunk
     indexes other than 0..n-1) before anything is written."""
@@ -262,7 +267,7 @@ def plan_writes(writes: Sequence[DocumentWrite],
     raises: dict[int, list[str]] = defaultdict(list)
     leftovers: list[str] = []
     states: list[StatePoint] = []
-    bounds = bounds or {}
+    known = bounds or {}
     for doc_id, write in latest.items():
         if write.state.deleted and write.chunks:
             raise ValueError(f"document {doc_id!r}: a deletion must not carry chunks")
@@ -276,7 +281,7 @@ def plan_writes(writes: Sequence[DocumentWrite],
             payload = {**chunk.payload, "doc_id": doc_id, "chunk_index": chunk.chunk_index}
             pid = chunk_point_id(doc_id, chunk.chunk_index)
             chunks.append((pid, as_floats(chunk.vector), payload))
-        count, stored = len(write.chunks), bounds.get(doc_id)
+        count, stored = len(write.chunks), known.get(doc_id)
         if stored is None:
             trims[count].append(doc_id)
         else:
@@ -284,7 +289,8 @@ def plan_writes(writes: Sequence[DocumentWrite],
                 raises[count].append(doc_state_point_id(doc_id))
             leftovers.extend(chunk_point_id(doc_id, i) for i in range(count, stored))
         payload = state_payload(doc_id, write.state)
-        payload[CHUNK_BOUND] = count
+        if bounds is not None:
+            payload[CHUNK_BOUND] = count
         sparse = write.sparse or None  # an empty vector: none (no term to find it by)
         if sparse is not None:
             if write.state.deleted:

@@ -100,6 +100,7 @@ class QdrantEdgeSink(CollectionSink):
     """Chunk points in a local Qdrant Edge shard (see the module docstring)."""
 
     _STORE = "Qdrant Edge"
+    _TRIM_BY_ID = True  # one writer, under the process lock (see _layout)
 
     def __init__(self, path: Path | str, collection: str, *,
                  physical: str | None = None, min_free_bytes: int = 0,
@@ -326,8 +327,11 @@ class QdrantEdgeSink(CollectionSink):
         before this open. Many of them (a store grown before ``sink.index``) would make
         one run hold the loop for minutes, so maintenance is then left to a rebuild.
         Otherwise a run is due at once: the first after an open also tidies what a
-        crash left (optimizations cut short: 1-2.3 s measured at 100K-1M points), and
-        the consumer makes it before joining its group, where it holds up no partition."""
+        crash left (optimizations cut short by a SIGKILL: 1.2 s at 10K points, 2.6 s at
+        100K, 4.2 s at 1M in bench/scale.py), and the consumer makes it before joining
+        its group, where it holds up no partition. (A collection the consumer switches
+        to after a rebuild is opened in the loop; the rebuild maintained it fully, so
+        its first run is short.)"""
         index = self._index_settings
         every = index.maintenance.every_points
         if every <= 0 or (index.quantization.kind == "none" and index.hnsw.m == 0):
@@ -365,6 +369,7 @@ class QdrantEdgeSink(CollectionSink):
             state.flush()
 
     def _raise_bounds(self, raises: Mapping[int, list[str]]) -> None:
+        # In the WAL on return, like every update; flushed with the next checkpoint.
         state = self._shard(STATE)
         for bound, ids in raises.items():
             state.update(qe.UpdateOperation.set_payload(list[Any](ids), {CHUNK_BOUND: bound}))

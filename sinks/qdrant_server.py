@@ -55,7 +55,6 @@ from qdrant_client import QdrantClient, models
 
 from embedstream.sinks._collection import CHUNKS, STATE, CollectionSink, Part, Schema
 from embedstream.sinks._layout import (
-    CHUNK_BOUND,
     SCROLL_PAGE,
     STATE_SUFFIX,
     STATE_VECTOR,
@@ -309,12 +308,6 @@ class QdrantServerSink(CollectionSink):
             models.PointStruct(id=pid, vector=_state_vectors(sparse), payload=payload)
             for pid, payload, sparse in points])
 
-    def _raise_bounds(self, raises: Mapping[int, list[str]]) -> None:
-        client = self._open()
-        for bound, ids in raises.items():
-            client.set_payload(self._name(STATE), {CHUNK_BOUND: bound},
-                               points=list[Any](ids), wait=True)
-
     def _write_chunks(self, plan: WritePlan) -> None:
         client = self._open()
         points = [models.PointStruct(id=i, vector=v, payload=p) for i, v, p in plan.chunks]
@@ -324,9 +317,6 @@ class QdrantServerSink(CollectionSink):
             for i in range(0, len(points), step)] or [[]]
         # Leftover deletes ride in the last request, after every upsert; they
         # never touch the new chunks (their indexes are below the cut).
-        if plan.leftovers:
-            requests[-1].append(models.DeleteOperation(
-                delete=models.PointIdsList(points=list(plan.leftovers))))
         requests[-1].extend(
             models.DeleteOperation(delete=models.FilterSelector(filter=_chunk_filter(ids, keep)))
             for keep, ids in plan.trims.items())

