@@ -32,7 +32,8 @@ from embedstream.stream.store import ChunkPoint, DocState, DocumentWrite, chunk_
 
 from _common import MODEL, MSMARCO, PASSAGES, log, read_passages
 
-__all__ = ["BLOCK", "CATEGORIES", "Corpus", "K", "cache_file", "category", "load_sample"]
+__all__ = ["BLOCK", "CATEGORIES", "Corpus", "K", "cache_file", "category", "load_sample",
+           "more_queries"]
 
 QUERIES = MSMARCO / "queries.tsv"
 K = 10
@@ -82,6 +83,17 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     vectors = vectors.astype(np.float32)
     unit: np.ndarray = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     return unit
+
+
+def more_queries(queries: np.ndarray, count: int, sigma: float, seed: int) -> np.ndarray:
+    """The sample's queries, then perturbed copies of them (as the points are) up to
+    ``count``: a p99 over 100 queries is their slowest one."""
+    if count <= len(queries):
+        return queries[:count]
+    rng = np.random.default_rng(seed + 7)
+    extra = queries[np.arange(count - len(queries)) % len(queries)]
+    extra = extra + rng.normal(0.0, sigma, extra.shape).astype(np.float32)
+    return np.concatenate([queries, _unit(extra)])
 
 
 class Corpus:

@@ -9,8 +9,9 @@ once a second. At each step, over ``--samples`` random documents each, it measur
 * ``apply_ms``: an update that replaces a document's 1-3 chunks (one document per
   ``apply``, after its own version-guard read, timed apart as ``state_read_ms``), and
   ``delete_ms``: a delete (the document is then written again: the store keeps its size);
-* ``search_ms`` and ``filtered_search_ms``: top 10 through ``Sink.search`` for the 100
-  MS MARCO sample queries, unfiltered and filtered on an indexed keyword (``category``,
+* ``search_ms`` and ``filtered_search_ms``: top 10 through ``Sink.search`` for
+  ``--queries`` queries (the 100 MS MARCO sample queries, then copies of them perturbed
+  as the points are), unfiltered and filtered on an indexed keyword (``category``,
   20 values: ~5% of the points), with ``recall_at_10`` of each against exact search
   (numpy over every point), through the sink's own search parameters;
 * ``rss_bytes_per_point`` (``/proc/self/status``, less the RSS before the store was
@@ -66,7 +67,7 @@ from embedstream.stream.filters import Filter, Match
 from embedstream.stream.store import Sink
 
 from _common import MODEL, PASSAGES, OtherLoad, log, machine
-from _scale_corpus import Corpus, K, cache_file, category, load_sample
+from _scale_corpus import Corpus, K, cache_file, category, load_sample, more_queries
 from _scale_tools import (
     ALIAS,
     FIELDS,
@@ -89,7 +90,8 @@ class Run:
 
     def __init__(self, args: argparse.Namespace, kind: str, store: Path) -> None:
         self.args, self.kind, self.store = args, kind, store
-        base, self.queries = load_sample(Path(args.cache))
+        base, queries = load_sample(Path(args.cache))
+        self.queries = more_queries(queries, args.queries, args.sigma, args.seed)
         self.dimension = base.shape[1]
         self.corpus = Corpus(base, args.sigma, args.seed, max(args.steps))
         self.calls, self.ticker, self.docs, self.offset = Calls(), Ticker(), 0, 0
@@ -386,7 +388,8 @@ def summary(args: argparse.Namespace, lines: dict[str, list[dict[str, Any]]],
         "vectors": {"source": f"{PASSAGES.parent.name}: passages and queries embedded with "
                     f"{MODEL} (torch fp32), cached in {args.cache}",
                     "perturbation": f"point g = passage g % P + N(0, {args.sigma}^2) per "
-                    "dimension, renormalized", "seed": args.seed},
+                    "dimension, renormalized", "seed": args.seed,
+                    "queries": f"{args.queries}: the sample's, then copies perturbed alike"},
         "wall_s": round(time.perf_counter() - started, 1), "machine": machine(),
     }
 
@@ -408,6 +411,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="updates, and deletes, per step (Edge)")
     parser.add_argument("--server-samples", type=int, default=50,
                         help="the same for the server path (each call scans every point)")
+    parser.add_argument("--queries", type=int, default=500,
+                        help="searches per step (the sample has 100; more are perturbed copies)")
     parser.add_argument("--sigma", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kill-points", type=int, default=20_000)

@@ -47,6 +47,11 @@ def test_small_growth_reports_every_figure(tmp_path: Path) -> None:
         steps[1]["apply_ms"]["p99"] / steps[0]["apply_ms"]["p99"], rel=0.01)
     assert 0 < summary["search_p99_ms"] < 1000
     assert 0 < summary["filtered_search_p99_ms"] < 1000
+    # 500 searches of each kind (the sample's 100 queries and perturbed copies), so
+    # a p99 is not just the slowest one.
+    assert steps[1]["search_ms"]["n"] == steps[1]["filtered_search_ms"]["n"] == 500
+    # The first maintenance after the reopen is made as the consumer's start makes it.
+    assert all(s["open_maintain_ms"] > 0 for s in steps)
     # The sink's own index (binary quantization with rescoring, kept up by the
     # consumer's maintenance policy): the recall goal holds at this size too.
     assert summary["index"]["kind"] == "sink"
