@@ -327,9 +327,9 @@ class QdrantEdgeSink(CollectionSink):
         before this open. Many of them (a store grown before ``sink.index``) would make
         one run hold the loop for minutes, so maintenance is then left to a rebuild.
         Otherwise a run is due at once: the first after an open also tidies what a
-        crash left (optimizations cut short by a SIGKILL: 1.2 s at 10K points, 2.6 s at
-        100K, 4.2 s at 1M in bench/scale.py), and the consumer makes it before joining
-        its group, where it holds up no partition. (A collection the consumer switches
+        crash left (optimizations cut short by a SIGKILL: seconds at 1M points, see
+        ``open_maintain_ms`` in bench/scale.py), and the consumer makes it before
+        joining its group, where it holds up no partition. (A collection the consumer switches
         to after a rebuild is opened in the loop; the rebuild maintained it fully, so
         its first run is short.)"""
         index = self._index_settings
