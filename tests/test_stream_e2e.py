@@ -74,6 +74,10 @@ def config(broker: LocalBroker, topic: str, store: Path, group: str) -> dict[str
         "source": {"format": "debezium", "id_fields": ["id"], "text_fields": ["text"],
                    "metadata_fields": ["commit"]},
         "sink": {"kind": "qdrant-edge", "path": str(store), "collection": "pages"},
+        # fp32 torch, as the oracle: `auto` would take whichever backend measured fastest
+        # on the machine at that moment (bf16 on a busy AMX CPU, cosine ~0.99 per vector,
+        # which the quality guard accepts but the oracle's per-vector check does not).
+        "embed": {"backend": "torch", "precision": "fp32"},
         "metrics": {"enabled": False},
     }
 
@@ -227,7 +231,7 @@ def test_sigkill_at_random_moments_reaches_the_same_store(
     killed_config = config(broker, topic, store, group)
     # Small batches and frequent checkpoints, so every kill lands with work
     # still to do, often with writes applied but not yet checkpointed.
-    killed_config["embed"] = {"max_batch_tokens": 512}
+    killed_config["embed"]["max_batch_tokens"] = 512
     killed_config["sink"]["flush_interval_ms"] = 100
     config_file.write_text(yaml.safe_dump(killed_config))
     load_settings(config_file)  # the file is valid
