@@ -184,6 +184,8 @@ class StreamConsumer(Rebalancing):
         # Adaptive batching: nothing more fetched and waiting means the batch goes now
         # (a quiet stream pays no deadline; under load the queue refills while a batch
         # is embedded, so batches grow with the load).
+        # (A full poll says nothing of what is left: the next poll, made without waiting
+        # while a batch is open (_poll_timeout), comes back empty if nothing was fetched.)
         drained = self._adaptive and len(messages) < self._settings.kafka.poll_max_messages
         for index, message in enumerate(messages):
             try:
@@ -242,6 +244,8 @@ class StreamConsumer(Rebalancing):
         now = self._clock()
         if self._pressure.retry_at is not None:
             return min(_IDLE_POLL_S, max(0.0, self._pressure.retry_at - now))
+        if self._adaptive and not self._batch.empty:
+            return 0.0  # adaptive: what is already fetched joins the batch; if none, it goes
         waits = [_IDLE_POLL_S]
         if (left := self._batch.time_left(now)) is not None:
             waits.append(left)

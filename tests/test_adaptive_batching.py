@@ -28,10 +28,11 @@ WAIT_MS = 3000
 
 
 def settings_for(broker: LocalBroker, topic: str, store: Path, model: Path,
-                 batching: str) -> Settings:
+                 batching: str, poll_max_messages: int = 1000) -> Settings:
     return Settings(
         kafka={"bootstrap_servers": broker.bootstrap_servers, "topics": [topic],
-               "group_id": unique("g"), "options": {"session.timeout.ms": 6000}},
+               "group_id": unique("g"), "options": {"session.timeout.ms": 6000},
+               "poll_max_messages": poll_max_messages},
         source={"format": "native"},
         embed={"model": str(model), "backend": "torch", "precision": "fp32",
                "batching": batching, "max_wait_ms": WAIT_MS},
@@ -45,13 +46,17 @@ def event(i: int) -> tuple[bytes, bytes]:
          "version": 1}).encode()
 
 
-@pytest.mark.parametrize("batching", ["adaptive", "fixed"])
+# poll_max_messages 1: every poll is "full", so only an empty poll can tell that
+# nothing more was fetched (the consumer makes it without waiting while a batch is open).
+@pytest.mark.parametrize(("batching", "poll_max_messages"),
+                         [("adaptive", 1000), ("adaptive", 1), ("fixed", 1000)])
 def test_a_lone_event_waits_for_the_deadline_only_when_batching_is_fixed(
-        broker: LocalBroker, tmp_path: Path, tiny_model_dir: Path, batching: str) -> None:
+        broker: LocalBroker, tmp_path: Path, tiny_model_dir: Path, batching: str,
+        poll_max_messages: int) -> None:
     topic = unique("lone")
     create_topic(broker.bootstrap_servers, topic, partitions=1)
     pipeline = build_pipeline(settings_for(broker, topic, tmp_path / "store",
-                                           tiny_model_dir, batching))
+                                           tiny_model_dir, batching, poll_max_messages))
     applied_at: dict[str, float] = {}
 
     def on_applied(events: Sequence[ChangeEvent], acked_at: float) -> None:
@@ -70,18 +75,21 @@ def test_a_lone_event_waits_for_the_deadline_only_when_batching_is_fixed(
         pipeline.close()
     waited = applied_at["d1"] - sent
     if batching == "adaptive":
-        assert waited < 1.0, f"adaptive: a lone event waited {waited:.2f} s"
+        # ~0.01-0.03 s here; an idle poll (0.5 s) must not be what closes the batch.
+        assert waited < 0.25, f"adaptive: a lone event waited {waited:.2f} s"
     else:
         assert waited >= 0.9 * WAIT_MS / 1000, f"fixed: applied after {waited:.2f} s"
 
 
+@pytest.mark.parametrize("poll_max_messages", [1000, 1])
 def test_a_backlog_still_fills_batches_under_adaptive_batching(
-        broker: LocalBroker, tmp_path: Path, tiny_model_dir: Path) -> None:
+        broker: LocalBroker, tmp_path: Path, tiny_model_dir: Path,
+        poll_max_messages: int) -> None:
     topic, count = unique("backlog"), 300
     create_topic(broker.bootstrap_servers, topic, partitions=1)
     produce(broker.bootstrap_servers, topic, [event(i) for i in range(count)])
     pipeline = build_pipeline(settings_for(broker, topic, tmp_path / "store",
-                                           tiny_model_dir, "adaptive"))
+                                           tiny_model_dir, "adaptive", poll_max_messages))
     metrics = Metrics()
     stream = build_consumer(pipeline, metrics)
     try:
