@@ -48,15 +48,11 @@ class Winners:
                                         dir=directory)
         os.close(handle)
         self.path = Path(name)
-        self._db = sqlite3.connect(name, isolation_level=None)
-        # Scratch data: no journal and no fsync (a crash folds again from Kafka).
-        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{_CACHE_KIB}",
-                       "temp_store=FILE", "locking_mode=EXCLUSIVE"):
-            self._db.execute(f"PRAGMA {pragma}")
-        self._db.execute(
-            "CREATE TABLE winners (doc_id TEXT PRIMARY KEY, version INTEGER, offset INTEGER, "
-            "deleted INTEGER, versioned INTEGER, topic TEXT, partition INTEGER, "
-            "topic_id TEXT, timestamp_ms INTEGER, tombstone INTEGER) WITHOUT ROWID")
+        try:
+            self._db = _scratch_db(name)
+        except BaseException:
+            self.path.unlink(missing_ok=True)  # no scratch file outlives a failed start
+            raise
         self._count = 0
 
     def __len__(self) -> int:
@@ -107,3 +103,20 @@ class Winners:
             self._db.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _scratch_db(name: str) -> sqlite3.Connection:
+    db = sqlite3.connect(name, isolation_level=None)
+    try:
+        # Scratch data: no journal and no fsync (a crash folds again from Kafka).
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{_CACHE_KIB}",
+                       "temp_store=FILE", "locking_mode=EXCLUSIVE"):
+            db.execute(f"PRAGMA {pragma}")
+        db.execute(
+            "CREATE TABLE winners (doc_id TEXT PRIMARY KEY, version INTEGER, offset INTEGER, "
+            "deleted INTEGER, versioned INTEGER, topic TEXT, partition INTEGER, "
+            "topic_id TEXT, timestamp_ms INTEGER, tombstone INTEGER) WITHOUT ROWID")
+    except BaseException:
+        db.close()
+        raise
+    return db

@@ -7,6 +7,8 @@ import random
 import tracemalloc
 from pathlib import Path
 
+import pytest
+
 from embedstream.bulk._winners import Winners
 from embedstream.stream.events import ChangeEvent, Op, Position
 from embedstream.stream.plan import PreparedEvent, fold
@@ -86,3 +88,18 @@ def test_folding_many_documents_holds_no_python_object_per_document(tmp_path: Pa
         tracemalloc.stop()
     print(f"fold peaks {small:.2f} / {large:.2f} MiB; dict {dict_peak / 2**20:.1f} MiB")
     assert len(held) == 100_000 and dict_peak / 2**20 > 3 * large
+
+
+def test_a_scratch_table_that_cannot_be_made_leaves_no_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    import embedstream.bulk._winners as winners_module
+
+    def refuse(name: str) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(winners_module, "_scratch_db", refuse)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        Winners(tmp_path / "scratch")
+    assert list((tmp_path / "scratch").iterdir()) == []
