@@ -42,31 +42,39 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from embedstream.bulk._rebuild_start import (
+    alias_to_rebuild,
+    already_done,
+    checkpoint_identity,
+    files_signature,
+    open_records,
+    state_dir,
+    topic_ends,
+)
 from embedstream.bulk._run import Prepared, RebuildRun, Record
-from embedstream.bulk.catch_up import catch_up, handover_ends
+from embedstream.bulk.catch_up import catch_up
 from embedstream.bulk.checkpoint import Checkpoint, CheckpointStore
 from embedstream.bulk.encoder import AnyEncoder, RemoteEncoder
 from embedstream.bulk.engine import BulkEngine, EngineStats
 from embedstream.bulk.kafka_source import KafkaSnapshot, Partition
 from embedstream.bulk.outputs import VectorFileWriter
 from embedstream.bulk.progress import Progress
-from embedstream.bulk.sources import count_rows, expand_files, read_rows
+from embedstream.bulk.sources import count_rows
 from embedstream.sinks.factory import build_admin, build_sink
 from embedstream.stream.chunking import TokenChunker
 from embedstream.stream.config import Settings
 from embedstream.stream.embedding import chunk_max_tokens
-from embedstream.stream.errors import ConfigError, KafkaUnavailable
+from embedstream.stream.errors import ConfigError
 from embedstream.stream.fingerprint import Fingerprint
 from embedstream.stream.health import Health, serve_metrics
 from embedstream.stream.local_encoder import LocalEncoder
 from embedstream.stream.metrics import Metrics
-from embedstream.stream.names import name_error
 from embedstream.stream.remote_embedding import OpenAIEmbedder
 from embedstream.stream.sparse import build_sparse_encoder, sparse_spec
 from embedstream.stream.store import Sink, SinkAdmin
@@ -127,11 +135,6 @@ def fresh_name(alias: str, taken: Collection[str] = (), now: datetime | None = N
     return name
 
 
-def _state_dir(settings: Settings) -> Path:
-    """Where the rebuild keeps its checkpoints and scratch files."""
-    return settings.bulk.state_dir or settings.sink.path / ".rebuild"
-
-
 def build_encoders(settings: Settings, metrics: Metrics | None = None) -> list[AnyEncoder]:
     """One encoder per GPU when there are several and ``embed.device`` is auto; the
     remote API (one client, its own concurrency) with ``embed.provider: openai``."""
@@ -147,31 +150,6 @@ def build_encoders(settings: Settings, metrics: Metrics | None = None) -> list[A
     return [LocalEncoder.from_settings(embed, device=d, batch_tokens=bulk.batch_tokens,
                                        on_choice=on_choice)
             for d in devices]
-
-
-def _records(settings: Settings, options: RebuildOptions, checkpoint: Checkpoint,
-             run: RebuildRun) -> tuple[Iterator[Record], KafkaSnapshot | None]:
-    if options.source == "kafka":
-        snapshot = KafkaSnapshot(settings, start=checkpoint.offsets,
-                                 covered=checkpoint.covered or None,
-                                 on_folded=run.expect, scratch=_state_dir(settings))
-        snapshot.open()
-        checkpoint.covered = dict(snapshot.covered)
-        return snapshot.items(), snapshot
-    return read_rows(options.source, settings, skip=checkpoint.done), None
-
-
-def _identity(settings: Settings, fingerprint: Fingerprint) -> str:
-    """What decides the vectors and what is read: a resume under other source
-    settings or topics would mix two corpora, so the checkpoint keeps this."""
-    return " ".join((fingerprint.to_json(), settings.source.model_dump_json(),
-                     ",".join(settings.kafka.topics)))
-
-
-def _files_signature(source: str) -> list[list[Any]]:
-    if source == "kafka":
-        return []
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_files(source)]
 
 
 def rebuild(settings: Settings, options: RebuildOptions, *,
@@ -192,7 +170,7 @@ def rebuild(settings: Settings, options: RebuildOptions, *,
     started) from a daemon thread that lives as long as the process, so a Job can be
     scraped. A port that cannot be bound is logged and the rebuild goes on. A caller
     passing ``metrics`` serves them itself, if at all."""
-    _alias(settings, options)  # before anything is served, loaded or built from it
+    alias_to_rebuild(settings, options)  # before anything is served, loaded or built from it
     if metrics is None:
         metrics = Metrics()
         health = _serve(settings, metrics)
@@ -217,7 +195,7 @@ def _rebuild(settings: Settings, options: RebuildOptions, encoders: list[AnyEnco
              sink_factory: Callable[[str], Sink] | None, admin: SinkAdmin | None,
              progress_stream: TextIO | None, metrics: Metrics,
              health: Health | None) -> RebuildReport:
-    alias = _alias(settings, options)
+    alias = alias_to_rebuild(settings, options)
     to_files = options.output is not None
     encoder = encoders[0]
     chunk_spec = TokenChunker(encoder.tokenizer, max_tokens=chunk_max_tokens(
@@ -233,23 +211,23 @@ def _rebuild(settings: Settings, options: RebuildOptions, encoders: list[AnyEnco
     admin = admin or (None if to_files else build_admin(settings.sink))
     try:
         taken = {c.name for c in admin.collections()} if admin is not None else set()
-        checkpoints = CheckpointStore(_state_dir(settings))
+        checkpoints = CheckpointStore(state_dir(settings))
         checkpoint = checkpoints.load_or_new(
             name, restart=options.restart, source=options.source,
-            files=_files_signature(options.source),
-            fingerprint=_identity(settings, fingerprint),
+            files=files_signature(options.source),
+            fingerprint=checkpoint_identity(settings, fingerprint),
             output=str(options.output) if to_files else None,
             target=None if to_files else fresh_name(alias, taken))
         report = RebuildReport(
             target=str(options.output) if to_files else str(checkpoint.target),
             alias=None if to_files else alias, resumed_from=checkpoint.done)
-        if admin is not None and _already_done(admin, alias, checkpoint, taken):
+        if admin is not None and already_done(admin, alias, checkpoint, taken):
             checkpoints.remove(checkpoint.name)  # killed after the swap: nothing left to do
             log.info("the interrupted rebuild had already moved %s to %s; done", alias,
                      checkpoint.target)
             return report
         if options.handover and not to_files and not checkpoint.covered:
-            checkpoint.covered = _topic_ends(settings)
+            checkpoint.covered = topic_ends(settings)
             checkpoints.save(checkpoint)  # before anything is read: a resume keeps these
         if health is not None:
             health.started()
@@ -259,18 +237,6 @@ def _rebuild(settings: Settings, options: RebuildOptions, encoders: list[AnyEnco
     finally:
         if admin is not None and owned_admin:
             admin.close()
-
-
-def _alias(settings: Settings, options: RebuildOptions) -> str:
-    """The alias to rebuild, once the one name rule lets it name the
-    checkpoint, the failure list and the new collection (``--collection``
-    comes from a command line or a Helm value: it may hold a path)."""
-    alias = options.collection or settings.sink.collection
-    problem = name_error(alias, "--collection" if options.collection else "sink.collection",
-                         alias=True)
-    if problem:
-        raise ConfigError(problem)
-    return alias
 
 
 def _serve(settings: Settings, metrics: Metrics) -> Health | None:
@@ -289,18 +255,6 @@ def _serve(settings: Settings, metrics: Metrics) -> Health | None:
     log.info("serving rebuild metrics on %s:%d/metrics", settings.metrics.host,
              settings.metrics.port)
     return health
-
-
-def _already_done(admin: SinkAdmin, alias: str, checkpoint: Checkpoint,
-                  taken: set[str]) -> bool:
-    """True when an interrupted run of this rebuild had already moved the alias;
-    raises when its partial collection is gone (a resume would skip what it held)."""
-    resuming = checkpoint.done > 0 or checkpoint.embedded
-    if resuming and checkpoint.target not in taken:
-        raise ConfigError(
-            f"the interrupted rebuild of {alias!r} wrote into {checkpoint.target!r}, which "
-            "no longer exists; pass --restart to rebuild from the start")
-    return resuming and admin.resolve(alias) == checkpoint.target
 
 
 def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
@@ -335,7 +289,7 @@ def _run_rebuild(settings: Settings, options: RebuildOptions, alias: str,
     snapshot: KafkaSnapshot | None = None
     try:
         if not checkpoint.embedded:
-            records, snapshot = _records(settings, options, checkpoint, run)
+            records, snapshot = open_records(settings, options, checkpoint, run)
             checkpoints.save(checkpoint)  # the snapshot's marks, before anything is written
             engine = _engine(settings, options, encoders)
             run.engine = engine
@@ -413,21 +367,3 @@ def _fill_stats(report: RebuildReport, stats: EngineStats) -> None:
     report.tokens = stats.tokens
     report.padding_fraction = round(stats.padding_fraction, 4)
     report.elapsed_s = round(stats.elapsed_s, 2)
-
-
-def _topic_ends(settings: Settings) -> dict[Partition, int]:
-    """Where the handover starts: the ends served now, checked against the live group.
-    No partition at all is refused: the handover would silently be skipped, and the
-    events a live stream applies meanwhile would be missing from the new collection."""
-    try:
-        ends = handover_ends(settings)
-    except KafkaUnavailable as error:
-        raise KafkaUnavailable(
-            f"{error}. The handover needs the topics' ends; without a live stream to hand "
-            "over to, pass --no-handover") from None
-    if not ends:
-        raise ConfigError(
-            f"no partition of {list(settings.kafka.topics) or settings.kafka.topic_pattern!r} "
-            "to hand over from (kafka.topics, or the route's topics): without a live stream "
-            "to hand over to, pass --no-handover")
-    return ends

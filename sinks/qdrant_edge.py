@@ -42,8 +42,6 @@ use from several threads at once.
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,11 +52,18 @@ import qdrant_edge as qe
 from embedstream.sinks._collection import CHUNKS, STATE, CollectionSink, Part, Schema
 from embedstream.sinks._edge_files import AliasRegistry, ProcessLock, is_shard, lock_path
 from embedstream.sinks._edge_filters import chunk_filter, edge_filter
-from embedstream.sinks._edge_index import chunk_config, search_params
+from embedstream.sinks._edge_index import chunk_config, maintenance_at_open, search_params
+from embedstream.sinks._edge_shards import (
+    PAYLOAD_SCHEMAS,
+    edge_sparse,
+    state_config,
+    state_vectors,
+    write_wal_options,
+    written_sparse,
+)
 from embedstream.sinks._layout import (
     CHUNK_BOUND,
     SCROLL_PAGE,
-    STATE_VECTOR,
     StatePoint,
     WritePlan,
     new_physical_name,
@@ -73,17 +78,6 @@ from embedstream.stream.sparse import SPARSE_NAME, SparseVector
 
 __all__ = ["QdrantEdgeSink", "open_fingerprint"]
 
-_SCHEMAS: dict[Schema, qe.PayloadSchemaType] = {
-    "keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer,
-    "float": qe.PayloadSchemaType.Float, "bool": qe.PayloadSchemaType.Bool,
-    "datetime": qe.PayloadSchemaType.Datetime}
-log = logging.getLogger("embedstream.sinks")
-_EDGE_CONFIG = "edge_config.json"  # where Edge keeps a shard's settings
-# The WAL of a new shard: 4 MiB segments, not Edge's 32 MiB. Edge keeps two open
-# segments of full size (a sparse file where the filesystem allows it), so each
-# shard reserved 64 MiB, 128 MiB a collection. Ingestion is as fast (README, "Disk");
-# a write larger than a segment gets a segment of its own size.
-_WAL_OPTIONS = {"segment_capacity": 4 * 2**20, "segment_queue_len": 0, "retain_closed": 1}
 # Lock file (real path) -> fingerprint of each collection open in this process:
 # another process's shard cannot be read, and neither can our own from a second
 # handle, so the admin asks here.
@@ -120,7 +114,7 @@ class QdrantEdgeSink(CollectionSink):
         self._index_settings = index or IndexSettings()
         self._search_params = search_params(self._index_settings)
         self._written_since_optimize = 0  # chunk points written (or deleted) since
-        self._maintenance_held = False  # too much unindexed at open (see _count_unindexed)
+        self._maintenance_held = False  # too much unindexed at open (see maintenance_at_open)
         super().__init__(collection, physical, str(self._path), filter_fields)
         self._disk = DiskGuard(self._path, min_free_bytes, lambda: self._where, free)
         self._aliases = AliasRegistry(self._path)
@@ -289,28 +283,20 @@ class QdrantEdgeSink(CollectionSink):
         if held:
             raise FingerprintMismatch(not_ours_message(self._collection, f"{held} points"))
         if part == STATE:  # made for another retrieval.sparse, its writes would all fail
-            written = json.loads((self._path / self._name(part) / _EDGE_CONFIG).read_text())
-            found = (written.get("sparse_vectors") or {}).get(SPARSE_NAME)
-            if "vectors" in written:  # else only the WAL options: no shard was made yet
-                self._check_leftover_sparse(found is not None,
-                                            (found or {}).get("modifier") == "idf")
+            sparse = written_sparse(self._path / self._name(part))
+            if sparse is not None:  # else only the WAL options: no shard was made yet
+                self._check_leftover_sparse(*sparse)
 
     def _make(self, part: Part, size: int) -> None:
-        # EdgeShard.create takes no WAL options (Rust only), but a shard loaded
-        # from a directory holding only edge_config.json is created with the
-        # options written there (qdrant-edge-py 0.9). A crash before the load
-        # leaves that file alone, which open adopts as an empty leftover.
+        # Loaded, not created, so that the WAL options apply (see write_wal_options).
         directory = self._path / self._name(part)
-        directory.mkdir(parents=True, exist_ok=True)
-        config, written = directory / _EDGE_CONFIG, directory / f".{_EDGE_CONFIG}.tmp"
-        written.write_text(json.dumps({"wal_options": _WAL_OPTIONS}))
-        os.replace(written, config)
+        write_wal_options(directory)
         self._keep(part, qe.EdgeShard.load(str(directory), self._config(part, size)))
 
     def _config(self, part: Part, size: int) -> qe.EdgeConfig:
         if part == CHUNKS:
             return chunk_config(size, self._index_settings)
-        return _state_config(size, self.sparse, self._sparse_idf)
+        return state_config(size, self.sparse, self._sparse_idf)
 
     def _before_write(self) -> None:
         self._disk.check()
@@ -318,41 +304,18 @@ class QdrantEdgeSink(CollectionSink):
     def _keep(self, part: Part, shard: qe.EdgeShard) -> None:
         if part == CHUNKS:
             self._chunks = shard
-            self._count_unindexed(shard)
+            start = maintenance_at_open(shard, self._index_settings, self._chunks_where)
+            if start is not None:
+                self._written_since_optimize, self._maintenance_held = start
         else:
             self._state = shard
 
-    def _count_unindexed(self, shard: qe.EdgeShard) -> None:
-        """What the next maintenance run has to index: the points left unindexed
-        before this open. Many of them (a store grown before ``sink.index``) would make
-        one run hold the loop for minutes, so maintenance is then left to a rebuild.
-        Otherwise a run is due at once: the first after an open also tidies what a
-        crash left (optimizations cut short by a SIGKILL: seconds at 1M points, see
-        ``open_maintain_ms`` in bench/scale.py), and the consumer makes it before
-        joining its group, where it holds up no partition. (A collection the consumer switches
-        to after a rebuild is opened in the loop; the rebuild maintained it fully, so
-        its first run is short.)"""
-        index = self._index_settings
-        every = index.maintenance.every_points
-        if every <= 0 or (index.quantization.kind == "none" and index.hnsw.m == 0):
-            return  # nothing is ever indexed: the count says nothing
-        info = shard.info()
-        unindexed = max(0, info.points_count - info.indexed_vectors_count)
-        self._written_since_optimize = max(unindexed, every)
-        self._maintenance_held = unindexed > 2 * every
-        if self._maintenance_held:
-            log.warning(
-                "%s: %d of its %d chunk points are not indexed (a store grown before "
-                "sink.index, or written with maintenance off): indexing them in the "
-                "consumer's loop would hold it for long, so it is not maintained; "
-                "`embedstream rebuild` makes an indexed copy", self._chunks_where,
-                unindexed, info.points_count)
-
     def _index(self, part: Part, field: str, schema: Schema) -> None:
-        self._shard(part).update(qe.UpdateOperation.create_field_index(field, _SCHEMAS[schema]))
+        self._shard(part).update(
+            qe.UpdateOperation.create_field_index(field, PAYLOAD_SCHEMAS[schema]))
 
     def _indexed(self, part: Part) -> Mapping[str, str]:
-        names = {schema: name for name, schema in _SCHEMAS.items()}
+        names = {schema: name for name, schema in PAYLOAD_SCHEMAS.items()}
         return {field: names.get(info.data_type, str(info.data_type))
                 for field, info in self._shard(part).info().payload_schema.items()}
 
@@ -364,7 +327,7 @@ class QdrantEdgeSink(CollectionSink):
         # Like every update, in the WAL once update() returns (see the module docstring).
         state = self._shard(STATE)
         state.update(qe.UpdateOperation.upsert_points(
-            [qe.Point(pid, _state_vectors(sparse), payload) for pid, payload, sparse in points]))
+            [qe.Point(pid, state_vectors(sparse), payload) for pid, payload, sparse in points]))
         if durable:
             state.flush()
 
@@ -403,7 +366,7 @@ class QdrantEdgeSink(CollectionSink):
     def _nearest_documents(self, vector: SparseVector, limit: int,
                            only: Filter | None) -> list[qe.ScoredPoint]:
         return self._shard(STATE).query(qe.QueryRequest(
-            limit=limit, query=qe.Query.Nearest(_edge_sparse(vector), using=SPARSE_NAME),
+            limit=limit, query=qe.Query.Nearest(edge_sparse(vector), using=SPARSE_NAME),
             with_payload=True, filter=None if only is None else edge_filter(only)))
 
     def _documents_page(self, offset: Any) -> tuple[list[qe.Record], Any]:
@@ -416,23 +379,3 @@ class QdrantEdgeSink(CollectionSink):
                              "store can be opened by one process at a time")
         return SinkError(f"{self._where}: {what} failed: {exc}")
 
-
-def _state_config(size: int, sparse: bool, idf: bool) -> qe.EdgeConfig:
-    # The state's dense vectors are never searched: left on disk (Cold), not loaded
-    # into memory at open, which on tmpfs filled a 32 MiB chunk file at every start.
-    vectors = qe.EdgeVectorParams(size=size, distance=qe.Distance.Cosine, memory=qe.Memory.Cold)
-    if sparse:
-        return qe.EdgeConfig(vectors=vectors, sparse_vectors={
-            SPARSE_NAME: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf if idf else None)})
-    return qe.EdgeConfig(vectors=vectors)
-
-
-def _edge_sparse(vector: SparseVector) -> qe.SparseVector:
-    return qe.SparseVector(indices=list(vector.indices), values=list(vector.values))
-
-
-def _state_vectors(sparse: SparseVector | None) -> Any:
-    """A state point's vectors: the unused dense one, and the document's sparse one."""
-    if sparse is None:
-        return STATE_VECTOR
-    return {"": STATE_VECTOR, SPARSE_NAME: _edge_sparse(sparse)}

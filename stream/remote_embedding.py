@@ -60,16 +60,15 @@ import math
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import httpx
 import numpy as np
 import numpy.typing as npt
 
 from embedstream.stream._embedding_api import Answer, Ok, Rejected, Retry, classify, plan_requests
+from embedstream.stream._embedding_calls import Call, all_or_none, close_loop, new_loop, retry_wait
 from embedstream.stream._rate_limit import ConcurrencyWindow, RateLimiter
 from embedstream.stream.config import EmbedSettings
 from embedstream.stream.embedding import resolve_model_path
@@ -80,37 +79,10 @@ from embedstream.stream.redact import Redactor
 __all__ = ["OpenAIEmbedder", "plan_requests"]
 
 Matrix = npt.NDArray[np.float32]
-T = TypeVar("T")
 _DEFAULT_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
 # Sent at start (config check, dimension) and when a request keeps failing with 500:
 # if this answers, the provider is up and the request's texts are at fault.
 _PROBE_TEXT = "embedstream dimension probe"
-
-
-class _InlineExecutor(ThreadPoolExecutor):
-    """Runs what asyncio would hand to its default thread pool (``getaddrinfo``)
-    right away, on the loop's thread: no thread is ever started (a pool starts its
-    threads in ``submit``, replaced here; asyncio insists on a ThreadPoolExecutor)."""
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        future: Future[T] = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as error:
-            future.set_exception(error)
-        return future
-
-
-@dataclass(slots=True)
-class _Call:
-    """What the requests of one ``embed`` call share."""
-
-    texts: list[str]
-    tokens: list[int]
-    rows: list[Matrix | None]
-    failed: dict[int, tuple[str, str]]
-    deadline: float  # clock time; inf without a call budget
-    input_type: str | None = None  # sent as embed.input_type.key, when set
 
 
 class OpenAIEmbedder:
@@ -147,8 +119,7 @@ class OpenAIEmbedder:
             is_bearer = settings.api_key_header.lower() == "authorization"
             headers[settings.api_key_header] = f"Bearer {key}" if is_bearer else key
             self._redact.add([key])
-        self._loop = asyncio.new_event_loop()
-        self._loop.set_default_executor(_InlineExecutor())
+        self._loop = new_loop()
         self._client = httpx.AsyncClient(
             base_url=settings.api_base.rstrip("/") + "/", headers=headers,
             params=settings.query_params, timeout=settings.timeout_s, transport=transport,
@@ -233,16 +204,7 @@ class OpenAIEmbedder:
         return [prompt + text for text in texts] if prompt else list(texts)
 
     def close(self) -> None:
-        if not self._loop.is_closed():
-            # Requests of a call interrupted from outside (KeyboardInterrupt) never resume.
-            leftovers = asyncio.all_tasks(self._loop)
-            if leftovers:
-                for task in leftovers:
-                    task.cancel()
-                self._loop.run_until_complete(
-                    asyncio.gather(*leftovers, return_exceptions=True))
-            self._loop.run_until_complete(self._client.aclose())
-            self._loop.close()
+        close_loop(self._loop, self._client)
 
     # -- one call --------------------------------------------------------------
 
@@ -250,12 +212,12 @@ class OpenAIEmbedder:
                      input_type: str | None) -> Matrix:
         tokens = [max(1, count) for count in counts]  # an empty text still costs a slot
         budget = self._call_budget_s
-        call = _Call(texts, tokens, [None] * len(texts), {},
-                     self._clock() + budget if budget is not None else math.inf, input_type)
+        call = Call(texts, tokens, [None] * len(texts), {},
+                    self._clock() + budget if budget is not None else math.inf, input_type)
         settings = self._settings
         groups = plan_requests(tokens, settings.request_max_inputs, settings.request_max_tokens)
         try:
-            await _all_or_none([self._run(call, group) for group in groups])
+            await all_or_none([self._run(call, group) for group in groups])
         except EmbedderUnavailable as outage:
             # What did arrive is kept by the caller, so a retry makes progress even
             # when the provider is too slow for the whole call within its budget.
@@ -270,7 +232,7 @@ class OpenAIEmbedder:
             raise EmbedFailures(out, call.failed)
         return out
 
-    async def _run(self, call: _Call, group: list[int], mode: str = "request") -> None:
+    async def _run(self, call: Call, group: list[int], mode: str = "request") -> None:
         """Send one request until it succeeds, fails for good, or gives up; then,
         if it failed for good, find the texts at fault by halves (in ``suspect``
         mode: see :meth:`_attempts`)."""
@@ -286,10 +248,10 @@ class OpenAIEmbedder:
             return
         self._metrics.embed_splits.inc()
         middle = len(group) // 2
-        await _all_or_none([self._run(call, group[:middle], "suspect"),
-                            self._run(call, group[middle:], "suspect")])
+        await all_or_none([self._run(call, group[:middle], "suspect"),
+                           self._run(call, group[middle:], "suspect")])
 
-    async def _attempts(self, call: _Call, group: list[int],
+    async def _attempts(self, call: Call, group: list[int],
                         mode: str) -> tuple[str, str] | None:
         """The attempts at one request, holding its slot in the window throughout (a
         slot given up between attempts goes to a newer request, which would take the
@@ -323,7 +285,7 @@ class OpenAIEmbedder:
                 self._window.throttled()  # the provider is up and says "slower"
             else:
                 failures += 1
-            wait = self._retry_wait(retries, answer.retry_after)
+            wait = retry_wait(settings, retries, answer.retry_after, self._jitter)
             retries += 1
             # "Down": nothing has succeeded (anywhere) since this request's first answer.
             stalled = self._clock() - max(self._last_success, first_answer)
@@ -345,12 +307,12 @@ class OpenAIEmbedder:
                 metrics.embed_throttled.labels(cause="backoff").inc(wait)
                 await self._sleep(wait)
 
-    async def _probe(self, call: _Call, failure: str) -> None:
+    async def _probe(self, call: Call, failure: str) -> None:
         """Returns if the provider embeds a known-good line now, retries included
         (so a request that keeps failing is its texts' fault); raises what the
         provider's state is if not."""
         # With the call's input_type: a provider refusing that is a configuration error.
-        probe = _Call([_PROBE_TEXT], [8], [None], {}, call.deadline, call.input_type)
+        probe = Call([_PROBE_TEXT], [8], [None], {}, call.deadline, call.input_type)
         failure_of_probe = await self._attempts(probe, [0], "probe")
         if failure_of_probe is None:
             return
@@ -362,19 +324,9 @@ class OpenAIEmbedder:
             f"{self._where} is failing every request ({failure}; a probe: {detail})",
             retry_after=self._settings.backoff_initial_s)
 
-    def _retry_wait(self, attempt: int, retry_after: float | None) -> float:
-        settings = self._settings
-        if retry_after is not None:
-            # Never earlier than asked; a little later, so waiters do not return at once
-            # (and not at once after a "Retry-After: 0").
-            return max(retry_after, 0.01) * (1.0 + 0.1 * self._jitter())
-        # Exponential with "equal jitter": half fixed (the wait grows), half random.
-        cap = min(settings.backoff_max_s, settings.backoff_initial_s * 2.0 ** attempt)
-        return cap / 2 * (1.0 + self._jitter())
-
     # -- one request -----------------------------------------------------------
 
-    async def _limited_send(self, texts: list[str], tokens: int, call: _Call,
+    async def _limited_send(self, texts: list[str], tokens: int, call: Call,
                             bounded: bool = True) -> Answer:
         """Wait for the rate limits, then send; ``bounded``: within the call's budget
         (a probe and the halves of a request found at fault are not: they are few
@@ -430,16 +382,3 @@ class OpenAIEmbedder:
                    else "rejected" if isinstance(answer, Rejected) else answer.outcome)
         metrics.embed_requests.labels(outcome=outcome).inc()
         return answer
-
-
-async def _all_or_none(coroutines: list[Coroutine[Any, Any, None]]) -> None:
-    """Run ``coroutines`` concurrently; when one raises, cancel the others and wait
-    for them before re-raising, so nothing is left running on the loop."""
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise

@@ -258,14 +258,14 @@ def test_a_rerun_after_the_swap_only_tidies_up(tmp_path: Path, tiny_model_dir: P
     done = rebuild(settings, RebuildOptions(source=str(corpus), handover=False))
     # As if killed after moving the alias, before removing its checkpoint.
     left = Checkpoint("docs", str(corpus), [], "", None, done.target, done=1, embedded=True)
+    from embedstream.bulk._rebuild_start import checkpoint_identity, files_signature
     from embedstream.bulk.checkpoint import CheckpointStore
-    from embedstream.bulk.rebuild import _files_signature, _identity
     from embedstream.stream.app.service import build_pipeline as pipeline_for
 
     pipeline = pipeline_for(settings)
-    left.fingerprint = _identity(settings, pipeline.fingerprint)
+    left.fingerprint = checkpoint_identity(settings, pipeline.fingerprint)
     pipeline.close()
-    left.files = _files_signature(str(corpus))
+    left.files = files_signature(str(corpus))
     store = CheckpointStore(tmp_path / "store" / ".rebuild")
     store.save(left)
     again = rebuild(settings, RebuildOptions(source=str(corpus), handover=False))
@@ -278,14 +278,14 @@ def test_resuming_into_a_dropped_collection_is_refused(tmp_path: Path,
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"_id": "x", "title": "t"}\n')
     settings = settings_for(tmp_path, str(tiny_model_dir))
+    from embedstream.bulk._rebuild_start import checkpoint_identity, files_signature
     from embedstream.bulk.checkpoint import CheckpointStore
-    from embedstream.bulk.rebuild import _files_signature, _identity
 
     pipeline = build_pipeline(settings)
-    fingerprint = _identity(settings, pipeline.fingerprint)
+    fingerprint = checkpoint_identity(settings, pipeline.fingerprint)
     pipeline.close()
     CheckpointStore(tmp_path / "store" / ".rebuild").save(Checkpoint(
-        "docs", str(corpus), _files_signature(str(corpus)), fingerprint, None,
+        "docs", str(corpus), files_signature(str(corpus)), fingerprint, None,
         "docs_gone", done=1))
     with pytest.raises(ConfigError, match="no longer exists"):
         rebuild(settings, RebuildOptions(source=str(corpus), handover=False))
