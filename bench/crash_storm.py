@@ -164,7 +164,7 @@ class Doc:
 
 def document_text(image: dict[str, Any]) -> str:
     """What the consumer indexes for ``text_fields: [title, body]``
-    (embedstream.stream.decode._text)."""
+    (embedstream.stream._image_fields.image_text)."""
     parts = [str(image[f]) for f in ("title", "body") if image.get(f) is not None]
     return "\n\n".join(p for p in parts if p.strip())
 

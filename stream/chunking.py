@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from embedstream.stream._token_table import TokenTable, trimmed, word_cut
+from embedstream.stream._text_split import SENTENCE_GAP, WINDOW_CHARS, WORD, iter_pieces, windows
+from embedstream.stream._token_table import TokenTable, trimmed
 
 __all__ = ["Chunk", "Chunker", "TokenChunker", "content_hash"]
 
@@ -125,18 +124,8 @@ class Chunker(Protocol):
 # falls inside a sentence of at most ``max_tokens`` tokens, or inside a word: half a window
 # of characters in so few tokens, or without whitespace, is not text.
 
-_PARAGRAPH_GAP = re.compile(r"\n[^\S\n]*\n")
-_SENTENCE_GAP = re.compile(
-    r"(?:(?<=[.!?])|(?<=[.!?][\"'\u201d\u2019)\]]))\s+|\s*\n\s*|(?<=[\u3002\uff01\uff1f])"
-)
-_WORD = re.compile(r"\S+")
-# Characters per window (see above): bounds the token tables held at once to a few tens of MB.
-_WINDOW_CHARS = 1 << 19
-# Paragraphs per window at most: each costs a tokenizer encoding object.
-_WINDOW_BLOCKS = 4_096
-# Where a window may cut a paragraph without a sentence end: whitespace to the tokenizer too
-# (the normalizer drops the separators \x1c-\x1f that Python calls space).
-_WINDOW_SPACE = re.compile(r"[^\S\x1c-\x1f]+")
+# Splitting the text (paragraphs, sentences, words, windows): stream/_text_split.py.
+
 # Default boundary parameters (see "Sizes" above).
 _MIN_TOKENS, _DIVISOR, _PARAGRAPH_DIVISOR = 16, 48, 16
 _VERIFY_BATCH = 64
@@ -146,21 +135,6 @@ _TITLE_SHARE, _HEADER_GAP = 4, "\n\n"
 # (start, end, first token, end token, n): n >= 0 marks a run of sub-word tokens, a chunk of
 # its own because its edges are inside a word; n is then its re-tokenised count.
 _Segment = tuple[int, int, int, int, int]
-
-
-def _iter_pieces(
-    text: str, gap: re.Pattern[str], start: int, end: int
-) -> Iterator[tuple[int, int]]:
-    """Non-blank, whitespace-trimmed pieces of ``text[start:end]`` between matches of ``gap``."""
-    pos = start
-    for match in gap.finditer(text, start, end):
-        s, e = trimmed(text, pos, match.start())
-        if s < e:
-            yield s, e
-        pos = max(pos, match.end())
-    s, e = trimmed(text, pos, end)
-    if s < e:
-        yield s, e
 
 
 class TokenChunker:
@@ -192,7 +166,7 @@ class TokenChunker:
         min_tokens: int | None = None,
         divisor: int | None = None,
         paragraph_divisor: int | None = None,
-        window_chars: int = _WINDOW_CHARS,
+        window_chars: int = WINDOW_CHARS,
     ) -> None:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -271,56 +245,15 @@ class TokenChunker:
         chunks: list[Chunk] = []
         group = _Grouper(self, text, chunks, header, header_tokens)
         base = 0  # tokens in earlier windows: token indices are document-wide
-        for blocks, paragraph_ends in self._windows(text):
+        for blocks, paragraph_ends in windows(self._backend, text, self._window_chars):
             tokens = TokenTable(self._backend, text, blocks)
-            sentences = [p for s, e in blocks for p in _iter_pieces(text, _SENTENCE_GAP, s, e)]
+            sentences = [p for s, e in blocks for p in iter_pieces(text, SENTENCE_GAP, s, e)]
             segments: list[_Segment] = []
             self._segment(text, tokens, tokens.spans(sentences), 0, segments)
             group.add(segments, base, paragraph_ends)
             base += len(tokens.starts)
         group.close()
         return chunks
-
-    def _windows(self, text: str) -> Iterator[tuple[list[tuple[int, int]], set[int]]]:
-        """Blocks of ``text`` (its paragraphs, or parts of one) in windows of at most
-        ``_WINDOW_BLOCKS`` blocks spanning about ``window_chars`` characters, with the
-        paragraph ends among them. A paragraph over twice that is cut (``_window_cut``)."""
-        size = self._window_chars
-        blocks: list[tuple[int, int]] = []
-        ends: set[int] = set()
-        for s, e in _iter_pieces(text, _PARAGRAPH_GAP, 0, len(text)):
-            if blocks and (e - blocks[0][0] > size or len(blocks) >= _WINDOW_BLOCKS):
-                yield blocks, ends
-                blocks, ends = [], set()
-            while e - s > 2 * size and (cut := self._window_cut(text, s)) is not None:
-                head = trimmed(text, s, cut[0])
-                if head[0] < head[1]:
-                    yield [head], set()
-                s = trimmed(text, cut[1], e)[0]
-            blocks.append((s, e))
-            ends.add(e)
-        if blocks:
-            yield blocks, ends
-
-    def _window_cut(self, text: str, start: int) -> tuple[int, int] | None:
-        """Where to cut a paragraph starting at ``start`` (longer than twice
-        ``window_chars``), in ``[start + size, start + 2 * size)``: at the first sentence end;
-        else at whitespace at least ``size // 2`` past the last sentence end, so neither
-        side holds a short sentence; else (no whitespace) between two of the pre-tokenizer's
-        words; None if there is no such place either."""
-        size = self._window_chars
-        lo, limit = start + size, start + 2 * size
-        for gap in _SENTENCE_GAP.finditer(text, lo, limit):
-            if gap.end() < limit:
-                return gap.span()
-        last = start
-        for gap in _SENTENCE_GAP.finditer(text, start, lo):
-            last = gap.end()
-        space = _WINDOW_SPACE.search(text, max(lo, last + size // 2), limit)
-        if space is not None:
-            return space.span()
-        word = word_cut(self._backend, text, lo, limit)
-        return None if word is None else (word, word)
 
     def _segment(
         self,
@@ -334,7 +267,7 @@ class TokenChunker:
             if i1 - i0 <= self.max_tokens:
                 out.append((s, e, i0, i1, -1))
             elif level == 0:
-                words = [m.span() for m in _WORD.finditer(text, s, e)]
+                words = [m.span() for m in WORD.finditer(text, s, e)]
                 self._segment(text, tokens, tokens.spans(words), 1, out)
             elif level == 1:
                 self._segment(text, tokens, tokens.subwords(text, s, e, i0, i1), 2, out)

@@ -36,8 +36,9 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+from confluent_kafka import Consumer, Message
 
+from embedstream.stream._reading import Reading
 from embedstream.stream._rebalance import Rebalancing
 from embedstream.stream.apply import apply_batch, call_sink
 from embedstream.stream.backpressure import Backpressure
@@ -52,16 +53,15 @@ from embedstream.stream.errors import (
     SinkError,
     SinkUnavailable,
 )
-from embedstream.stream.events import ChangeEvent, Skipped
+from embedstream.stream.events import ChangeEvent
 from embedstream.stream.health import Health
-from embedstream.stream.intake import Rejected, take_in
 from embedstream.stream.metrics import Metrics
 from embedstream.stream.offsets import commit_offsets, report_lag
 from embedstream.stream.plan import PreparedEvent
 from embedstream.stream.route_sides import Route, RouteSides
 from embedstream.stream.sparse import SparseEncoder
 from embedstream.stream.store import Sink
-from embedstream.stream.topic_ids import TopicIds, position_of
+from embedstream.stream.topic_ids import TopicIds
 from embedstream.stream.vectors import ChunkVectors, Failure
 
 __all__ = ["AppliedCallback", "Route", "StreamConsumer"]
@@ -77,8 +77,9 @@ _IDLE_POLL_S = 0.5
 _LAG_REPORT_EVERY_S = 5.0
 
 
-class StreamConsumer(Rebalancing):
-    """Runs the consume, plan, embed, apply, commit loop."""
+class StreamConsumer(Reading, Rebalancing):
+    """Runs the consume, plan, embed, apply, commit loop (reading a message:
+    :mod:`embedstream.stream._reading`; rebalances: :mod:`embedstream.stream._rebalance`)."""
 
     def __init__(
         self,
@@ -256,56 +257,6 @@ class StreamConsumer(Rebalancing):
     def _new_batch(self) -> MicroBatch:
         embed = self._settings.embed
         return MicroBatch(max_tokens=embed.max_batch_tokens, max_wait_s=embed.max_wait_ms / 1000)
-
-    # -- reading -----------------------------------------------------------------
-
-    def _take(self, message: Message) -> None:
-        kafka_error = message.error()
-        if kafka_error is not None:
-            if kafka_error.code() == KafkaError._PARTITION_EOF:
-                return
-            if kafka_error.fatal():
-                raise KafkaException(kafka_error)
-            log.warning("kafka error: %s", kafka_error)
-            return
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
-        assert topic is not None and partition is not None and offset is not None
-        if (topic, partition) not in self.assigned:
-            return  # fetched before a revoke that ran since: its new owner reads it
-        route = self._routes.of(topic)
-        if route and route.follower and route.follower.ignores((topic, partition), offset):
-            return  # read before the partition moved to a rebuild's handover offset
-        position = position_of(message, self._topic_ids)
-        if route is None:
-            self._batch.track(position, self._clock())
-            self._routes.unrouted.skipped(Skipped("unrouted", position))
-            return
-        taken = take_in(message.key(), message.value(), position, route.settings.source,
-                        self._chunker, reader=route.reader)
-        # Tracked only once read: a registry outage above leaves the offset uncovered.
-        self._batch.track(position, self._clock())
-        skips = route.skips
-        assert skips is not None
-        if isinstance(taken, Skipped):
-            skips.skipped(taken)
-            return
-        skips.taken(None if isinstance(taken, Rejected) else taken)
-        if isinstance(taken, Rejected):
-            self._dead_letter(message, taken.reason, taken.detail, taken.kind, route.name)
-        else:
-            self._batch.add(taken, message)
-
-    def _dead_letter(self, message: Message, reason: str, detail: str, kind: str,
-                     route: str) -> None:
-        log.warning(
-            "dead-lettering %s[%d]@%d: %s: %s",
-            message.topic(), message.partition(), message.offset(), reason, detail[:200],
-        )
-        cut = self._dead_letters.send(message, reason, detail)  # True: cut to fit the topic
-        self._metrics.dlq_records.labels(reason=reason, route=route).inc()
-        if cut:
-            self._metrics.dlq_truncated.inc()
-        self._metrics.events.labels(op=kind, outcome="dead_lettered", route=route).inc()
 
     # -- writing -----------------------------------------------------------------
 

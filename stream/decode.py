@@ -94,6 +94,7 @@ from __future__ import annotations
 from typing import Any
 
 from embedstream.stream._doc_ids import ids_from_key, join_id, pick, unwrap_envelope
+from embedstream.stream._image_fields import image_metadata, image_text, image_title
 from embedstream.stream.config import RESERVED_PAYLOAD_FIELDS, SourceSettings
 from embedstream.stream.errors import DecodeError
 from embedstream.stream.events import ChangeEvent, Op, Position, Skipped
@@ -109,7 +110,6 @@ from embedstream.stream.strict_json import (
     unwrap_ext,
     utf8,
 )
-from embedstream.stream.templates import template_parts
 from embedstream.stream.wire import Deserialized
 
 __all__ = ["REASONS", "SKIP_REASONS", "decode_message", "decode_row"]
@@ -121,7 +121,6 @@ SKIP_REASONS = frozenset(
 
 _KINDS = {"c": "create", "r": "read", "u": "update", "d": "delete"}
 _SKIPPED_OPS = {"t": "truncate", "m": "message"}
-_UNAVAILABLE = "__debezium_unavailable_value"
 _TOMBSTONE_VERSION = -1
 
 
@@ -156,8 +155,8 @@ def decode_row(row: dict[str, Any], settings: SourceSettings
         ids = pick(row, settings.id_fields)
         if ids is None:
             fail("missing_id", f"row does not hold {list(settings.id_fields)}")
-        return (join_id(ids), _text(row, settings),
-                _metadata(row, settings), _title(row, settings))
+        return (join_id(ids), image_text(row, settings),
+                image_metadata(row, settings), image_title(row, settings))
     except DecodeError:
         raise
     except Exception as error:
@@ -216,53 +215,6 @@ def _version(payload: dict[str, Any], source: dict[str, Any], position: Position
     return (source_ts, True) if source_ts is not None else (position.offset, False)
 
 
-def _field_text(image: dict[str, Any], name: str) -> str:
-    """A text field's value as text ("" when absent or null)."""
-    value = image.get(name)
-    if value is None:
-        return ""
-    if isinstance(value, dict | list):
-        fail("bad_type", f"text field {name!r} is not a scalar")
-    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-    if text == _UNAVAILABLE:
-        fail("unavailable_value", f"text field {name!r} was not captured")
-    return text
-
-
-def _text(image: dict[str, Any], settings: SourceSettings) -> str:
-    """``source.text_template`` filled from ``image``, else the non-blank
-    ``text_fields`` joined with a blank line."""
-    if settings.text_template is not None:
-        text = "".join(literal + (_field_text(image, name) if name else "")
-                       for literal, name in template_parts(settings.text_template))
-        text = text if text.strip() else ""
-    else:
-        text = "\n\n".join(t for name in settings.text_fields
-                            if (t := _field_text(image, name)).strip())
-    check_utf8(text, "text")
-    return text
-
-
-def _title(image: dict[str, Any], settings: SourceSettings) -> str | None:
-    """``source.title_field`` of ``image`` as text, trimmed; None if unset, absent or blank."""
-    if settings.title_field is None:
-        return None
-    title = _field_text(image, settings.title_field).strip()
-    check_utf8(title, "title")
-    return title or None
-
-
-def _metadata(after: dict[str, Any], settings: SourceSettings) -> dict[str, Any]:
-    """``metadata_fields`` as they are, then ``filter_fields`` as their types."""
-    metadata = {name: after[name] for name in settings.metadata_fields if name in after}
-    if _UNAVAILABLE in metadata.values() or any(
-            after.get(name) == _UNAVAILABLE for name in settings.filter_fields):
-        fail("unavailable_value", "a metadata field was not captured")
-    metadata.update(filter_payload(after, settings.filter_fields))
-    check_utf8(metadata, "metadata")
-    return metadata
-
-
 def _object_value(key: bytes | Deserialized | None, value: bytes | Deserialized | None,
                   position: Position, settings: SourceSettings) -> dict[str, Any] | ChangeEvent:
     """The value's JSON object (out of a JsonConverter envelope), or the tombstone
@@ -318,9 +270,9 @@ def _decode_debezium(
                            kind="delete", versioned=versioned)
     if after is None:
         fail("missing_after", f"op {op!r} without an after image")
-    text, metadata = _text(after, settings), _metadata(after, settings)
+    text, metadata = image_text(after, settings), image_metadata(after, settings)
     return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms, _KINDS[op],
-                       versioned=versioned, title=_title(after, settings))
+                       versioned=versioned, title=image_title(after, settings))
 
 
 def _decode_flat(
@@ -343,10 +295,10 @@ def _decode_flat(
     if _deleted_flag(row.get("__deleted")) or op == "d":  # delete.handling.mode=rewrite
         return ChangeEvent(doc_id, Op.DELETE, version, position, source_ts_ms=ts_ms,
                            kind="delete", versioned=versioned)
-    text, metadata = _text(row, settings), _metadata(row, settings)
+    text, metadata = image_text(row, settings), image_metadata(row, settings)
     return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms,
                        _KINDS.get(op or "u", "update"), versioned=versioned,
-                       title=_title(row, settings))
+                       title=image_title(row, settings))
 
 
 def _deleted_flag(value: Any) -> bool:
@@ -407,4 +359,4 @@ def _decode_native(
     check_utf8(text, "text")
     check_utf8(metadata, "metadata")
     return ChangeEvent(doc_id, Op.UPSERT, version, position, text, metadata, ts_ms,
-                       versioned=versioned, title=_title(metadata, settings))
+                       versioned=versioned, title=image_title(metadata, settings))
