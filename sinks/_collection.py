@@ -81,8 +81,6 @@ def translated(translate: Callable[[Exception], SinkError], *,
         raise translate(exc) from (exc if keep_cause else None)
 
 
-# The primitives come before the mixins, so that their defaults (e.g. _before_write's)
-# win over the mixins' abstract declarations of the same names.
 class CollectionSink(CollectionPrimitives, HandoverRecords, DocumentVectors):
     """A sink of one chunk collection and its state companion (see the module
     docstring). ``alias`` is the configured name; ``physical``, when given,
@@ -128,6 +126,11 @@ class CollectionSink(CollectionPrimitives, HandoverRecords, DocumentVectors):
 
     def _name(self, part: Part) -> str:
         return self._collection if part == CHUNKS else f"{self._collection}{STATE_SUFFIX}"
+
+    def _before_write(self) -> None:
+        """Raise SinkUnavailable when a write must wait (the Edge sink: a nearly
+        full disk); a store that cannot tell writes on."""
+        return
 
     def _open_leftover(self, names: Collection[str], fingerprint: Fingerprint) -> str | None:
         """Before a collection is created behind the missing alias: with none made

@@ -106,8 +106,3 @@ class CollectionPrimitives(SinkPrimitives):
     @abstractmethod
     def _translate(self, what: str, exc: Exception) -> SinkError:
         """``exc``, raised while doing ``what``, as embedstream's error."""
-
-    def _before_write(self) -> None:
-        """Raise SinkUnavailable when a write must wait (the Edge sink: a nearly
-        full disk); a store that cannot tell writes on."""
-        return
