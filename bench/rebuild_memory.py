@@ -2,8 +2,11 @@
 
 A topic of N small documents (native events, one short sentence each) is
 produced to the bundled broker, then ``embedstream rebuild --source kafka
---no-handover`` runs in a subprocess of its own into a Qdrant Edge store; its peak
-RSS is the kernel's (``wait4`` rusage). Embedding is not what this measures: the
+--no-handover`` runs in a subprocess of its own into a Qdrant Edge store (``--into
+store``, the default: the store lives in the rebuild's process, so its memory counts)
+or into a vector file (``--into npy|parquet``, ``--output``: the rebuild's own memory,
+the fold and the pipeline, without a store's); its peak RSS is the kernel's (``wait4``
+rusage). Embedding is not what this measures: the
 embedder is a **cheap stand-in** (the test embedding server answering random unit
 vectors of ``--dimension`` over the OpenAI-compatible API), so the model's memory
 is not in the figures and the run takes minutes, not hours.
@@ -66,7 +69,8 @@ def produce(bootstrap: str, topic: str, docs: int) -> float:
     return time.perf_counter() - started
 
 
-def rebuild_peak(bootstrap: str, topic: str, store: Path, api: str) -> dict[str, float]:
+def rebuild_peak(bootstrap: str, topic: str, store: Path, api: str,
+                 into: str) -> dict[str, float]:
     config = store.parent / f"{topic}.json"
     config.write_text(json.dumps({
         "kafka": {"bootstrap_servers": bootstrap, "topics": [topic], "group_id": f"g-{topic}",
@@ -80,7 +84,8 @@ def rebuild_peak(bootstrap: str, topic: str, store: Path, api: str) -> dict[str,
     started = time.perf_counter()
     child = subprocess.Popen(
         [sys.executable, "-m", "embedstream.stream.app.cli", "rebuild", "--config",
-         str(config), "--source", "kafka", "--no-handover"],
+         str(config), "--source", "kafka", "--no-handover",
+         *([] if into == "store" else ["--output", str(store.with_suffix(f".{into}"))])],
         env={**env, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE)
     assert child.stderr is not None
@@ -119,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--docs", default="100000,1000000",
                         help="comma-separated corpus sizes (documents)")
     parser.add_argument("--dimension", type=int, default=32)
+    parser.add_argument("--into", choices=("store", "npy", "parquet"), default="store",
+                        help="the rebuild's target: the Qdrant Edge store (in the rebuild's "
+                        "process, so its memory counts), or a vector file (--output)")
     args = parser.parse_args(argv)
     sizes = [int(n) for n in args.docs.split(",")]
     topics = [f"memory-{n}" for n in sizes]
@@ -129,10 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             produce_s = produce(broker.bootstrap_servers, topic, size)
             log(f"{size} documents produced in {produce_s:.1f} s; rebuilding")
             figures = rebuild_peak(broker.bootstrap_servers, topic,
-                                   Path(scratch) / f"store-{size}", api.url)
+                                   Path(scratch) / f"store-{size}", api.url, args.into)
             line = {"docs": size, **figures,
                     "rss_bytes_per_doc": round(figures["peak_rss_bytes"] / size, 1),
-                    "produce_s": round(produce_s, 1),
+                    "produce_s": round(produce_s, 1), "into": args.into,
                     "embedder": f"stand-in: random unit vectors, dimension {args.dimension}"}
             log(json.dumps(line))
             results.append(line)
@@ -140,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "peak_rss_ratio": round(results[-1]["peak_rss_bytes"] / results[0]["peak_rss_bytes"], 3),
         "peak_anon_ratio": round(results[-1]["peak_anon_bytes"] / results[0]["peak_anon_bytes"],
                                  3),
-        "sizes": sizes, "peak_rss_bytes": [r["peak_rss_bytes"] for r in results],
+        "into": args.into, "sizes": sizes, "peak_rss_bytes": [r["peak_rss_bytes"] for r in results],
         "rebuild_s": [r["rebuild_s"] for r in results], "runs": results,
         "machine": machine()}))
     return 0

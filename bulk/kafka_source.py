@@ -37,6 +37,13 @@ per id). A registry outage is waited out (:func:`take_in_patiently`) for up to
 ``embed.give_up_after_s``, then raises
 :class:`~embedstream.stream.errors.RegistryUnavailable`: the rebuild stops, resumable.
 
+:meth:`KafkaSnapshot.close` may come from another thread than the one reading
+:meth:`~KafkaSnapshot.items` (the rebuild's reader thread): it stops that reader at its
+next poll and lets it close its own consumer, since closing a consumer under a running
+``consume`` can crash librdkafka. A reader that does not stop within
+:data:`_CLOSE_WAIT_S` (e.g. waiting out a registry outage) keeps its consumer, which it
+closes when it stops; the fold's scratch file is removed either way.
+
 Not guaranteed: the same instant for every partition's end (each is a cut of its
 own partition); a resumed snapshot folds the whole range again (the winners are
 not stored), so it reads the topic once more before it yields anything.
@@ -44,9 +51,11 @@ not stored), so it reads the topic once more before it yields anything.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +89,7 @@ __all__ = [
     "BulkSuperseded",
     "KafkaSnapshot",
     "Partition",
+    "SnapshotClosed",
     "group_committed",
     "snapshot_consumer",
     "take_in_patiently",
@@ -94,6 +104,11 @@ _METADATA_TIMEOUT_S = 15.0
 _BATCH = 2000  # messages decoded and looked up together (the fold's memory: one batch)
 _POLL_S = 0.2  # consume() waits this long for a full batch: short, or small topics wait
 _REGISTRY_BACKOFF_MAX_S = 10.0
+_CLOSE_WAIT_S = 5.0  # how long close() waits for a reader thread to stop (see above)
+
+
+class SnapshotClosed(Exception):
+    """Raised in the thread reading :meth:`KafkaSnapshot.items` once the snapshot was closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +220,8 @@ class KafkaSnapshot:
         self._topic_ids: TopicIds | None = None
         self._reader: ValueReader | None = None
         self._winners: Winners | None = None
+        self._items: Generator[BulkEvent | BulkSuperseded | BulkFailure | BulkSkip] | None = None
+        self._closed = threading.Event()
 
     def open(self) -> None:
         consumer = snapshot_consumer(self._settings)
@@ -220,9 +237,13 @@ class KafkaSnapshot:
                                              sorted(self.covered.items())})
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
+        """Stop :meth:`items` (also while another thread is inside it), release its
+        consumer and delete the fold's scratch file (module docstring)."""
+        self._closed.set()
+        items, self._items = self._items, None
+        if items is not None and not _finish(items):
+            log.warning("the kafka snapshot's reader did not stop within %.0f s; it closes "
+                        "its consumer itself when it does", _CLOSE_WAIT_S)
         if self._winners is not None:
             # Also when items() was left mid-way (its finally runs only once the
             # generator is closed or collected; a reader thread still folding at exit
@@ -233,6 +254,10 @@ class KafkaSnapshot:
         """Every message below ``covered`` (from the resume offsets), decoded, with
         each document's winning event only (see the module docstring)."""
         assert self._topic_ids is not None, "open() first"
+        self._items = self._iterate()
+        return self._items
+
+    def _iterate(self) -> Generator[BulkEvent | BulkSuperseded | BulkFailure | BulkSkip]:
         starts = {tp: self._start.get(tp, 0) for tp, end in self.covered.items()
                   if self._start.get(tp, 0) < end}
         if not starts:
@@ -243,11 +268,13 @@ class KafkaSnapshot:
             if self._on_folded is not None:
                 self._on_folded(count)
             batch: list[tuple[Message, Position]] = []
-            for pair in self._read({tp: s or OFFSET_BEGINNING for tp, s in starts.items()}):
-                batch.append(pair)
-                if len(batch) >= _BATCH:
-                    yield from self._decode(batch, winners)
-                    batch = []
+            with contextlib.closing(self._read(
+                    {tp: s or OFFSET_BEGINNING for tp, s in starts.items()})) as pairs:
+                for pair in pairs:
+                    batch.append(pair)
+                    if len(batch) >= _BATCH:
+                        yield from self._decode(batch, winners)
+                        batch = []
             yield from self._decode(batch, winners)
         finally:
             winners.close()
@@ -260,23 +287,26 @@ class KafkaSnapshot:
         began = time.monotonic()
         read = after_start = 0
         batch: list[PreparedEvent] = []
-        for message, position in self._read(dict.fromkeys(self.covered, OFFSET_BEGINNING)):
-            read += 1
-            tp = (position.topic, position.partition)
-            if tp in starts and position.offset >= starts[tp]:
-                after_start += 1
-            taken = take_in_patiently(message, position, self._settings, None, self._reader)
-            if not isinstance(taken, Rejected | Skipped):
-                batch.append(taken)
-                if len(batch) >= _BATCH:
-                    winners.fold(batch)
-                    batch = []
+        everything = dict.fromkeys(self.covered, OFFSET_BEGINNING)
+        with contextlib.closing(self._read(everything)) as read_all:
+            for message, position in read_all:
+                read += 1
+                tp = (position.topic, position.partition)
+                if tp in starts and position.offset >= starts[tp]:
+                    after_start += 1
+                taken = take_in_patiently(message, position, self._settings, None,
+                                          self._reader)
+                if not isinstance(taken, Rejected | Skipped):
+                    batch.append(taken)
+                    if len(batch) >= _BATCH:
+                        winners.fold(batch)
+                        batch = []
         winners.fold(batch)
         log.info("kafka snapshot folded: %d records, %d documents (%.1f s)", read,
                  len(winners), time.monotonic() - began)
         return after_start
 
-    def _read(self, starts: Mapping[Partition, int]) -> Iterator[tuple[Message, Position]]:
+    def _read(self, starts: Mapping[Partition, int]) -> Generator[tuple[Message, Position]]:
         """The records of each partition from ``starts`` up to ``covered``, in each
         partition's log order, through a consumer of its own (closed when done)."""
         consumer = snapshot_consumer(self._settings)
@@ -285,6 +315,8 @@ class KafkaSnapshot:
             pending = set(starts)
             consumer.assign([TopicPartition(t, p, o) for (t, p), o in sorted(starts.items())])
             while pending:
+                if self._closed.is_set():
+                    raise SnapshotClosed("the kafka snapshot was closed while being read")
                 for message in consumer.consume(1000, timeout=_POLL_S):
                     topic, partition = message.topic(), message.partition()
                     assert topic is not None and partition is not None
@@ -368,3 +400,18 @@ def take_in_patiently(message: Message, position: Position, settings: Settings,
             wait = min(max(wait * 2, error.retry_after), _REGISTRY_BACKOFF_MAX_S)
             log.warning("Schema Registry unavailable, retrying in %.1f s: %s", wait, error)
             time.sleep(min(wait, deadline - now))
+
+
+def _finish(items: Generator[object]) -> bool:
+    """Close the generator ``items``; while another thread is running it, retry until it
+    has stopped (it sees the snapshot closed at its next poll) or :data:`_CLOSE_WAIT_S`
+    has passed. False: still running (its consumer and scratch table are its own)."""
+    deadline = time.monotonic() + _CLOSE_WAIT_S
+    while True:
+        try:
+            items.close()  # a suspended generator's finally runs here, in this thread
+            return True
+        except ValueError:  # "generator already executing": inside it on another thread
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)

@@ -28,6 +28,7 @@ import numpy.typing as npt
 import pytest
 
 import embedstream.stream.local_encoder as local_encoder
+from embedstream.bulk import kafka_source
 from embedstream.bulk.kafka_source import KafkaSnapshot
 from embedstream.stream._calibration import CACHE_ENV, Decision, PrecisionCache, now_utc
 from embedstream.stream.backend_choice import QualityGuard, measure
@@ -188,10 +189,13 @@ def test_the_decisions_file_stays_json_when_a_candidate_gives_nan(
 # -- the Kafka snapshot's scratch file ----------------------------------------------------
 
 
-def test_a_snapshot_closed_during_its_fold_leaves_no_scratch_file(tmp_path: Path) -> None:
+def test_a_snapshot_closed_during_its_fold_leaves_no_scratch_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rebuild's reader thread runs the fold; on Ctrl-C the engine waits 10 s for
-    it and the rebuild closes the snapshot; the daemon thread dies with the process,
-    so the generator's own finally never runs: close() must remove the file."""
+    it and the rebuild closes the snapshot; a reader that does not stop (here: a fold
+    that never polls) may die with the process, so its generator's own finally never
+    runs: close() must remove the file."""
+    monkeypatch.setattr(kafka_source, "_CLOSE_WAIT_S", 0.5)
     scratch = tmp_path / "state"
     snapshot = KafkaSnapshot(Settings(), covered={("t", 0): 5}, scratch=scratch)
     snapshot._topic_ids = object()  # type: ignore[assignment]  # open() without a broker
@@ -203,7 +207,7 @@ def test_a_snapshot_closed_during_its_fold_leaves_no_scratch_file(tmp_path: Path
         return 0
 
     def nothing(starts: Mapping[tuple[str, int], int]) -> Iterator[Any]:
-        return iter(())
+        yield from ()
 
     snapshot._fold = slow_fold  # type: ignore[method-assign]
     snapshot._read = nothing  # type: ignore[method-assign]
