@@ -18,7 +18,6 @@ import pyarrow as pa
 
 from embedstream.stream.backend_choice import QualityGuard
 from embedstream.stream.config import PromptSettings
-from embedstream.stream.embedding import pack_batches
 from embedstream.stream.local_encoder import LocalEncoder
 
 __all__ = ["CALIBRATION_TEXTS", "EmbedActor", "TokenizerSpec", "feed_datasource",
@@ -91,7 +90,7 @@ class EmbedActor:
             self._calibrated = True
         lengths_all = [len(seq) for seq in ids]
         out = np.empty((len(ids), encoder.dimension), dtype=np.float32)
-        batches = pack_batches(lengths_all, encoder.batch_tokens)
+        batches = encoder.pack(lengths_all)
         forward_s = 0.0
         padded = 0
         for rows in batches:

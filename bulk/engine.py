@@ -34,7 +34,6 @@ import numpy as np
 import numpy.typing as npt
 
 from embedstream.bulk.encoder import AnyEncoder, RemoteEncoder
-from embedstream.stream.embedding import pack_batches
 from embedstream.stream.errors import EmbedFailures
 
 __all__ = ["BulkEngine", "EmbeddedUnit", "EngineStats"]
@@ -278,7 +277,7 @@ class BulkEngine(Generic[R, P]):
             out = np.empty((len(ids), encoder.dimension), dtype=np.float32)
             forward_s = 0.0
             padded = 0
-            packed = pack_batches(lengths, encoder.batch_tokens)
+            packed = encoder.pack(lengths)
             batches = len(packed)
             for batch in packed:
                 started = time.perf_counter()

@@ -86,6 +86,9 @@ class Runner(Protocol):
     # Sequence lengths are padded up to a multiple of this: a backend that compiles
     # kernels per shape (OpenVINO) reuses them across nearby lengths.
     length_multiple: int
+    # What one forward pass costs beyond its tokens, in padded tokens (measured on a
+    # 2-core CPU): how a stream's few texts are split into passes (pack_batches).
+    call_tokens: int
 
     def run(self, input_ids: npt.NDArray[np.int64],
             attention_mask: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]: ...
@@ -108,6 +111,7 @@ class TorchRunner:
     fp32 model stays intact); its token states are cast to fp32 before pooling."""
 
     length_multiple = 1
+    call_tokens = 96
 
     def __init__(self, model: Any, precision: str = "fp32", with_types: bool = False) -> None:
         import torch
@@ -164,6 +168,7 @@ class OnnxRunner:
     with activations quantized per batch: dynamic quantization)."""
 
     length_multiple = 1
+    call_tokens = 96
 
     def __init__(self, path: Path, candidate: Candidate, threads: int | None = None) -> None:
         require("onnx")
@@ -195,6 +200,7 @@ class OpenVinoRunner:
     # text at exact lengths, 5.1 and 4.2 ms with lengths padded to 16 (MiniLM, bf16,
     # 2 AMX cores): nearby lengths reuse the compiled kernels.
     length_multiple = 16
+    call_tokens = 96
 
     def __init__(self, path: Path, candidate: Candidate, threads: int | None = None,
                  compiled: Any = None) -> None:

@@ -180,20 +180,51 @@ def weights_digest(directory: str) -> str:
     return digest.hexdigest()
 
 
-def pack_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+def pack_batches(lengths: Sequence[int], budget: int, *, multiple: int = 1,
+                 call_tokens: int = 0) -> list[list[int]]:
     """Indexes of ``lengths`` packed into batches, longest first, so that each
-    batch's padded size (rows x its longest) stays within ``budget`` tokens
-    (a single text over the budget gets a batch of its own). Sorting by length
-    first is what keeps padding low: neighbours have nearly equal lengths."""
+    batch's padded size (rows x its longest, rounded up to ``multiple``) stays within
+    ``budget`` tokens (a single text over the budget gets a batch of its own). Sorting
+    by length first is what keeps padding low: neighbours have nearly equal lengths.
+
+    ``call_tokens`` 0: each batch is filled to the budget (right for thousands of
+    texts, where neighbours differ little). Otherwise what one forward pass costs beyond
+    its tokens, in padded tokens: the sorted texts are cut where the total (passes x
+    ``call_tokens`` + padded tokens) is least, so a few texts of very different lengths,
+    as a stream's micro-batch holds, are not all padded to the longest."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    start = 0
-    while start < len(order):
-        longest = max(1, lengths[order[start]])
-        rows = max(1, min(len(order) - start, budget // longest))
-        batches.append(order[start:start + rows])
-        start += rows
-    return batches
+    padded = [_rounded(lengths[i], multiple) for i in order]
+    if call_tokens <= 0:
+        batches: list[list[int]] = []
+        start = 0
+        while start < len(order):
+            rows = max(1, min(len(order) - start, budget // padded[start]))
+            batches.append(order[start:start + rows])
+            start += rows
+        return batches
+    # Least total cost of the first j sorted texts, and where its last batch starts.
+    least, cut = [0] + [0] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        best = -1
+        for start in range(end - 1, -1, -1):
+            rows = end - start
+            if rows > 1 and rows * padded[start] > budget:
+                break  # longer batches only get wider
+            cost = least[start] + call_tokens + rows * padded[start]
+            if best < 0 or cost < best:
+                best, cut[end] = cost, start
+        least[end] = best
+    cuts: list[list[int]] = []
+    end = len(order)
+    while end > 0:
+        cuts.append(order[cut[end]:end])
+        end = cut[end]
+    return cuts[::-1]
+
+
+def _rounded(length: int, multiple: int) -> int:
+    longest = max(1, length)
+    return longest + -longest % max(1, multiple)
 
 
 def pad_batch(batch: Sequence[Sequence[int]], pad_id: int,

@@ -5,8 +5,9 @@ pass on the backend and precision chosen for this machine
 (:mod:`embedstream.stream.backend_choice`): torch, ONNX Runtime or OpenVINO, in
 fp32, bf16, fp16 or int8. The stream's micro-batches and the rebuild's large
 batches go through the same code: texts are tokenised once, sorted by length and
-packed into forward passes of at most ``batch_tokens`` padded tokens (rows x the
-longest), so a backlog drains at rebuild speed and a small batch pads little.
+cut into forward passes of at most ``batch_tokens`` padded tokens where passes and
+padding cost least (:meth:`pack`), so a backlog drains at rebuild speed and a small
+batch pads little.
 
 With ``backend``/``precision`` ``auto`` the choice is measured once per machine,
 model and library versions, on real texts: the sample :meth:`calibrate` is given
@@ -62,13 +63,7 @@ from embedstream.stream.backend_choice import (
     model_dir_for,
     padded,
 )
-from embedstream.stream.backends import (
-    Candidate,
-    OnnxRunner,
-    OpenVinoRunner,
-    Runner,
-    TorchRunner,
-)
+from embedstream.stream.backends import Candidate, OnnxRunner, OpenVinoRunner, Runner, TorchRunner
 from embedstream.stream.config import EmbedSettings, PromptSettings
 from embedstream.stream.embedding import pack_batches, resolve_model_path, weights_digest
 from embedstream.stream.errors import ConfigError
@@ -314,12 +309,19 @@ class LocalEncoder:
         out = np.empty((len(ids), self.dimension), np.float32)
         lengths = [len(seq) for seq in ids]
         multiple = self.runner.length_multiple
-        for batch in pack_batches(lengths, self.batch_tokens):
+        for batch in self.pack(lengths):
             out[batch] = self.encode([ids[i] for i in batch], query=query)
             longest = max(1, max(lengths[i] for i in batch))
             self.last_tokens += sum(lengths[i] for i in batch)
             self.last_padded_tokens += len(batch) * (longest + -longest % multiple)
         return out
+
+    def pack(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Texts of these token counts as forward passes (indexes), as the stream and
+        the rebuild both pack them: within ``batch_tokens``, cut where the runner's
+        per-pass cost and padding are least (:func:`pack_batches`)."""
+        return pack_batches(lengths, self.batch_tokens, multiple=self.runner.length_multiple,
+                            call_tokens=self.runner.call_tokens)
 
     def encode(self, batch: Sequence[list[int]], *,
                query: bool = False) -> npt.NDArray[np.float32]:

@@ -32,6 +32,38 @@ def test_packing_covers_every_text_once_within_the_budget(lengths: list[int], bu
     assert flat == sorted(flat, reverse=True)
 
 
+def _cost(batches: list[list[int]], lengths: list[int], multiple: int, call: int) -> int:
+    """Passes x ``call`` + padded tokens: what pack_batches' cut minimises."""
+    def rounded(n: int) -> int:
+        return max(1, n) + -max(1, n) % multiple
+    return sum(call + len(b) * rounded(max(lengths[i] for i in b)) for b in batches)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=600), max_size=120),
+       st.integers(min_value=1, max_value=5000), st.sampled_from([1, 16]),
+       st.integers(min_value=1, max_value=300))
+def test_cutting_by_cost_covers_every_text_within_the_budget_at_no_more_cost(
+        lengths: list[int], budget: int, multiple: int, call: int) -> None:
+    cut = pack_batches(lengths, budget, multiple=multiple, call_tokens=call)
+    filled = pack_batches(lengths, budget, multiple=multiple)
+    assert sorted(i for b in cut for i in b) == list(range(len(lengths)))
+    for batch in cut:
+        longest = max(1, max(lengths[i] for i in batch))
+        assert len(batch) * (longest + -longest % multiple) <= budget or len(batch) == 1
+    flat = [lengths[i] for b in cut for i in b]
+    assert flat == sorted(flat, reverse=True)
+    assert _cost(cut, lengths, multiple, call) <= _cost(filled, lengths, multiple, call)
+
+
+def test_a_micro_batch_of_one_long_and_some_short_texts_is_not_all_padded_to_the_long_one(
+) -> None:
+    lengths = [20, 200, 24, 18]
+    assert pack_batches(lengths, 8192) == [[1, 2, 0, 3]]  # filled: 4 x 200 tokens
+    assert pack_batches(lengths, 8192, call_tokens=96) == [[1], [2, 0, 3]]
+    # Texts of nearly equal length still share a pass.
+    assert pack_batches([100, 96, 90], 8192, call_tokens=96) == [[0, 1, 2]]
+
+
 @pytest.fixture(scope="module")
 def tiny_encoder(tiny_model_dir: Path) -> LocalEncoder:
     return LocalEncoder(str(tiny_model_dir), device="cpu", precision="fp32", batch_tokens=512)
