@@ -97,8 +97,7 @@ class EmbedActor:
             started = time.perf_counter()
             out[rows] = encoder.encode([ids[i] for i in rows])
             forward_s += time.perf_counter() - started
-            longest = max((lengths_all[i] for i in rows), default=0)  # as the runner pads
-            padded += len(rows) * (longest + -longest % encoder.runner.length_multiple)
+            padded += encoder.padded_tokens([lengths_all[i] for i in rows])
         offsets = np.zeros(len(counts) + 1, dtype=np.int64)
         np.cumsum(np.asarray(counts, dtype=np.int64) * encoder.dimension, out=offsets[1:])
         units = len(counts)

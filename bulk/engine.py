@@ -283,9 +283,7 @@ class BulkEngine(Generic[R, P]):
                 started = time.perf_counter()
                 out[batch] = encoder.encode([ids[i] for i in batch])
                 forward_s += time.perf_counter() - started
-                # As the runner pads: the longest row, rounded up (OpenVINO: to 16).
-                longest = max((lengths[i] for i in batch), default=0)
-                padded += len(batch) * (longest + -longest % encoder.runner.length_multiple)
+                padded += encoder.padded_tokens([lengths[i] for i in batch])
         start = 0
         for unit in units:
             unit.flat = out[start:start + len(unit.ids)]

@@ -67,16 +67,22 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
 
+from embedstream.bulk._kafka_topics import (
+    Partition,
+    group_committed,
+    snapshot_consumer,
+    snapshot_topic_ids,
+    topic_ends,
+    topic_partitions,
+)
 from embedstream.bulk._winners import Winners
 from embedstream.stream.chunking import Chunker
 from embedstream.stream.config import Settings
-from embedstream.stream.errors import KafkaUnavailable, RegistryUnavailable
+from embedstream.stream.errors import RegistryUnavailable
 from embedstream.stream.events import ChangeEvent, Position, Skipped
 from embedstream.stream.intake import Rejected, take_in
-from embedstream.stream.kafka_config import kafka_client_config
-from embedstream.stream.offsets import committed_offsets, served_ends
+from embedstream.stream.offsets import served_ends
 from embedstream.stream.plan import PreparedEvent
 from embedstream.stream.registry import ValueReader, build_reader
 from embedstream.stream.store import DocState
@@ -92,6 +98,7 @@ __all__ = [
     "SnapshotClosed",
     "group_committed",
     "snapshot_consumer",
+    "snapshot_topic_ids",
     "take_in_patiently",
     "topic_ends",
     "topic_partitions",
@@ -99,8 +106,6 @@ __all__ = [
 
 log = logging.getLogger("embedstream.bulk")
 
-Partition = tuple[str, int]
-_METADATA_TIMEOUT_S = 15.0
 _BATCH = 2000  # messages decoded and looked up together (the fold's memory: one batch)
 _POLL_S = 0.2  # consume() waits this long for a full batch: short, or small topics wait
 _REGISTRY_BACKOFF_MAX_S = 10.0
@@ -137,63 +142,6 @@ class BulkSuperseded:
     guard, newer) event of its document is in the snapshot."""
 
     position: Position
-
-
-def snapshot_consumer(settings: Settings) -> Consumer:
-    config = kafka_client_config(settings, "consumer")
-    # Reads by assignment: a group of its own, never committing, so the live
-    # consumer group's offsets are untouched.
-    config.update({"group.id": f"{settings.kafka.group_id}.rebuild",
-                   "enable.auto.commit": False, "enable.partition.eof": True,
-                   "auto.offset.reset": "earliest"})
-    return Consumer(config)
-
-
-def snapshot_topic_ids(settings: Settings) -> TopicIds:
-    """The ids of the source topics, recorded with each state as the stream does."""
-    topic_ids = TopicIds(AdminClient(kafka_client_config(settings, "admin")))
-    topic_ids.refresh(settings.kafka.topics)
-    return topic_ids
-
-
-def topic_partitions(consumer: Consumer, topics: tuple[str, ...]) -> list[Partition]:
-    try:
-        metadata = consumer.list_topics(timeout=_METADATA_TIMEOUT_S)
-    except KafkaException as error:
-        raise KafkaUnavailable(f"cannot list topics: {error}") from None
-    found: list[Partition] = []
-    for topic in topics:
-        described = metadata.topics.get(topic)
-        if described is None or described.error is not None or not described.partitions:
-            raise KafkaUnavailable(f"topic {topic!r} does not exist or has no partitions")
-        found += [(topic, p) for p in sorted(described.partitions)]
-    return found
-
-
-def topic_ends(settings: Settings, partitions: list[Partition] | None = None
-               ) -> dict[Partition, int]:
-    """Where every partition of the configured topics (or ``partitions``) ends now,
-    as the broker serves it (:func:`~embedstream.stream.offsets.served_ends`)."""
-    consumer = snapshot_consumer(settings)
-    try:
-        if partitions is None:
-            partitions = topic_partitions(consumer, settings.kafka.topics)
-        return served_ends(consumer, partitions)
-    finally:
-        consumer.close()
-
-
-def group_committed(settings: Settings, partitions: list[Partition]) -> dict[Partition, int]:
-    """The offsets the live consumer group (``kafka.group_id``) has committed on
-    ``partitions`` (those it has committed at all). Reads them only: joins nothing,
-    commits nothing. Raises :class:`KafkaUnavailable`."""
-    config = kafka_client_config(settings, "consumer")
-    config["enable.auto.commit"] = False
-    consumer = Consumer(config)
-    try:
-        return committed_offsets(consumer, partitions)
-    finally:
-        consumer.close()
 
 
 class KafkaSnapshot:

@@ -21,7 +21,8 @@ import numpy.typing as npt
 
 from embedstream.stream.errors import ConfigError
 
-__all__ = ["Embedder", "chunk_max_tokens", "pack_batches", "pad_batch", "prompt_tokens",
+__all__ = ["Embedder", "chunk_max_tokens", "pack_batches", "pad_batch", "padded_size",
+           "prompt_tokens",
            "resolve_model_path", "weights_digest"]
 
 
@@ -203,7 +204,7 @@ def pack_batches(lengths: Sequence[int], budget: int, *, multiple: int = 1,
             start += rows
         return batches
     # Least total cost of the first j sorted texts, and where its last batch starts.
-    least, cut = [0] + [0] * len(order), [0] * (len(order) + 1)
+    least, cut = [0] * (len(order) + 1), [0] * (len(order) + 1)
     for end in range(1, len(order) + 1):
         best = -1
         for start in range(end - 1, -1, -1):
@@ -220,6 +221,12 @@ def pack_batches(lengths: Sequence[int], budget: int, *, multiple: int = 1,
         cuts.append(order[cut[end]:end])
         end = cut[end]
     return cuts[::-1]
+
+
+def padded_size(lengths: Sequence[int], multiple: int = 1) -> int:
+    """The positions one forward pass of texts of ``lengths`` takes as a runner pads
+    it: every row as long as the longest, rounded up to ``multiple``."""
+    return len(lengths) * _rounded(max(lengths, default=1), multiple)
 
 
 def _rounded(length: int, multiple: int) -> int:

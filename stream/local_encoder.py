@@ -4,10 +4,9 @@
 pass on the backend and precision chosen for this machine
 (:mod:`embedstream.stream.backend_choice`): torch, ONNX Runtime or OpenVINO, in
 fp32, bf16, fp16 or int8. The stream's micro-batches and the rebuild's large
-batches go through the same code: texts are tokenised once, sorted by length and
-cut into forward passes of at most ``batch_tokens`` padded tokens where passes and
-padding cost least (:meth:`pack`), so a backlog drains at rebuild speed and a small
-batch pads little.
+batches go through the same code: texts tokenised once, sorted by length and cut
+into passes of at most ``batch_tokens`` padded tokens where passes and padding cost
+least (:meth:`pack`): a backlog drains at rebuild speed, a small batch pads little.
 
 With ``backend``/``precision`` ``auto`` the choice is measured once per machine,
 model and library versions, on real texts: the sample :meth:`calibrate` is given
@@ -65,7 +64,12 @@ from embedstream.stream.backend_choice import (
 )
 from embedstream.stream.backends import Candidate, OnnxRunner, OpenVinoRunner, Runner, TorchRunner
 from embedstream.stream.config import EmbedSettings, PromptSettings
-from embedstream.stream.embedding import pack_batches, resolve_model_path, weights_digest
+from embedstream.stream.embedding import (
+    pack_batches,
+    padded_size,
+    resolve_model_path,
+    weights_digest,
+)
 from embedstream.stream.errors import ConfigError
 
 __all__ = ["LocalEncoder", "model_prompts"]
@@ -79,9 +83,8 @@ _GPU_BATCH_TOKENS = 65536
 
 
 class LocalEncoder:
-    """One model on one device, run the way measured fastest here (see the module
-    docstring). ``on_choice`` is called with the encoder once its backend is settled
-    (at once when it is fixed or kept from before; after calibrating otherwise)."""
+    """One model on one device, run the way measured fastest here (module docstring).
+    ``on_choice`` gets the encoder once its backend is settled (fixed, kept or measured)."""
 
     def __init__(self, model: str, *, device: str = "auto", backend: str = "torch",
                  precision: str = "fp32", batch_tokens: int = 0,
@@ -116,9 +119,8 @@ class LocalEncoder:
         self.dimension = int(dimension)
         self.document_prompt, self.query_prompt = model_prompts(
             self._model, prompts or PromptSettings())
-        # Where the model's Pooling leaves the prompt out (include_prompt: false, e.g.
-        # INSTRUCTOR), the prompt's leading positions, [CLS] included, as
-        # sentence-transformers counts them; 0 where it pools every token.
+        # Where the model's Pooling leaves the prompt out (include_prompt: false, e.g. INSTRUCTOR),
+        # the prompt's leading positions, [CLS] included, as sentence-transformers counts them.
         pools_prompt = all(getattr(m, "include_prompt", True) for m in self._model)
         self._skip = {query: 0 if pools_prompt or not prompt else _prompt_length(tokenizer, prompt)
                       for query, prompt in ((False, self.document_prompt),
@@ -165,8 +167,7 @@ class LocalEncoder:
             try:
                 kept = self._build(choice)
             except Exception as error:
-                # E.g. the onnx package (not in the key) removed since: measure again
-                # rather than fail every start until someone deletes the file.
+                # E.g. onnx (not in the key) removed since: measure, not fail every start.
                 log.warning("embed backend %s, decided on this machine on %s, cannot be "
                             "built here now (%s: %s): measuring again", choice.label,
                             known.decided_at, type(error).__name__, error)
@@ -302,26 +303,26 @@ class LocalEncoder:
         if not self.decided and ids:
             self._pending += ids
             if len(self._pending) >= self._calibration_texts:
-                # Taken out first: should measuring fail (e.g. out of memory, the call
-                # then halved and retried), the retries do not measure again at once.
+                # Taken out first: if measuring fails (halved, retried), retries do not.
                 sample, self._pending = self._pending, []
                 self.calibrate(sample)
         out = np.empty((len(ids), self.dimension), np.float32)
         lengths = [len(seq) for seq in ids]
-        multiple = self.runner.length_multiple
         for batch in self.pack(lengths):
             out[batch] = self.encode([ids[i] for i in batch], query=query)
-            longest = max(1, max(lengths[i] for i in batch))
             self.last_tokens += sum(lengths[i] for i in batch)
-            self.last_padded_tokens += len(batch) * (longest + -longest % multiple)
+            self.last_padded_tokens += self.padded_tokens([lengths[i] for i in batch])
         return out
 
     def pack(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Texts of these token counts as forward passes (indexes), as the stream and
-        the rebuild both pack them: within ``batch_tokens``, cut where the runner's
-        per-pass cost and padding are least (:func:`pack_batches`)."""
+        """Texts of these token counts as forward passes (indexes), for the stream and
+        the rebuild alike: cut by the runner's costs (:func:`pack_batches`)."""
         return pack_batches(lengths, self.batch_tokens, multiple=self.runner.length_multiple,
                             call_tokens=self.runner.call_tokens)
+
+    def padded_tokens(self, lengths: Sequence[int]) -> int:
+        """The positions one pass of texts of ``lengths`` takes, as this runner pads."""
+        return padded_size(lengths, self.runner.length_multiple)
 
     def encode(self, batch: Sequence[list[int]], *,
                query: bool = False) -> npt.NDArray[np.float32]:
